@@ -1,0 +1,140 @@
+"""Adaptive input embedding and projected adaptive log-softmax (Baevski & Auli 2019; Grave et al. 2017).
+
+The vocabulary is cut into clusters at `cutoffs`; cluster i has embedding width d_embed // div_val**i
+and is projected to d_proj. With no cutoffs and d_proj == d_embed both reduce to a plain tied softmax,
+which is what the character-level models use. Parameter names match the reference Transformer-XL
+(`emb_layers.i`, `emb_projs.i`, `out_layers.i`, `out_projs.i`, `cluster_weight`, `cluster_bias`), so
+its checkpoints load unchanged.
+
+Shapes: N tokens, d_proj model width.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _cluster_bounds(cutoffs, n_token):
+    """[(start, end)] of each vocabulary cluster: the shortlist first, then one per cutoff."""
+    ends = list(cutoffs) + [n_token]
+    starts = [0] + list(cutoffs)
+    return list(zip(starts, ends))
+
+
+def _check_cutoffs(cutoffs, n_token):
+    cutoffs = list(cutoffs)
+    if cutoffs and (cutoffs != sorted(set(cutoffs)) or cutoffs[0] <= 0 or cutoffs[-1] >= n_token):
+        raise ValueError(f'cutoffs must be increasing and inside (0, n_token={n_token}); got {list(cutoffs)}')
+
+
+class AdaptiveEmbedding(nn.Module):
+    """Token embedding scaled by sqrt(d_proj); one table per vocabulary cluster when div_val > 1."""
+
+    def __init__(self, n_token, d_embed, d_proj, cutoffs, div_val=1):
+        super().__init__()
+        _check_cutoffs(cutoffs, n_token)
+        self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
+        self.bounds = _cluster_bounds(cutoffs, n_token)
+        self.emb_scale = d_proj ** 0.5
+        self.emb_layers = nn.ModuleList()
+        self.emb_projs = nn.ParameterList()
+        if div_val == 1:
+            self.emb_layers.append(nn.Embedding(n_token, d_embed))
+            if d_proj != d_embed:
+                self.emb_projs.append(nn.Parameter(torch.empty(d_proj, d_embed)))
+        else:
+            for i, (start, end) in enumerate(self.bounds):
+                d_emb_i = d_embed // (div_val ** i)
+                self.emb_layers.append(nn.Embedding(end - start, d_emb_i))
+                self.emb_projs.append(nn.Parameter(torch.empty(d_proj, d_emb_i)))
+
+    def forward(self, tokens):
+        if self.div_val == 1:
+            embed = self.emb_layers[0](tokens)                                # [*, d_embed]
+            if len(self.emb_projs):
+                embed = F.linear(embed, self.emb_projs[0])                    # [*, d_proj]
+        else:
+            flat = tokens.reshape(-1)
+            embed = self.emb_projs[0].new_zeros(flat.size(0), self.d_proj)   # [N, d_proj]
+            for i, (start, end) in enumerate(self.bounds):
+                rows = ((flat >= start) & (flat < end)).nonzero().squeeze(1)
+                if rows.numel():
+                    emb_i = self.emb_layers[i](flat.index_select(0, rows) - start)
+                    embed = embed.index_copy(0, rows, F.linear(emb_i, self.emb_projs[i]))
+            embed = embed.view(*tokens.shape, self.d_proj)
+        return embed * self.emb_scale
+
+
+class ProjectedAdaptiveLogSoftmax(nn.Module):
+    """Per-token negative log-likelihood under a (projected, adaptive) softmax.
+
+    Unlike the reference, the returned NLL is always in token order, so `loss.view(T, B)` is a real
+    per-token map (the reference reorders tokens by cluster unless keep_order is set).
+    """
+
+    def __init__(self, n_token, d_embed, d_proj, cutoffs, div_val=1):
+        super().__init__()
+        _check_cutoffs(cutoffs, n_token)
+        self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
+        self.bounds = _cluster_bounds(cutoffs, n_token)
+        self.n_clusters = len(cutoffs)
+        if self.n_clusters:
+            self.cluster_weight = nn.Parameter(torch.zeros(self.n_clusters, d_embed))
+            self.cluster_bias = nn.Parameter(torch.zeros(self.n_clusters))
+        # A ParameterDict keyed "0", "1", ... keeps the reference's `out_projs.i` names while
+        # allowing clusters without a projection (the reference stores None there).
+        self.out_layers = nn.ModuleList()
+        self.out_projs = nn.ParameterDict()
+        if div_val == 1:
+            self.out_layers.append(nn.Linear(d_embed, n_token))
+            if d_proj != d_embed:
+                for i in range(len(self.bounds)):
+                    self.out_projs[str(i)] = nn.Parameter(torch.empty(d_proj, d_embed))
+        else:
+            for i, (start, end) in enumerate(self.bounds):
+                d_emb_i = d_embed // (div_val ** i)
+                self.out_projs[str(i)] = nn.Parameter(torch.empty(d_proj, d_emb_i))
+                self.out_layers.append(nn.Linear(d_emb_i, end - start))
+
+    def _proj(self, i):
+        return self.out_projs[str(i)] if str(i) in self.out_projs else None
+
+    @staticmethod
+    def _logit(hidden, weight, bias, proj):
+        if proj is not None:
+            hidden = F.linear(hidden, proj.t())                              # [N, d_emb_i]
+        return F.linear(hidden, weight, bias)
+
+    def _cluster_params(self, i):
+        """Output weight and bias of cluster i; the head (i = 0) also scores the tail clusters."""
+        if self.div_val == 1:
+            start, end = self.bounds[i]
+            weight = self.out_layers[0].weight[start:end]
+            bias = self.out_layers[0].bias[start:end]
+        else:
+            weight, bias = self.out_layers[i].weight, self.out_layers[i].bias
+        if i == 0 and self.n_clusters:
+            weight = torch.cat([weight, self.cluster_weight], 0)
+            bias = torch.cat([bias, self.cluster_bias], 0)
+        return weight, bias
+
+    def forward(self, hidden, target):
+        """hidden [N, d_proj], target [N] -> nll [N]."""
+        if self.n_clusters == 0:
+            logit = self._logit(hidden, self.out_layers[0].weight, self.out_layers[0].bias, self._proj(0))
+            return -F.log_softmax(logit.float(), -1).gather(1, target.unsqueeze(1)).squeeze(1)
+        head_logprob = F.log_softmax(self._logit(hidden, *self._cluster_params(0), self._proj(0)).float(), -1)
+        nll = head_logprob.new_zeros(target.shape)
+        for i, (start, end) in enumerate(self.bounds):
+            rows = ((target >= start) & (target < end)).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            target_i = (target.index_select(0, rows) - start).unsqueeze(1)
+            head_i = head_logprob.index_select(0, rows)
+            if i == 0:
+                logprob = head_i.gather(1, target_i).squeeze(1)
+            else:
+                # The reference stores tail cluster i's log-probability in head column -i.
+                tail = self._logit(hidden.index_select(0, rows), *self._cluster_params(i), self._proj(i))
+                logprob = head_i[:, -i] + F.log_softmax(tail.float(), -1).gather(1, target_i).squeeze(1)
+            nll = nll.index_copy(0, rows, -logprob)
+        return nll

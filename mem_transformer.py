@@ -1,0 +1,263 @@
+"""Transformer-XL (Dai et al. 2019) with mixture-of-experts feed-forward layers.
+
+Relative "partial learnable" attention (the reference attn_type 0), segment-level memory, same_length
+and clamp_len, pre/post LayerNorm, adaptive or plain tied softmax. Parameter names and shapes match
+the reference PyTorch Transformer-XL (dense FFN) and fastmoe's layout (MoE FFN), so the original
+checkpoints' state_dicts load with strict=True. The model initialises its own weights.
+
+Shapes: T = qlen (tokens predicted this segment), M = mlen (memory length), K = klen = M + T,
+B batch, H heads, D d_head, d d_model. Sequences are time-major: [T, B, d].
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from moe import GATES, MoEPositionwiseFF, StackedLinear
+from hyper_router import HyperRouterGate
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of relative distances (the reference keeps inv_freq as a buffer)."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.register_buffer('inv_freq', 1 / (10000 ** (torch.arange(0.0, d_model, 2.0) / d_model)))
+
+    def forward(self, pos_seq):
+        sinusoid = torch.outer(pos_seq, self.inv_freq)                       # [K, d/2]
+        return torch.cat([sinusoid.sin(), sinusoid.cos()], -1)               # [K, d]
+
+
+class PositionwiseFF(nn.Module):
+    """The dense feed-forward block: Linear -> ReLU -> Dropout -> Linear -> Dropout, residual, LN."""
+
+    def __init__(self, d_model, d_inner, dropout, pre_lnorm=False):
+        super().__init__()
+        self.pre_lnorm = pre_lnorm
+        self.CoreNet = nn.Sequential(
+            nn.Linear(d_model, d_inner), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(d_inner, d_model), nn.Dropout(dropout),
+        )
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, inp):
+        if self.pre_lnorm:
+            return inp + self.CoreNet(self.layer_norm(inp))
+        return self.layer_norm(inp + self.CoreNet(inp))
+
+
+def rel_shift(x):
+    """Turn scores indexed by (query i, relative distance K-1-j) into scores indexed by (i, key j).
+
+    x [..., T, K] -> [..., T, K]: pad one zero column in front, reread the buffer as [K + 1, T] and
+    drop its first row; row i then starts at offset T - 1 - i (the reference's _rel_shift).
+    """
+    *lead, qlen, klen = x.shape
+    x = F.pad(x, (1, 0)).view(*lead, klen + 1, qlen)[..., 1:, :]
+    return x.reshape(*lead, qlen, klen)
+
+
+class RelPartialLearnableMultiHeadAttn(nn.Module):
+    """Multi-head attention with relative positions and the global biases u (r_w_bias), v (r_r_bias)."""
+
+    def __init__(self, n_head, d_model, d_head, dropout, dropatt=0.0, pre_lnorm=False):
+        super().__init__()
+        self.n_head, self.d_head, self.pre_lnorm = n_head, d_head, pre_lnorm
+        self.scale = d_head ** -0.5
+        self.qkv_net = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
+        self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
+        self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.dropatt = nn.Dropout(dropatt)
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, w, r, r_w_bias, r_r_bias, attn_mask, mems=None):
+        """w [T, B, d], r [K, d] position embeddings, attn_mask [T, K] bool (True = hidden)."""
+        qlen, bsz = w.shape[:2]
+        cat = w if mems is None or mems.numel() == 0 else torch.cat([mems, w], 0)   # [K, B, d]
+        if self.pre_lnorm:
+            cat = self.layer_norm(cat)
+        klen = cat.size(0)
+        q, k, v = self.qkv_net(cat).chunk(3, -1)                             # 3 x [K, B, H*D]
+        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head).permute(1, 2, 0, 3)  # [B, H, T, D]
+        k = k.view(klen, bsz, self.n_head, self.d_head).permute(1, 2, 3, 0)  # [B, H, D, K]
+        v = v.view(klen, bsz, self.n_head, self.d_head).permute(1, 2, 0, 3)  # [B, H, K, D]
+        r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, K]
+
+        content = (q + r_w_bias[:, None]) @ k                                # AC: [B, H, T, K]
+        position = rel_shift((q + r_r_bias[:, None]) @ r_k)                  # BD: [B, H, T, K]
+        score = (content + position).float() * self.scale
+        score = score.masked_fill(attn_mask, float('-inf'))
+        prob = self.dropatt(F.softmax(score, -1).to(v.dtype))                # [B, H, T, K]
+        attn = (prob @ v).permute(2, 0, 1, 3).reshape(qlen, bsz, -1)         # [T, B, H*D]
+        out = self.drop(self.o_net(attn))
+        return w + out if self.pre_lnorm else self.layer_norm(w + out)
+
+
+class RelPartialLearnableDecoderLayer(nn.Module):
+    def __init__(self, n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm, moe_kwargs=None):
+        super().__init__()
+        self.dec_attn = RelPartialLearnableMultiHeadAttn(n_head, d_model, d_head, dropout, dropatt, pre_lnorm)
+        if moe_kwargs is None:
+            self.pos_ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm)
+        else:
+            self.pos_ff = MoEPositionwiseFF(d_model, d_inner, dropout, pre_lnorm, **moe_kwargs)
+
+    def forward(self, w, r, r_w_bias, r_r_bias, attn_mask, mems=None):
+        return self.pos_ff(self.dec_attn(w, r, r_w_bias, r_r_bias, attn_mask, mems))
+
+
+def parse_moe_index(moe_index, n_layer):
+    """None -> every layer; '0,1,3' or [0, 1, 3] -> that list, checked to lie in [0, n_layer)."""
+    if moe_index is None:
+        return list(range(n_layer))
+    if isinstance(moe_index, str):
+        moe_index = [int(i) for i in moe_index.split(',') if i.strip()]
+    bad = [i for i in moe_index if not 0 <= i < n_layer]
+    if bad:
+        raise ValueError(f'moe_index {bad} outside the layers 0..{n_layer - 1} of this {n_layer}-layer model')
+    return sorted(set(moe_index))
+
+
+class MemTransformerLM(nn.Module):
+    """Transformer-XL language model; `forward(data, target, *mems) -> [nll [T, B], *new_mems]`."""
+
+    def __init__(self, n_token, n_layer, n_head, d_model, d_head, d_inner, dropout, dropatt,
+                 tie_weight=True, d_embed=None, div_val=1, tie_projs=None, pre_lnorm=False,
+                 tgt_len=None, ext_len=0, mem_len=0, cutoffs=(), same_length=False, clamp_len=-1,
+                 moe=False, moe_num_expert=16, moe_top_k=2, gate_name='smoe', moe_index=None,
+                 hyper_size=256, moe_backend='auto', init='normal', init_range=0.1, init_std=0.02,
+                 proj_init_std=0.01):
+        super().__init__()
+        d_embed = d_model if d_embed is None or d_embed < 0 else d_embed
+        cutoffs = list(cutoffs)
+        if moe and gate_name not in GATES:
+            raise ValueError(f'unknown gate_name {gate_name!r}; choose one of {", ".join(GATES)}')
+        if moe and not 1 <= moe_top_k <= moe_num_expert:
+            raise ValueError(f'moe_top_k must be between 1 and moe_num_expert ({moe_num_expert}); got {moe_top_k}')
+        self.n_token, self.n_layer, self.d_model, self.d_embed = n_token, n_layer, d_model, d_embed
+        self.n_head, self.d_head = n_head, d_head
+        self.same_length, self.clamp_len = same_length, clamp_len
+        self.reset_length(tgt_len, ext_len, mem_len)
+
+        self.word_emb = AdaptiveEmbedding(n_token, d_embed, d_model, cutoffs, div_val)
+        self.drop = nn.Dropout(dropout)
+        self.pos_emb = PositionalEmbedding(d_model)
+        self.r_w_bias = nn.Parameter(torch.empty(n_head, d_head))
+        self.r_r_bias = nn.Parameter(torch.empty(n_head, d_head))
+        self.moe_index = parse_moe_index(moe_index, n_layer) if moe else []
+        moe_kwargs = dict(num_expert=moe_num_expert, top_k=moe_top_k, gate_name=gate_name,
+                          hyper_size=hyper_size, backend=moe_backend)
+        self.layers = nn.ModuleList(
+            RelPartialLearnableDecoderLayer(n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm,
+                                            moe_kwargs if i in self.moe_index else None)
+            for i in range(n_layer))
+        self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs, div_val)
+        self._tie(tie_weight, tie_projs, div_val, d_embed)
+        self._init_weights(init, init_range, init_std, proj_init_std)
+
+    def _tie(self, tie_weight, tie_projs, div_val, d_embed):
+        if tie_weight:
+            for i, out_layer in enumerate(self.crit.out_layers):
+                out_layer.weight = self.word_emb.emb_layers[i].weight
+        for i, tie_proj in enumerate(tie_projs or []):
+            if tie_proj and str(i) in self.crit.out_projs:
+                self.crit.out_projs[str(i)] = self.word_emb.emb_projs[0 if div_val == 1 else i]
+
+    @torch.no_grad()
+    def _init_weights(self, init, init_range, init_std, proj_init_std):
+        """The reference initialisation (REFERENCE.md); HyperRouter embeddings keep their N(0, 1)."""
+        def init_weight(w):
+            if init == 'uniform':
+                w.uniform_(-init_range, init_range)
+            elif init == 'normal':
+                w.normal_(0.0, init_std)
+            else:
+                raise ValueError(f"init must be 'normal' or 'uniform'; got {init!r}")
+
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, StackedLinear)):
+                init_weight(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, init_std)
+                m.bias.zero_()
+        for emb in self.word_emb.emb_layers:             # after the tied output layers, as in the reference
+            init_weight(emb.weight)
+        for proj in [*self.word_emb.emb_projs, *self.crit.out_projs.values()]:
+            proj.normal_(0.0, proj_init_std)
+        if self.crit.n_clusters:
+            init_weight(self.crit.cluster_weight)
+            self.crit.cluster_bias.zero_()
+        init_weight(self.r_w_bias)
+        init_weight(self.r_r_bias)
+
+    def reset_length(self, tgt_len, ext_len, mem_len):
+        self.tgt_len, self.ext_len, self.mem_len = tgt_len, ext_len, mem_len
+
+    def init_mems(self):
+        if self.mem_len <= 0:
+            return None
+        param = next(self.parameters())
+        return [param.new_empty(0) for _ in range(self.n_layer + 1)]
+
+    def _attn_mask(self, qlen, mlen, device):
+        """[T, K] bool, True where query i may not attend key j (the future; with same_length also
+        keys too far in the past, so every query sees the same number of keys)."""
+        klen = mlen + qlen
+        ones = torch.ones(qlen, klen, dtype=torch.bool, device=device)
+        mask = torch.triu(ones, diagonal=1 + mlen)
+        if self.same_length:
+            mask_len = klen - self.mem_len
+            mask_shift_len = qlen - mask_len if mask_len > 0 else qlen
+            mask = mask | torch.tril(ones, diagonal=-mask_shift_len)
+        return mask
+
+    def _update_mems(self, hids, mems, qlen, mlen):
+        """Keep the last mem_len states of [old memory, this segment] per layer, without gradient.
+
+        The ext_len newest states are context for the next segment's extended input, not memory.
+        """
+        if mems is None:
+            return None
+        end = mlen + max(0, qlen - self.ext_len)
+        beg = max(0, end - self.mem_len)
+        with torch.no_grad():
+            return [torch.cat([m, h], 0)[beg:end].detach() for m, h in zip(mems, hids)]
+
+    def forward_hidden(self, data, mems=None):
+        """data [T, B] token ids -> (hidden [T, B, d] after the last layer and dropout, new mems)."""
+        qlen = data.size(0)
+        mlen = mems[0].size(0) if mems else 0
+        word_emb = self.word_emb(data)                                       # [T, B, d]
+        attn_mask = self._attn_mask(qlen, mlen, data.device)
+        pos_seq = torch.arange(mlen + qlen - 1, -1, -1.0, device=data.device)  # distances K-1 .. 0
+        if self.clamp_len > 0:
+            pos_seq = pos_seq.clamp(max=self.clamp_len)
+        pos_emb = self.drop(self.pos_emb(pos_seq).to(word_emb.dtype))         # [K, d]
+        core_out = self.drop(word_emb)
+        hids = [core_out]
+        for i, layer in enumerate(self.layers):
+            core_out = layer(core_out, pos_emb, self.r_w_bias, self.r_r_bias, attn_mask,
+                             mems[i] if mems else None)
+            hids.append(core_out)
+        return self.drop(core_out), self._update_mems(hids, mems, qlen, mlen)
+
+    def forward(self, data, target, *mems):
+        if not mems:
+            mems = self.init_mems()
+        tgt_len = target.size(0)
+        hidden, new_mems = self.forward_hidden(data, mems)
+        pred_hid = hidden[-tgt_len:]                                          # [T, B, d]
+        loss = self.crit(pred_hid.reshape(-1, pred_hid.size(-1)), target.reshape(-1)).view(tgt_len, -1)
+        return [loss] if new_mems is None else [loss, *new_mems]
+
+    @property
+    def moe_layers(self):
+        return [layer.pos_ff for layer in self.layers if isinstance(layer.pos_ff, MoEPositionwiseFF)]
+
+    @property
+    def uses_hyper_router(self):
+        return any(isinstance(ff.gate, HyperRouterGate) for ff in self.moe_layers)

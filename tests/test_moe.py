@@ -1,0 +1,224 @@
+"""The MoE block against a brute-force reference, the gate contract, router gradients and caching."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyper_router import HyperRouterGate, freeze_routers, get_top_k, set_top_k
+from moe import GATES, MoEPositionwiseFF, RouterStats, fastmoe_available, torch_moe
+from tests.conftest import tiny_model
+
+E, D, H = 4, 16, 12
+GATE_NAMES = sorted(GATES)
+
+
+def make_block(gate_name, k, seed=0):
+    torch.manual_seed(seed)
+    block = MoEPositionwiseFF(D, H, dropout=0.0, num_expert=E, top_k=k, gate_name=gate_name, backend='torch')
+    for p in block.parameters():               # well-spread values so ties in top-k never happen
+        p.data.normal_(0, 0.5)
+    return block.double()
+
+
+def brute_force_moe(block, x):
+    """Every expert on every token, mixed with the gate's top-k weights (zero elsewhere)."""
+    top_idx, top_score = block.gate(x)
+    weights = torch.zeros(x.size(0), E, dtype=x.dtype).scatter(1, top_idx, top_score.to(x.dtype))
+    ex = block.experts
+    outs = [F.linear(F.relu(F.linear(x, ex.htoh4.weight[e], ex.htoh4.bias[e])), ex.h4toh.weight[e], ex.h4toh.bias[e])
+            for e in range(E)]
+    return sum(weights[:, e:e + 1] * outs[e] for e in range(E))
+
+
+@pytest.mark.parametrize('gate_name', ['smoe', 'hyper_router'])
+@pytest.mark.parametrize('k', [1, 2, E])
+def test_sparse_moe_matches_brute_force_forward_and_backward(gate_name, k):
+    block = make_block(gate_name, k)
+    x = torch.randn(29, D, dtype=torch.double, requires_grad=True)
+    grad_out = torch.randn(29, D, dtype=torch.double)
+
+    def run(fn):
+        block.zero_grad()
+        x.grad = None
+        y = fn(x)
+        y.backward(grad_out)
+        grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+        return y.detach(), x.grad.clone(), grads
+
+    y_ref, gx_ref, g_ref = run(lambda inp: brute_force_moe(block, inp))
+    y, gx, g = run(block.moe)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_sparse_moe_runs_each_token_only_through_its_experts():
+    block = make_block('smoe', 1)
+    x = torch.randn(40, D, dtype=torch.double)
+    top_idx, top_score = block.gate(x)
+    seen = []
+    original = block.experts.run_grouped
+
+    def spy(x_sorted, counts):
+        seen.append(list(counts))
+        return original(x_sorted, counts)
+
+    block.experts.run_grouped = spy
+    torch_moe(x, top_idx, top_score, block.experts)
+    assert seen == [torch.bincount(top_idx.view(-1), minlength=E).tolist()]
+    assert sum(seen[0]) == x.size(0)           # k = 1: one expert row per token, not E
+
+
+@pytest.mark.parametrize('gate_name', GATE_NAMES)
+def test_gate_contract(gate_name):
+    torch.manual_seed(0)
+    block = MoEPositionwiseFF(D, H, 0.0, num_expert=E, top_k=2, gate_name=gate_name)
+    x = torch.randn(50, D)
+    for k in (1, 2, 3, E):
+        block.gate.top_k = k
+        top_idx, top_score = block.gate(x)
+        assert top_idx.shape == top_score.shape == (50, k)
+        assert top_idx.dtype == torch.int64 and top_score.dtype == torch.float32
+        assert ((top_idx >= 0) & (top_idx < E)).all()
+        assert all(len(set(row)) == k for row in top_idx.tolist())
+        torch.testing.assert_close(top_score.sum(-1), torch.ones(50))
+        assert (top_score[:, :-1] >= top_score[:, 1:]).all()           # best expert first
+        _, _, logits = block.gate(x, return_logits=True)
+        torch.testing.assert_close(top_score, F.softmax(logits, -1).gather(1, top_idx)
+                                   / F.softmax(logits, -1).gather(1, top_idx).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize('bad_k', [0, E + 1])
+def test_top_k_outside_one_to_e_is_rejected(bad_k):
+    model = tiny_model()
+    with pytest.raises(ValueError, match='between 1 and the number of experts'):
+        set_top_k(model, bad_k)
+
+
+def test_set_top_k_changes_every_layer():
+    model = tiny_model(moe_top_k=1)
+    set_top_k(model, 3)
+    assert [ff.gate.top_k for ff in model.moe_layers] == [3, 3]
+    assert get_top_k(model) == 3
+
+
+def backward_once(model, tokens):
+    model.train()
+    loss = model(tokens[:-1], tokens[1:])[0].mean()
+    loss.backward()
+
+
+def test_smoe_router_is_trained(tokens):
+    model = tiny_model(gate_name='smoe')
+    backward_once(model, tokens)
+    for ff in model.moe_layers:
+        assert ff.gate.gate.weight.requires_grad and ff.gate.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('make', [lambda: tiny_model(gate_name='smoe_dropout'),
+                                  lambda: freeze_routers_of(tiny_model(gate_name='CustomNaiveGate'))])
+def test_smoe_dropout_router_stays_frozen(make, tokens):
+    model = make()
+    backward_once(model, tokens)
+    for ff in model.moe_layers:
+        for p in ff.gate.parameters():
+            assert not p.requires_grad and p.grad is None
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert not trainable & {id(p) for ff in model.moe_layers for p in ff.gate.parameters()}
+
+
+def freeze_routers_of(model):
+    freeze_routers(model)
+    return model
+
+
+def test_hyper_router_trains_the_embedding_through_a_frozen_hypernetwork(tokens):
+    model = tiny_model(gate_name='hyper_router', hyper_size=7)
+    backward_once(model, tokens)
+    for ff in model.moe_layers:
+        assert ff.gate.hypernet[0].out_features == 7
+        assert ff.gate.embedding.requires_grad and ff.gate.embedding.grad.abs().sum() > 0
+        for p in ff.gate.hypernet.parameters():
+            assert not p.requires_grad and p.grad is None
+
+
+def test_hyper_router_embedding_starts_standard_normal_and_hypernet_small():
+    model = tiny_model(gate_name='hyper_router', d_model=256, d_head=32, n_head=8)
+    emb = torch.cat([ff.gate.embedding.view(-1) for ff in model.moe_layers])
+    assert 0.85 < emb.std().item() < 1.15                 # N(0, 1), untouched by the N(0, 0.02) init
+    w = model.moe_layers[0].gate.hypernet[2].weight
+    assert abs(w.std().item() - 0.02) < 0.002
+
+
+def test_hyper_router_eval_cache_follows_embedding_and_state_dict():
+    torch.manual_seed(0)
+    gate = HyperRouterGate(D, E, top_k=2, hyper_size=5)
+    for p in gate.hypernet.parameters():
+        p.data.normal_(0, 0.5)
+    gate.eval()
+    with torch.no_grad():
+        cached_w, cached_b = gate.router()
+        assert gate.router()[0] is cached_w                           # reused, not regenerated
+        fresh_w, fresh_b = gate.generate_router()
+        torch.testing.assert_close(cached_w, fresh_w)
+        torch.testing.assert_close(cached_b, fresh_b)
+        gate.embedding.add_(1.0)                                      # what an optimiser step does
+        torch.testing.assert_close(gate.router()[0], gate.generate_router()[0])
+        assert not torch.equal(gate.router()[0], cached_w)
+
+    other = HyperRouterGate(D, E, top_k=2, hyper_size=5)
+    with torch.no_grad():
+        before = gate.router()[0].clone()
+    gate.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(gate.router()[0], other.generate_router()[0])
+        assert not torch.equal(gate.router()[0], before)
+
+
+def test_hyper_router_regenerates_with_grad_in_training():
+    gate = HyperRouterGate(D, E, top_k=2, hyper_size=5)
+    weight, _ = gate.router()
+    assert weight.requires_grad
+    weight.sum().backward()
+    assert gate.embedding.grad is not None
+
+
+def test_router_stats_entropy_and_load():
+    stats = RouterStats(E)
+    stats.update(torch.zeros(6, E), torch.tensor([[0, 1]] * 6))
+    assert abs(stats.mean_entropy - torch.log(torch.tensor(float(E))).item()) < 1e-6
+    assert stats.load_fraction == [0.5, 0.5, 0.0, 0.0]
+    onehot = RouterStats(E)
+    onehot.update(torch.tensor([[0.0, -1e4, -1e4, -1e4]] * 3), torch.tensor([[0]] * 3))
+    assert onehot.mean_entropy < 1e-6 and onehot.std_entropy < 1e-6
+
+
+def test_unknown_gate_and_backend_are_clear_errors():
+    with pytest.raises(ValueError, match='unknown gate_name .*choose one of'):
+        tiny_model(gate_name='Nope')
+    with pytest.raises(ValueError, match='unknown moe_backend'):
+        tiny_model(moe_backend='jax')
+
+
+@pytest.mark.skipif(fastmoe_available(), reason='fastmoe is installed here')
+def test_asking_for_fastmoe_without_it_is_a_clear_error():
+    with pytest.raises(ValueError, match='import fmoe'):
+        tiny_model(moe_backend='fastmoe')
+
+
+@pytest.mark.skipif(not (fastmoe_available() and torch.cuda.is_available()), reason='needs fastmoe and CUDA')
+@pytest.mark.parametrize('k', [1, 2, E])
+def test_fastmoe_backend_matches_torch_backend(k):
+    block = make_block('smoe', k).float().cuda()
+    x = torch.randn(64, D, device='cuda', requires_grad=True)
+    outs = {}
+    for backend in ('torch', 'fastmoe'):
+        block.backend = backend
+        block.zero_grad()
+        x.grad = None
+        y = block.moe(x)
+        y.sum().backward()
+        outs[backend] = (y.detach(), x.grad.clone(), block.experts.htoh4.weight.grad.clone())
+    for a, b in zip(outs['torch'], outs['fastmoe']):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
