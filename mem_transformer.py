@@ -47,15 +47,21 @@ class PositionwiseFF(nn.Module):
         return self.layer_norm(inp + self.CoreNet(inp))
 
 
-def rel_shift(x):
-    """Turn scores indexed by (query i, relative distance K-1-j) into scores indexed by (i, key j).
+def shifted_position_scores(q, r_k):
+    """Position scores BD[h, b, i, j] = q[h, b, i] . r_k[h, :, T - 1 - i + j], i.e. of distance M + i - j.
 
-    x [..., T, K] -> [..., T, K]: pad one zero column in front, reread the buffer as [K + 1, T] and
-    drop its first row; row i then starts at offset T - 1 - i (the reference's _rel_shift).
+    q [H, B, T, D], r_k [H, D, K] (column t embeds distance K - 1 - t) -> [H, B, T, K], a strided view.
+    The reference _rel_shift pads one zero column, rereads the buffer as [K + 1, T] and drops its
+    first row; here the zero column comes from padding r_k before the matmul and the reread is an
+    as_strided view with row stride K, so no [T, K]-sized copy is made. Entries with j > i + M (the
+    future, always masked) read a neighbouring row and must be masked by the caller.
     """
-    *lead, qlen, klen = x.shape
-    x = F.pad(x, (1, 0)).view(*lead, klen + 1, qlen)[..., 1:, :]
-    return x.reshape(*lead, qlen, klen)
+    n_head, bsz, qlen, d_head = q.shape
+    klen = r_k.size(-1)
+    padded = q.reshape(n_head, bsz * qlen, d_head) @ F.pad(r_k, (1, 0))     # [H, B*T, K+1]
+    return padded.as_strided((n_head, bsz, qlen, klen),
+                             (bsz * qlen * (klen + 1), qlen * (klen + 1), klen, 1),
+                             padded.storage_offset() + qlen)
 
 
 class RelPartialLearnableMultiHeadAttn(nn.Module):
@@ -80,17 +86,25 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             cat = self.layer_norm(cat)
         klen = cat.size(0)
         q, k, v = self.qkv_net(cat).chunk(3, -1)                             # 3 x [K, B, H*D]
-        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head).permute(1, 2, 0, 3)  # [B, H, T, D]
-        k = k.view(klen, bsz, self.n_head, self.d_head).permute(1, 2, 3, 0)  # [B, H, D, K]
-        v = v.view(klen, bsz, self.n_head, self.d_head).permute(1, 2, 0, 3)  # [B, H, K, D]
-        r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, K]
+        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head).permute(2, 1, 0, 3)  # [H, B, T, D]
+        k = k.view(klen, bsz, self.n_head, self.d_head).permute(2, 1, 0, 3)  # [H, B, K, D]
+        v = v.view(klen, bsz, self.n_head, self.d_head).permute(2, 1, 0, 3)  # [H, B, K, D]
+        r_k = self.r_net(r).view(klen, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, K]
 
-        content = (q + r_w_bias[:, None]) @ k                                # AC: [B, H, T, K]
-        position = rel_shift((q + r_r_bias[:, None]) @ r_k)                  # BD: [B, H, T, K]
-        score = (content + position).float() * self.scale
-        score = score.masked_fill(attn_mask, float('-inf'))
-        prob = self.dropatt(F.softmax(score, -1).to(v.dtype))                # [B, H, T, K]
-        attn = (prob @ v).permute(2, 0, 1, 3).reshape(qlen, bsz, -1)         # [T, B, H*D]
+        # the 1/sqrt(D) scale goes on the queries, which are T x K times smaller than the scores
+        q_content = (q + r_w_bias[:, None, None]) * self.scale               # [H, B, T, D]
+        position = shifted_position_scores((q + r_r_bias[:, None, None]) * self.scale, r_k)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or r_k.requires_grad)
+        if needs_grad or self.dropatt.p > 0 and self.training:
+            score = q_content @ k.transpose(-1, -2)                          # AC: [H, B, T, K]
+            score += position                                                # + BD
+            score.masked_fill_(attn_mask, float('-inf'))
+            prob = self.dropatt(F.softmax(score.float(), -1).to(v.dtype))
+            attn = prob @ v                                                  # [H, B, T, D]
+        else:  # inference: a fused kernel, BD entering as an additive mask
+            bias = position.masked_fill(attn_mask, float('-inf')).to(q.dtype)
+            attn = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias, scale=1.0)
+        attn = attn.permute(2, 1, 0, 3).reshape(qlen, bsz, -1)               # [T, B, H*D]
         out = self.drop(self.o_net(attn))
         return w + out if self.pre_lnorm else self.layer_norm(w + out)
 

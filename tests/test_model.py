@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from adaptive_softmax import ProjectedAdaptiveLogSoftmax
 from hyper_router import param_breakdown
-from mem_transformer import MemTransformerLM, rel_shift
+from mem_transformer import MemTransformerLM, shifted_position_scores
 from tests.conftest import TINY, tiny_model
 
 SMALL_ENWIK8 = dict(n_token=204, n_layer=4, n_head=8, d_model=256, d_head=64, d_inner=512, dropout=0.1,
@@ -50,15 +50,28 @@ def test_memory_keeps_the_newest_mem_len_states(tokens):
     torch.testing.assert_close(hidden_mems[0], states[0][-4:])           # layer-0 input, last 4 steps
 
 
-def test_rel_shift_aligns_scores_with_relative_distance():
-    qlen, mlen = 5, 3
+def test_position_scores_are_aligned_with_relative_distance():
+    n_head, bsz, qlen, mlen, d_head = 2, 3, 5, 4, 6
     klen = qlen + mlen
-    scores = torch.randn(2, qlen, klen)                                   # column t: distance klen-1-t
-    shifted = rel_shift(scores)
+    q = torch.randn(n_head, bsz, qlen, d_head, dtype=torch.double)
+    r_k = torch.randn(n_head, d_head, klen, dtype=torch.double)          # column t: distance klen-1-t
+    scores = shifted_position_scores(q, r_k)
+    assert scores.shape == (n_head, bsz, qlen, klen)
     for i in range(qlen):
         for j in range(mlen + i + 1):                                     # every key query i may see
-            distance = mlen + i - j
-            assert shifted[:, i, j].tolist() == scores[:, i, klen - 1 - distance].tolist()
+            column = klen - 1 - (mlen + i - j)
+            expected = torch.einsum('hbd,hd->hb', q[:, :, i], r_k[:, :, column])
+            torch.testing.assert_close(scores[:, :, i, j], expected)
+
+
+def test_fused_inference_attention_equals_the_autograd_path(tokens):
+    model = tiny_model(mem_len=6).eval()
+    with torch.no_grad():                                                 # fused kernel
+        first = model(tokens[:6], tokens[1:7])
+        fused = model(tokens[6:12], tokens[7:13], *first[1:])[0]
+    explicit = model(tokens[6:12], tokens[7:13], *first[1:])[0]          # grad enabled: explicit path
+    assert explicit.requires_grad
+    torch.testing.assert_close(fused, explicit.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_same_length_gives_every_query_the_same_number_of_keys():
