@@ -5,7 +5,6 @@
 - `set_top_k` / `get_top_k`: change or read k on a built model (dynamic-k training, evaluation at
   k = 1..E of one checkpoint).
 - `top_k_schedule`: the dynamic top-k schedule of SMoE-Dropout, a pure function of the step.
-- `freeze_routers`: the original `--freeze_gate`.
 - `param_breakdown`: the parameter table of the paper (Table A4).
 """
 import math
@@ -114,13 +113,6 @@ def top_k_schedule(step, mode, k_min, k_max, overall_steps):
     else:
         raise ValueError(f'unknown dynamic_moe_mode {mode!r}; choose one of {", ".join(TOP_K_SCHEDULES)}')
     return int(min(max(k, k_min), k_max))
-
-
-def freeze_routers(model):
-    """The original `--freeze_gate`: freeze every parameter whose name contains 'gate.gate'."""
-    for name, p in model.named_parameters():
-        if 'gate.gate' in name:
-            p.requires_grad_(False)
 
 
 def param_breakdown(model):

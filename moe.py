@@ -13,6 +13,7 @@ Backends:
 
 Shapes: T tokens (time x batch flattened), d = d_model, h = d_inner, E experts, k top-k.
 """
+import contextlib
 import importlib.util
 
 import torch
@@ -198,3 +199,17 @@ class MoEPositionwiseFF(nn.Module):
         x = self.layer_norm(inp) if self.pre_lnorm else inp
         core_out = self.dropout(self.moe(x.reshape(-1, x.size(-1))).view_as(x))
         return inp + core_out if self.pre_lnorm else self.layer_norm(inp + core_out)
+
+
+@contextlib.contextmanager
+def record_router_stats(model):
+    """Within the block, every MoE layer accumulates a RouterStats; yields {layer index: RouterStats}."""
+    blocks = {i: layer.pos_ff for i, layer in enumerate(model.layers) if isinstance(layer.pos_ff, MoEPositionwiseFF)}
+    stats = {i: RouterStats(block.gate.tot_expert) for i, block in blocks.items()}
+    for i, block in blocks.items():
+        block.stats = stats[i]
+    try:
+        yield stats
+    finally:
+        for block in blocks.values():
+            block.stats = None
