@@ -1,0 +1,203 @@
+"""Evaluate saved checkpoints at several k, with the reference Transformer-XL protocol.
+
+  python eval.py --run RUN_DIR [--ks 1,2,4,8,16] [--split test|valid] [--max_eval_steps N] [--json OUT]
+  python eval.py --table RUN_A RUN_B ...      # side-by-side table of the runs' results.json
+
+The model is rebuilt from the configuration stored in the checkpoint; evaluation uses batch 10,
+windows of eval_tgt_len and the memory extended to mem_len + tgt_len - eval_tgt_len, and reports the
+token-weighted mean NLL as bits per character or perplexity. A checkpoint written on a GPU loads on
+a CPU-only machine.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
+from hyper_router import set_top_k
+from mem_transformer import MemTransformerLM
+
+EVAL_BATCH_SIZE = 10
+DEFAULT_KS = (1, 2, 4, 8, 16)
+CHECKPOINTS = {'best': 'model_best.pt', 'best_dense': 'model_best_dense.pt'}
+LAST_CHECKPOINT = 'checkpoint_last.pt'
+
+
+def load_checkpoint(path, device='cpu'):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def model_from_checkpoint(ckpt, device='cpu'):
+    model = MemTransformerLM(**ckpt['model_config'])
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval()
+
+
+def method_name(model_config):
+    """The column name the paper uses for this model."""
+    if not model_config['moe']:
+        return 'Dense+Dropout' if model_config['dropout'] > 0 else 'Dense'
+    return {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter'}.get(
+        model_config['gate_name'], 'SMoE')
+
+
+def eval_lengths(args):
+    """(tgt_len, ext_len, mem_len) for evaluation: shorter windows, the context kept as long as in training."""
+    extra = args['tgt_len'] - args['eval_tgt_len']
+    if args['mem_len'] == 0:
+        return args['eval_tgt_len'], args['ext_len'] + extra, 0
+    return args['eval_tgt_len'], args['ext_len'], args['mem_len'] + extra
+
+
+def evaluate(model, eval_iter, args, max_eval_steps=-1):
+    """Token-weighted mean NLL of `model` (at its current k) over `eval_iter`, memory carried across windows."""
+    train_lengths = (model.tgt_len, model.ext_len, model.mem_len)
+    was_training = model.training
+    model.eval()
+    model.reset_length(*eval_lengths(args))
+    total_loss, total_tokens = 0.0, 0
+    with torch.no_grad():
+        mems = ()
+        for i, (data, target, _) in enumerate(eval_iter):
+            if 0 < max_eval_steps <= i:
+                break
+            out = model(data, target, *mems)
+            loss, mems = out[0], out[1:]
+            total_loss += loss.double().sum().item()
+            total_tokens += loss.numel()
+    model.reset_length(*train_lengths)
+    model.train(was_training)
+    return total_loss / max(total_tokens, 1)
+
+
+def eval_ks(model_config, ks=DEFAULT_KS):
+    """The k to test (those <= E), or [None] for a dense model."""
+    if not model_config['moe']:
+        return [None]
+    return [k for k in ks if k <= model_config['moe_num_expert']]
+
+
+def evaluate_over_k(model, eval_iter, args, ks, max_eval_steps=-1):
+    """{'k': metric} (or {'dense': metric}) with the metric of the dataset (bpc or ppl)."""
+    results = {}
+    for k in ks:
+        if k is not None:
+            set_top_k(model, k)
+        loss = evaluate(model, eval_iter, args, max_eval_steps)
+        results['dense' if k is None else str(k)] = loss_to_metric(loss, args['dataset'])
+    return results
+
+
+def results_entry(ckpt, kind, split, results, bpc_floor=None):
+    entry = {'dataset': ckpt['args']['dataset'], 'metric': dataset_metric(ckpt['args']['dataset']),
+             'split': split, 'gate': ckpt['model_config']['gate_name'] if ckpt['model_config']['moe'] else 'dense',
+             'method': method_name(ckpt['model_config']), 'checkpoint': kind, 'step': ckpt['step'],
+             'results': results}
+    if bpc_floor is not None:
+        entry['bpc_floor'] = bpc_floor
+    return entry
+
+
+def format_table(columns, metric, floor=None):
+    """Paper Table 1 shape: rows k, one column per method; a dense model's value sits in the last row."""
+    ks = sorted({int(k) for res in columns.values() for k in res if k != 'dense'}) or [16]
+    width = max(14, *(len(name) + 2 for name in columns))
+    lines = [f"{'k':>4}" + ''.join(f'{name:>{width}}' for name in columns)]
+    for k in ks:
+        cells = []
+        for res in columns.values():
+            value = res.get(str(k), res.get('dense') if k == ks[-1] else None)
+            cells.append(f'{value:>{width}.3f}' if value is not None else f"{'-':>{width}}")
+        lines.append(f'{k:>4}' + ''.join(cells))
+    if floor is not None:
+        lines.append(f'corpus floor ({metric}): {floor:.3f}')
+    return '\n'.join(lines)
+
+
+def test_checkpoints(run_dir, corpus, split='test', ks=DEFAULT_KS, max_eval_steps=-1, device='cpu', log=print):
+    """Evaluate every kept checkpoint of a run at each k; returns the results.json entries."""
+    entries = []
+    for kind, filename in CHECKPOINTS.items():
+        path = os.path.join(run_dir, filename)
+        if not os.path.isfile(path):
+            continue
+        ckpt = load_checkpoint(path, device)
+        model = model_from_checkpoint(ckpt, device)
+        eval_iter = corpus.get_iterator(split, EVAL_BATCH_SIZE, ckpt['args']['eval_tgt_len'], device=device,
+                                        ext_len=ckpt['args']['ext_len'])
+        results = evaluate_over_k(model, eval_iter, ckpt['args'], eval_ks(ckpt['model_config'], ks), max_eval_steps)
+        entries.append(results_entry(ckpt, kind, split, results, corpus.bpc_floor))
+        metric = dataset_metric(ckpt['args']['dataset'])
+        log(f'{split} {metric} of {filename} (step {ckpt["step"]}, {method_name(ckpt["model_config"])}):')
+        log(format_table({f'{method_name(ckpt["model_config"])} ({kind})': results}, metric, corpus.bpc_floor))
+    if not entries:
+        raise FileNotFoundError(f'no checkpoint ({", ".join(CHECKPOINTS.values())}) in {run_dir}')
+    return entries
+
+
+def write_json(path, entries):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(entries, f, indent=2)
+    os.replace(tmp, path)
+
+
+def table_of_runs(run_dirs, kind='best_dense'):
+    """One side-by-side table from several runs' results.json (the `kind` checkpoint of each)."""
+    columns, metric, floor = {}, None, None
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, 'results.json')
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path} not found: the run has not finished; run eval.py --run {run_dir}')
+        with open(path) as f:
+            entries = json.load(f)
+        entry = next((e for e in entries if e['checkpoint'] == kind), entries[0])
+        columns[entry['method']] = entry['results']
+        metric, floor = entry['metric'], entry.get('bpc_floor', floor)
+    return format_table(columns, metric, floor)
+
+
+def parse_ks(text):
+    ks = [int(k) for k in text.split(',') if k.strip()]
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f'--ks needs positive integers such as 1,2,4,8,16; got {text!r}')
+    return ks
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--run', help='run directory written by train.py')
+    parser.add_argument('--table', nargs='+', metavar='RUN', help="print the runs' results.json side by side")
+    parser.add_argument('--ks', type=parse_ks, default=list(DEFAULT_KS), help='k to evaluate (those <= E)')
+    parser.add_argument('--split', choices=['test', 'valid'], default='test')
+    parser.add_argument('--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
+    parser.add_argument('--data', help='data folder, if not the one recorded in the run')
+    parser.add_argument('--json', help='write the results here (default: RUN/eval_<split>.json)')
+    parser.add_argument('--cuda', action='store_true', help='evaluate on the GPU')
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table_of_runs(args.table))
+        return
+    if not args.run:
+        parser.error('give --run RUN_DIR (or --table RUN ...)')
+    if args.cuda and not torch.cuda.is_available():
+        parser.error('--cuda given but no CUDA device is available; drop --cuda to evaluate on the CPU')
+    with open(os.path.join(args.run, 'config.json')) as f:
+        run_args = json.load(f)['args']
+    try:
+        corpus = get_lm_corpus(args.data or run_args['data'], run_args['dataset'])
+    except DataError as err:
+        sys.exit(str(err))
+    entries = test_checkpoints(args.run, corpus, args.split, args.ks, args.max_eval_steps,
+                               'cuda' if args.cuda else 'cpu')
+    out = args.json or os.path.join(args.run, f'eval_{args.split}.json')
+    write_json(out, entries)
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,468 @@
+"""Pretrain a Transformer-XL with mixture-of-experts layers (SMoE, SMoE-Dropout, HyperRouter, dense).
+
+  python train.py --dataset synthetic --moe --gate_name HyperRouterGate --dynamic_moe ...
+  torchrun --nproc_per_node 4 train.py ...        # DistributedDataParallel, one process per GPU
+
+Accepts the original scripts' flags (`--moe-num-expert` and `--moe_num_expert` alike). Each run
+writes a time-stamped directory under `<work_dir>-<dataset>/` holding config.json (resolved
+arguments, model configuration, git commit), the sources, train.log, metrics.jsonl, TensorBoard
+events, checkpoints and results.json. `--restart --restart_dir RUN` resumes a run exactly where its
+checkpoint_last.pt left it; Ctrl-C or SIGTERM writes that checkpoint before exiting.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import eval as evaluation
+from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
+from hyper_router import TOP_K_SCHEDULES, param_breakdown, set_top_k, top_k_schedule
+from mem_transformer import MemTransformerLM
+from moe import BACKENDS, GATES, record_router_stats
+from run_utils import Distributed, RunLog, StopRequest, git_commit, make_progress, make_run_dir, save_atomic
+
+DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')
+DEFAULT_DATA = {'synthetic': 'data/synthetic', 'enwik8': 'data/enwik8', 'text8': 'data/text8',
+                'wt103': 'data/wikitext-103', 'wt2': 'data/wikitext-2'}
+ADAPTIVE_CUTOFFS = {'wt103': [20000, 40000, 200000], 'wt2': [5000, 10000, 20000]}
+# Training state that changes the arithmetic of a resumed run; the rest may change on restart.
+ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inner', 'div_val', 'pre_lnorm',
+                     'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'hyper_size', 'adaptive', 'not_tied')
+
+
+def add(parser, *names, **kwargs):
+    """Add a flag under its original spelling plus the underscore/dash twin."""
+    spellings = list(names)
+    for name in names:
+        for twin in ('--' + name[2:].replace('-', '_'), '--' + name[2:].replace('_', '-')):
+            if twin not in spellings:
+                spellings.append(twin)
+    kwargs.setdefault('dest', names[0][2:].replace('-', '_'))
+    parser.add_argument(*spellings, **kwargs)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add(p, '--data', default=None, help='data folder (default: data/<dataset>)')
+    add(p, '--dataset', default='synthetic', choices=DATASETS, help='corpus; synthetic is built in')
+    model = p.add_argument_group('model (defaults: the paper\'s small enwik8 model)')
+    add(model, '--n_layer', type=int, default=4, help='number of layers')
+    add(model, '--n_head', type=int, default=8, help='number of attention heads')
+    add(model, '--d_head', type=int, default=64, help='head dimension')
+    add(model, '--d_embed', type=int, default=-1, help='embedding dimension (default: d_model)')
+    add(model, '--d_model', type=int, default=256, help='model dimension')
+    add(model, '--d_inner', type=int, default=512, help='inner dimension of the FFN (of each expert with --moe)')
+    add(model, '--dropout', type=float, default=0.1, help='global dropout rate')
+    add(model, '--dropatt', type=float, default=0.0, help='attention probability dropout rate')
+    add(model, '--init', default='normal', choices=['normal', 'uniform'], help='weight initialiser')
+    add(model, '--init_range', type=float, default=0.1, help='U(-init_range, init_range) for --init uniform')
+    add(model, '--init_std', type=float, default=0.02, help='N(0, init_std) for --init normal')
+    add(model, '--proj_init_std', type=float, default=0.01, help='N(0, proj_init_std) for softmax projections')
+    add(model, '--not_tied', action='store_true', help='do not tie the word embedding and softmax weights')
+    add(model, '--adaptive', action='store_true', help='adaptive input and softmax (word-level data)')
+    add(model, '--div_val', type=int, default=1, help='divisor of the adaptive embedding width per cluster')
+    add(model, '--pre_lnorm', action='store_true', help='LayerNorm before each block instead of after')
+    add(model, '--same_length', action='store_true', help='every query attends to the same number of keys')
+    add(model, '--attn_type', type=int, default=0, choices=[0], help='0: relative partial-learnable (the only one)')
+    add(model, '--clamp_len', type=int, default=-1, help='use the same position embedding beyond clamp_len')
+    moe = p.add_argument_group('mixture of experts')
+    add(moe, '--moe', action='store_true', help='replace the FFN of the moe_index layers by an MoE block')
+    add(moe, '--moe-num-expert', type=int, default=16, help='number of experts E')
+    add(moe, '--moe-top-k', type=int, default=2, help='experts per token (and the k of validation)')
+    add(moe, '--gate_name', default='NaiveGate', choices=list(GATES), help='router')
+    add(moe, '--hyper_size', type=int, default=256, help='hidden size of the HyperRouter hypernetwork')
+    add(moe, '--moe_index', default=None, help='comma-separated MoE layers (default: all)')
+    add(moe, '--freeze_gate', action='store_true', help='freeze the linear router at init (SMoE-Dropout)')
+    add(moe, '--dynamic_moe', action='store_true', help='change k during training by --dynamic_moe_mode')
+    add(moe, '--dynamic_moe_mode', default='linear_increase', choices=TOP_K_SCHEDULES)
+    add(moe, '--dynamic_overall_steps', type=int, default=-1, help='steps of the k schedule (default: max_step)')
+    add(moe, '--moe-top-k-min', type=int, default=2, help='k at the start of linear_increase')
+    add(moe, '--moe-top-k-max', type=int, default=16, help='k at the end of linear_increase')
+    add(moe, '--moe_backend', default='auto', choices=BACKENDS, help='auto: fastmoe on CUDA when installed')
+    opt = p.add_argument_group('optimisation')
+    add(opt, '--optim', default='adam', choices=['adam', 'sgd', 'adagrad'])
+    add(opt, '--lr', type=float, default=0.00025, help='initial learning rate')
+    add(opt, '--mom', type=float, default=0.0, help='SGD momentum')
+    add(opt, '--scheduler', default='cosine', choices=['cosine', 'inv_sqrt', 'constant'])
+    add(opt, '--warmup_step', type=int, default=0, help='linear warm-up steps')
+    add(opt, '--eta_min', type=float, default=0.0, help='final learning rate of the cosine schedule')
+    add(opt, '--clip', type=float, default=0.25, help='gradient-norm clipping')
+    add(opt, '--max_step', type=int, default=400000, help='training steps')
+    add(opt, '--stop_step', type=int, default=-1, help='stop after this step with a resumable checkpoint '
+                                                       '(split a long run into jobs; the schedule still uses max_step)')
+    add(opt, '--batch_size', type=int, default=22, help='global batch size')
+    add(opt, '--batch_chunk', type=int, default=1, help='split each batch into chunks (gradient accumulation)')
+    add(opt, '--tgt_len', type=int, default=512, help='tokens predicted per training segment')
+    add(opt, '--eval_tgt_len', type=int, default=128, help='tokens predicted per evaluation segment')
+    add(opt, '--ext_len', type=int, default=0, help='length of the extended context')
+    add(opt, '--mem_len', type=int, default=512, help='length of the memory')
+    add(opt, '--seed', type=int, default=1111, help='random seed')
+    run = p.add_argument_group('running')
+    add(run, '--cuda', action='store_true', help='train on the GPU')
+    add(run, '--multi_gpu', action='store_true', help='all visible GPUs (DataParallel; prefer torchrun)')
+    add(run, '--amp', action='store_true', help='bf16 autocast on the GPU')
+    add(run, '--log-interval', type=int, default=200, help='steps between log lines')
+    add(run, '--eval-interval', type=int, default=4000, help='steps between validations and checkpoints')
+    add(run, '--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
+    add(run, '--eval_ks', default='1,2,4,8,16', help='k of the final test (those <= E)')
+    add(run, '--work_dir', default='LM-TFM', help='runs go to <work_dir>-<dataset>/<time stamp>')
+    add(run, '--restart', action='store_true', help='resume the run in --restart_dir')
+    add(run, '--restart_dir', default='', help='run directory to resume')
+    return p
+
+
+def check_args(args, parser):
+    """Cross-field checks, with errors that say what to change."""
+    if args.moe and not 1 <= args.moe_top_k <= args.moe_num_expert:
+        parser.error(f'--moe-top-k {args.moe_top_k} must be between 1 and --moe-num-expert {args.moe_num_expert}')
+    if args.dynamic_moe and not 1 <= args.moe_top_k_min <= args.moe_top_k_max <= args.moe_num_expert:
+        parser.error(f'need 1 <= --moe-top-k-min ({args.moe_top_k_min}) <= --moe-top-k-max ({args.moe_top_k_max}) '
+                     f'<= --moe-num-expert ({args.moe_num_expert})')
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    if args.batch_size % (args.batch_chunk * world_size):
+        parser.error(f'--batch_size {args.batch_size} must be divisible by --batch_chunk {args.batch_chunk} '
+                     f'times the number of processes {world_size}')
+    if args.adaptive and args.dataset not in ADAPTIVE_CUTOFFS:
+        parser.error(f'--adaptive is for word-level data ({", ".join(ADAPTIVE_CUTOFFS)}), not {args.dataset}')
+    if args.cuda and not torch.cuda.is_available():
+        parser.error('--cuda given but no CUDA device is available; drop --cuda to train on the CPU')
+    if args.amp and not args.cuda:
+        parser.error('--amp (bf16 autocast) needs --cuda')
+    if args.restart and not os.path.isfile(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT)):
+        parser.error(f'--restart needs --restart_dir RUN holding {evaluation.LAST_CHECKPOINT}; '
+                     f'none in {args.restart_dir!r}')
+    for name in ('max_step', 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'batch_size'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1')
+    if args.data is None:
+        args.data = DEFAULT_DATA[args.dataset]
+    if args.dynamic_overall_steps <= 0:
+        args.dynamic_overall_steps = args.max_step
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    return args
+
+
+def resolve_gate_name(args):
+    """--freeze_gate freezes the linear router at init: that is the SMoE-Dropout gate."""
+    if args.freeze_gate and GATES[args.gate_name] is GATES['smoe']:
+        return 'smoe_dropout'
+    return args.gate_name
+
+
+def model_config(args, n_token):
+    cutoffs = ADAPTIVE_CUTOFFS[args.dataset] if args.adaptive else []
+    return dict(n_token=n_token, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                d_head=args.d_head, d_inner=args.d_inner, dropout=args.dropout, dropatt=args.dropatt,
+                tie_weight=not args.not_tied, d_embed=args.d_embed, div_val=args.div_val,
+                tie_projs=[False] + [True] * len(cutoffs), pre_lnorm=args.pre_lnorm, tgt_len=args.tgt_len,
+                ext_len=args.ext_len, mem_len=args.mem_len, cutoffs=cutoffs, same_length=args.same_length,
+                clamp_len=args.clamp_len, moe=args.moe, moe_num_expert=args.moe_num_expert,
+                moe_top_k=args.moe_top_k, gate_name=resolve_gate_name(args), moe_index=args.moe_index,
+                hyper_size=args.hyper_size, moe_backend=args.moe_backend, init=args.init,
+                init_range=args.init_range, init_std=args.init_std, proj_init_std=args.proj_init_std)
+
+
+def learning_rate(step, args):
+    """Learning rate for the update after `step` completed steps: linear warm-up, then the schedule."""
+    if step < args.warmup_step:
+        return args.lr * (step + 1) / args.warmup_step
+    if args.scheduler == 'cosine':      # CosineAnnealingLR over max_step, evaluated at `step`
+        return args.eta_min + (args.lr - args.eta_min) * 0.5 * (1 + math.cos(math.pi * step / args.max_step))
+    if args.scheduler == 'inv_sqrt':    # as in "Attention is all you need"
+        return args.lr / math.sqrt(step) if step > 0 else args.lr
+    return args.lr
+
+
+def current_top_k(step, args):
+    if args.dynamic_moe:
+        return top_k_schedule(step, args.dynamic_moe_mode, args.moe_top_k_min, args.moe_top_k_max,
+                              args.dynamic_overall_steps)
+    return args.moe_top_k
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def make_optimizer(params, args):
+    if args.optim == 'sgd':
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.mom)
+    if args.optim == 'adagrad':
+        return torch.optim.Adagrad(params, lr=args.lr)
+    return torch.optim.Adam(params, lr=args.lr)
+
+
+def check_same_architecture(saved_args, args):
+    diffs = [f'--{name} {saved_args.get(name)!r} (checkpoint) vs {getattr(args, name)!r}'
+             for name in ARCHITECTURE_ARGS if saved_args.get(name) != getattr(args, name)]
+    if diffs:
+        sys.exit('--restart: the command line describes another model than the checkpoint: ' + '; '.join(diffs))
+
+
+class Trainer:
+    """The training loop and everything a resumed run needs to continue bit for bit."""
+
+    def __init__(self, args, ddp, corpus, run_dir, ckpt=None):
+        self.args, self.ddp, self.corpus, self.run_dir = args, ddp, corpus, run_dir
+        self.config = model_config(args, len(corpus.vocab))
+        torch.manual_seed(args.seed)
+        self.model = MemTransformerLM(**self.config).to(ddp.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, args)
+        self.para_model = self._wrap(self.model)
+        self.tr_iter = corpus.get_iterator('train', args.batch_size, args.tgt_len, ddp.device, args.ext_len)
+        self.va_iter = corpus.get_iterator('valid', evaluation.EVAL_BATCH_SIZE, args.eval_tgt_len, ddp.device,
+                                           args.ext_len)
+        self.metric = dataset_metric(args.dataset)
+        self.step, self.epoch, self.batch = 0, 1, 0
+        self.best = {'best': math.inf, 'best_dense': math.inf}
+        self.mems = self._fresh_mems()
+        self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
+        if ckpt is not None:
+            self._load_state(ckpt)
+        self.log = RunLog(run_dir, ddp.is_main, resume_step=self.step if ckpt is not None else None)
+
+    def _wrap(self, model):
+        if self.ddp.world_size > 1:
+            return DistributedDataParallel(model, device_ids=[self.ddp.local_rank] if self.args.cuda else None)
+        if self.args.multi_gpu and self.args.cuda and torch.cuda.device_count() > 1:
+            return torch.nn.DataParallel(model, dim=1)      # the batch is dimension 1 ([T, B])
+        return model
+
+    def _fresh_mems(self):
+        return [() for _ in range(self.args.batch_chunk)]
+
+    def _local_columns(self, tensor):
+        """This rank's share of the global batch [T, B] -> [T, B / world_size]."""
+        return tensor.chunk(self.ddp.world_size, 1)[self.ddp.rank]
+
+    # ---------------------------------------------------------------- state
+    def _global_mems(self):
+        """The training memory of every rank and chunk, as one [M, B, d] tensor per layer (or None)."""
+        if not self.mems[0]:
+            return None
+        per_layer = [torch.cat([chunk[i] for chunk in self.mems], 1) for i in range(len(self.mems[0]))]
+        return [self.ddp.gather_columns(m).cpu() for m in per_layer]
+
+    def _set_mems(self, global_mems):
+        if global_mems is None:
+            self.mems = self._fresh_mems()
+            return
+        local = [self._local_columns(m.to(self.ddp.device)) for m in global_mems]
+        chunks = [m.chunk(self.args.batch_chunk, 1) for m in local]
+        self.mems = [tuple(layer[c].contiguous() for layer in chunks) for c in range(self.args.batch_chunk)]
+
+    def _payload(self, kind, val_loss=None):
+        return {'format': 'hyperrouter-checkpoint-1', 'kind': kind, 'step': self.step, 'val_loss': val_loss,
+                'model_config': self.config, 'args': vars(self.args), 'model': self.model.state_dict()}
+
+    def save_last(self):
+        """checkpoint_last.pt: model, optimiser, RNG, data position and memory (collective under DDP)."""
+        mems = self._global_mems()
+        if not self.ddp.is_main:
+            return
+        payload = self._payload('last')
+        payload.update(optimizer=self.optimizer.state_dict(), rng=self._rng_state(), train_state={
+            'epoch': self.epoch, 'batch': self.batch, 'mems': mems, 'best': self.best, 'window': self.window})
+        save_atomic(payload, os.path.join(self.run_dir, evaluation.LAST_CHECKPOINT))
+
+    def _rng_state(self):
+        state = {'torch': torch.get_rng_state()}
+        if self.args.cuda:
+            state['cuda'] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _load_state(self, ckpt):
+        check_same_architecture(ckpt['args'], self.args)
+        self.model.load_state_dict(ckpt['model'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        state = ckpt['train_state']
+        self.step, self.epoch, self.batch = ckpt['step'], state['epoch'], state['batch']
+        self.best, self.window = state['best'], dict(state['window'], start=time.time())
+        self._set_mems(state['mems'])
+        torch.set_rng_state(ckpt['rng']['torch'])
+        if self.args.cuda and 'cuda' in ckpt['rng']:
+            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+
+    # ---------------------------------------------------------------- training
+    def train_step(self, data, target):
+        """One optimiser update on the global batch; returns its mean loss over all ranks."""
+        data, target = self._local_columns(data), self._local_columns(target)
+        chunks = list(zip(data.chunk(self.args.batch_chunk, 1), target.chunk(self.args.batch_chunk, 1)))
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, (data_i, target_i) in enumerate(chunks):
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.args.amp):
+                out = self.para_model(data_i, target_i, *self.mems[i])
+            self.mems[i] = tuple(out[1:])
+            loss = out[0].float().mean() / len(chunks)
+            loss.backward()
+            total += loss.item()
+        total = self.ddp.mean(total)
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f'non-finite training loss ({total}) at step {self.step + 1}')
+        torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+        for group in self.optimizer.param_groups:
+            group['lr'] = learning_rate(self.step, self.args)
+        self.optimizer.step()
+        return total
+
+    def log_progress(self, loss, n_tokens):
+        w = self.window
+        w['loss'] += loss
+        w['steps'] += 1
+        w['tokens'] += n_tokens
+        if self.step % self.args.log_interval:
+            return
+        elapsed = time.time() - w['start']
+        mean = w['loss'] / w['steps']
+        lr = self.optimizer.param_groups[0]['lr']
+        k = current_top_k(self.step - 1, self.args) if self.args.moe else None
+        self.log(f'| epoch {self.epoch:3d} step {self.step:>8d} | {self.batch:>6d} batches | lr {lr:.3g} '
+                 f'| ms/batch {elapsed * 1000 / w["steps"]:5.2f} | loss {mean:5.2f} '
+                 f'| {self.metric} {loss_to_metric(mean, self.args.dataset):9.5f}' + (f' | k {k}' if k else ''))
+        self.log.record(self.step, 'train', loss=mean, lr=lr, top_k=k,
+                        tokens_per_s=w['tokens'] / max(elapsed, 1e-9),
+                        **{self.metric: loss_to_metric(mean, self.args.dataset)})
+        self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
+
+    def validate(self):
+        """Validation with all experts and with k = --moe-top-k (main rank); keeps the best of each."""
+        if self.ddp.is_main:
+            start = time.time()
+            losses = {}
+            if self.args.moe:
+                set_top_k(self.model, self.args.moe_num_expert)
+                losses['best_dense'] = evaluation.evaluate(self.model, self.va_iter, vars(self.args),
+                                                           self.args.max_eval_steps)
+                set_top_k(self.model, self.args.moe_top_k)
+            with record_router_stats(self.model) as stats:
+                losses['best'] = evaluation.evaluate(self.model, self.va_iter, vars(self.args),
+                                                     self.args.max_eval_steps)
+            self.log.router_stats(self.step, stats)
+            for kind, loss in losses.items():
+                self._report_validation(kind, loss, time.time() - start)
+                if loss < self.best[kind]:
+                    self.best[kind] = loss
+                    save_atomic(self._payload(kind, loss), os.path.join(self.run_dir, evaluation.CHECKPOINTS[kind]))
+        self.save_last()
+        self.ddp.barrier()
+
+    def _report_validation(self, kind, loss, elapsed):
+        dense = kind == 'best_dense'
+        k = self.args.moe_num_expert if dense else (self.args.moe_top_k if self.args.moe else None)
+        value = loss_to_metric(loss, self.args.dataset)
+        self.log('-' * 100)
+        self.log(f'| Eval {self.step // self.args.eval_interval:3d} at step {self.step:>8d} | time: {elapsed:5.2f}s '
+                 f'| {"Dense " if dense else ""}valid loss {loss:5.2f} | {self.metric} {value:9.5f}'
+                 + (f' | k {k}' if k else ''))
+        self.log('-' * 100)
+        self.log.record(self.step, 'valid', loss=loss, top_k=k, experts='all' if dense else 'top_k',
+                        **{self.metric: value})
+
+    def run(self):
+        """Train until max_step ('done') or until stopped by a signal or --stop_step ('stopped')."""
+        progress = make_progress(self.args.max_step, self.step, self.ddp.is_main)
+        with StopRequest() as stop:
+            while self.step < self.args.max_step:
+                for data, target, _ in self.tr_iter.iter_from(self.batch):
+                    self.batch += 1
+                    if self.args.moe:
+                        set_top_k(self.model, current_top_k(self.step, self.args))
+                    loss = self.train_step(data, target)
+                    self.step += 1
+                    progress.update(1)
+                    self.log_progress(loss, target.numel())
+                    if self.step % self.args.eval_interval == 0 or self.step == self.args.max_step:
+                        self.validate()
+                    if self._should_stop(stop):
+                        self.save_last()
+                        progress.close()
+                        return 'stopped'
+                    if self.step == self.args.max_step:
+                        break
+                else:
+                    self.epoch, self.batch, self.mems = self.epoch + 1, 0, self._fresh_mems()
+        progress.close()
+        return 'done'
+
+    def _should_stop(self, stop):
+        requested = self.ddp.mean(float(stop.requested)) > 0 if self.ddp.world_size > 1 else stop.requested
+        return requested or self.step == self.args.stop_step
+
+
+def load_corpus(args, ddp):
+    """Rank 0 first (it may build the cache), then the others."""
+    if ddp.is_main:
+        corpus = get_lm_corpus(args.data, args.dataset)
+    ddp.barrier()
+    if not ddp.is_main:
+        corpus = get_lm_corpus(args.data, args.dataset)
+    return corpus
+
+
+def write_config(run_dir, args, trainer, ddp):
+    config = {'args': vars(args), 'model_config': trainer.config, 'git_commit': git_commit(),
+              'torch': torch.__version__, 'world_size': ddp.world_size, 'params': param_breakdown(trainer.model),
+              'start_step': trainer.step}
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+
+
+def final_test(trainer, args):
+    """Test every kept checkpoint at k in --eval_ks, print the Table-1-shaped result, write results.json."""
+    log = trainer.log
+    log('=' * 100)
+    ks = [int(k) for k in args.eval_ks.split(',')]
+    entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', ks, args.max_eval_steps,
+                                          trainer.ddp.device, log=log)
+    evaluation.write_json(os.path.join(trainer.run_dir, 'results.json'), entries)
+    log('=' * 100)
+    log(f'results: {os.path.join(trainer.run_dir, "results.json")}')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp = Distributed(args.cuda)
+    try:
+        corpus = load_corpus(args, ddp)
+        ckpt = evaluation.load_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT),
+                                          ddp.device) if args.restart else None
+        run_dir = args.restart_dir if args.restart else (make_run_dir(f'{args.work_dir}-{args.dataset}') if ddp.is_main else None)
+        torch.manual_seed(args.seed)
+        trainer = Trainer(args, ddp, corpus, run_dir, ckpt)
+        if ddp.is_main:
+            write_config(run_dir, args, trainer, ddp)
+        log = trainer.log
+        log(f'run directory: {run_dir}' + (f' (resumed at step {trainer.step})' if ckpt else ''))
+        log('    ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
+        log(f'parameters: {param_breakdown(trainer.model)}')
+        try:
+            status = trainer.run()
+        except NonFiniteLoss as err:
+            log(f'{err}; stopping. The last good checkpoint is {os.path.join(run_dir, evaluation.LAST_CHECKPOINT)}')
+            sys.exit(1)
+        if status == 'stopped':
+            log(f'stopped at step {trainer.step}; resume with: python train.py <same flags> --restart '
+                f'--restart_dir {run_dir}')
+        elif ddp.is_main:
+            final_test(trainer, args)
+        log.close()
+    except DataError as err:
+        sys.exit(str(err))
+    finally:
+        ddp.close()
+
+
+if __name__ == '__main__':
+    main()
