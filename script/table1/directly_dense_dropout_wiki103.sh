@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Paper Table 1, WikiText-103, column Dense+Dropout (the k = 16 row): test perplexity
+#
+# One dense FFN as wide as the 16 experts together (d_inner 16 x 512), dropout 0.1.
+# Small Transformer-XL (4 layers, d_model 256), 400k steps of batch 22 (paper Table A1).
+#
+# Usage (from anywhere): bash script/table1/directly_dense_dropout_wiki103.sh [more train.py flags, which win]
+#   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+set -euo pipefail
+source "$(dirname "$0")/../launch.sh"
+launch train.py \
+    --data "${DATA:-data/wikitext-103/}" \
+    --dataset wt103 \
+    --n_layer 4 \
+    --d_model 256 \
+    --n_head 8 \
+    --d_head 64 \
+    --d_inner 8192 \
+    --dropout 0.1 \
+    --dropatt 0.0 \
+    --optim adam \
+    --lr 0.00025 \
+    --warmup_step 0 \
+    --max_step 400000 \
+    --tgt_len 512 \
+    --mem_len 512 \
+    --eval_tgt_len 128 \
+    --batch_size 22 \
+    --eval-interval 4000 \
+    --seed 1111 \
+    --work_dir Directly_Dense_Dropout_Training-Wiki103 \
+    "$@"
