@@ -264,7 +264,8 @@ class Trainer:
 
     def _payload(self, kind, val_loss=None):
         return {'format': 'hyperrouter-checkpoint-1', 'kind': kind, 'step': self.step, 'val_loss': val_loss,
-                'model_config': self.config, 'args': vars(self.args), 'model': self.model.state_dict()}
+                'model_config': self.config, 'args': vars(self.args), 'vocab': self.corpus.vocab.idx2sym,
+                'model': self.model.state_dict()}
 
     def save_last(self):
         """checkpoint_last.pt: model, optimiser, RNG, data position and memory (collective under DDP)."""
