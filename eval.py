@@ -32,7 +32,8 @@ def load_checkpoint(path, device='cpu'):
 
 
 def model_from_checkpoint(ckpt, device='cpu'):
-    model = MemTransformerLM(**ckpt['model_config'])
+    """The checkpoint's model on `device`, in eval mode; the MoE backend is chosen anew for this machine."""
+    model = MemTransformerLM(**dict(ckpt['model_config'], moe_backend='auto'))
     model.load_state_dict(ckpt['model'])
     return model.to(device).eval()
 
