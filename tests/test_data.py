@@ -15,20 +15,16 @@ import torch
 from data_utils import (
     DataError,
     LMOrderedIterator,
-    SyntheticConfig,
     Vocab,
-    chain_matrix,
     dataset_metric,
-    dialect_chain,
-    entropy_rate_bits,
     get_lm_corpus,
     loss_to_metric,
     main,
     make_synthetic_corpus,
     prep_enwik8,
     prep_text8,
-    sample_chain,
 )
+from synthetic_corpus import SyntheticConfig, chain_matrix, dialect_chain, entropy_rate_bits, sample_chain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {'seed': 3, 'n_train': 6000, 'n_valid': 800, 'n_test': 800}
