@@ -208,3 +208,12 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
 ])
 def test_top_k_schedule_modes(mode, expected):
     assert [top_k_schedule(s, mode, 8, 16, 400) for s in (0, 100, 200, 300, 400, 800)] == expected
+
+
+def test_a_checkpoint_from_a_fastmoe_gpu_run_evaluates_on_this_cpu(tmp_path, synthetic_dir):
+    run_dir = run_train(tmp_path, synthetic_dir, *MOE_ARGS, '--max_step', '2')
+    ckpt = evaluation.load_checkpoint(os.path.join(run_dir, 'model_best.pt'))
+    ckpt['model_config']['moe_backend'] = 'fastmoe'           # as written by a run on a GPU with fastmoe
+    model = evaluation.model_from_checkpoint(ckpt, 'cpu')
+    data = torch.zeros(4, 2, dtype=torch.long)
+    assert torch.isfinite(model(data, data)[0]).all()
