@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 def git_commit():
@@ -128,7 +129,8 @@ class RunLog:
 
     def __call__(self, line):
         if self.enabled:
-            print(line, flush=True)
+            tqdm.write(line)                  # above the progress bar, when there is one
+            sys.stdout.flush()
             self.log_file.write(line + '\n')
             self.log_file.flush()
 
@@ -162,6 +164,5 @@ class RunLog:
 
 
 def make_progress(total, initial, enabled):
-    from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not (enabled and sys.stderr.isatty()),
                 dynamic_ncols=True, unit='step')
