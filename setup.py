@@ -11,8 +11,9 @@ setup(
     license='MIT',
     python_requires='>=3.9',
     py_modules=['adaptive_softmax', 'bench', 'custom_gate', 'data_utils', 'eval', 'hyper_router',
-                'mem_transformer', 'moe', 'run_utils', 'synthetic_corpus', 'train'],
+                'finetune', 'finetune_data', 'mem_transformer', 'moe', 'run_utils', 'synthetic_corpus', 'train'],
     install_requires=requirements,
     entry_points={'console_scripts': ['hyperrouter-train=train:main', 'hyperrouter-eval=eval:main',
-                                      'hyperrouter-bench=bench:main']},
+                                      'hyperrouter-bench=bench:main',
+                                      'hyperrouter-finetune=finetune:main']},
 )

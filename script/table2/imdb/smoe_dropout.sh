@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Paper Table 3, IMDB, row SMoE-Dropout (k=8, k=16): accuracy after dense fine-tuning
+#
+# An SMoE-Dropout model pretrained by script/table1/smoe_dropout_enwik8.sh, fine-tuned with all
+# 16 experts active and its random router kept frozen, then tested at k = 1, 2, 4, 8, 16.
+# The pretrained run directory's model_best_dense.pt is used (model_best.pt for a dense run), or the
+# checkpoint file given; a checkpoint of another method is refused.
+# Paper Table A2: input length 512 bytes, batch 4, Adam, lr 1e-4, 3 epochs; as in the original
+# fine-tuning scripts, dropout 0.1, cosine decay of the learning rate, gradient clipping 0.25.
+# The test set (25,000 reviews) is reported.
+#
+# Usage (from anywhere):
+#   bash script/table2/imdb/smoe_dropout.sh PRETRAINED_RUN_OR_CHECKPOINT [more finetune.py flags, which win]
+#   FT_DATA=data/finetune (holds imdb/ from script/get_finetune_data.sh; relative to the repository root)
+#   PYTHON=python3
+set -euo pipefail
+if [[ $# -lt 1 || "$1" == -* ]]; then
+    echo "usage: bash $0 PRETRAINED_RUN_OR_CHECKPOINT [more finetune.py flags]" >&2
+    exit 2
+fi
+PRETRAINED=$1
+[[ "$PRETRAINED" == /* ]] || PRETRAINED="$PWD/$PRETRAINED"    # launch.sh moves to the repository root
+shift
+source "$(dirname "$0")/../../launch.sh"
+launch finetune.py \
+    --pretrained "$PRETRAINED" \
+    --method smoe_dropout \
+    --task imdb \
+    --data "${FT_DATA:-data/finetune}/imdb" \
+    --eval_split test \
+    --max_len 512 \
+    --pool mean \
+    --batch_size 4 \
+    --optim adam \
+    --lr 0.0001 \
+    --scheduler cosine \
+    --warmup_step 0 \
+    --clip 0.25 \
+    --epochs 3 \
+    --dropout 0.1 \
+    --eval_ks 1,2,4,8,16 \
+    --seed 1111 \
+    --work_dir runs/finetune/smoe_dropout \
+    "$@"
