@@ -2,6 +2,9 @@
 
   python eval.py --run RUN_DIR [--ks 1,2,4,8,16] [--split test|valid] [--max_eval_steps N] [--json OUT]
   python eval.py --table RUN_A RUN_B ...      # side-by-side table of the runs' results.json
+  python eval.py --entropy|--load|--jacobian|--plot|--routers RUN ...  # analyses (analysis.py; see --help)
+  python eval.py --flops|--params [RUN ...]   # Tables A3, A4 (no RUN: the paper's small enwik8 model)
+  python eval.py --diagram                    # Figure 3
 
 The model is rebuilt from the configuration stored in the checkpoint; evaluation uses batch 10,
 windows of eval_tgt_len and the memory extended to mem_len + tgt_len - eval_tgt_len, and reports the
@@ -42,8 +45,11 @@ def method_name(model_config):
     """The column name the paper uses for this model."""
     if not model_config['moe']:
         return 'Dense+Dropout' if model_config['dropout'] > 0 else 'Dense'
-    return {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter'}.get(
-        model_config['gate_name'], 'SMoE')
+    name = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
+            'thor': 'THOR', 'RandomGate': 'THOR'}.get(model_config['gate_name'], 'SMoE')
+    if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE as published sits on the SMoE router
+        return 'HyperMoE' if name == 'SMoE' else f'{name}+HyperMoE'
+    return name
 
 
 def eval_lengths(args):
@@ -147,16 +153,21 @@ def write_json(path, entries):
     os.replace(tmp, path)
 
 
+def read_results(run_dir, kind='best_dense'):
+    """The results.json entry of the run's `kind` checkpoint (the first entry if there is none of that kind)."""
+    path = os.path.join(run_dir, 'results.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} not found: the run has not finished; run eval.py --run {run_dir}')
+    with open(path) as f:
+        entries = json.load(f)
+    return next((e for e in entries if e['checkpoint'] == kind), entries[0])
+
+
 def table_of_runs(run_dirs, kind='best_dense'):
     """One side-by-side table from several runs' results.json (the `kind` checkpoint of each)."""
     columns, metric, floor = {}, None, None
     for run_dir in run_dirs:
-        path = os.path.join(run_dir, 'results.json')
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'{path} not found: the run has not finished; run eval.py --run {run_dir}')
-        with open(path) as f:
-            entries = json.load(f)
-        entry = next((e for e in entries if e['checkpoint'] == kind), entries[0])
+        entry = read_results(run_dir, kind)
         columns[entry['method']] = entry['results']
         metric, floor = entry['metric'], entry.get('bpc_floor', floor)
     return format_table(columns, metric, floor)
@@ -179,12 +190,16 @@ def main(argv=None):
     parser.add_argument('--data', help='data folder, if not the one recorded in the run')
     parser.add_argument('--json', help='write the results here (default: RUN/eval_<split>.json)')
     parser.add_argument('--cuda', action='store_true', help='evaluate on the GPU')
+    import analysis  # here, not at the top: analysis.py builds on this module
+    analysis.add_arguments(parser)
     args = parser.parse_args(argv)
+    if analysis.run(args, parser):
+        return
     if args.table:
         print(table_of_runs(args.table))
         return
     if not args.run:
-        parser.error('give --run RUN_DIR (or --table RUN ...)')
+        parser.error('give --run RUN_DIR (or --table RUN ..., or an analysis command)')
     if args.cuda and not torch.cuda.is_available():
         parser.error('--cuda given but no CUDA device is available; drop --cuda to evaluate on the CPU')
     with open(os.path.join(args.run, 'config.json')) as f:

@@ -1,0 +1,689 @@
+"""Analyses of trained runs: the paper's router tables and figures, and the Jacobian of its Section 3.3.
+
+    router entropy per layer (Tables 4 / A5), expert load   router_stats, format_entropy_table, format_load_table
+    inference FLOPs at each k (Table A3)                    count_eval_flops (PyTorch's FlopCounterMode)
+    parameters (Table A4)                                   format_param_table
+    router term of dL/dh (Section 3.3, Eqs. 3-4)            router_terms, spectrum, jacobian_rows
+    Figure 1 (metric vs k), 3 (the three methods), 4 (the routers' softmax), load heat-map, Jacobian spectra
+
+Every analysis reads a run directory written by train.py and runs on the CPU, whatever device trained it.
+The command line is eval.py's (`add_arguments` and `run` below; `python eval.py --help`).
+
+Shapes: N tokens, T window length, B batch, d = d_model, E experts, L MoE layers.
+"""
+import contextlib
+import json
+import math
+import os
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import eval as evaluation
+from bench import SMALL, analytic_eval_flops
+from data_utils import DataError, get_lm_corpus
+from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
+from mem_transformer import MemTransformerLM
+from moe import MoEPositionwiseFF, record_router_stats
+
+CHECKPOINT_FILES = {**evaluation.CHECKPOINTS, 'last': evaluation.LAST_CHECKPOINT}
+DEFAULT_JACOBIAN_CHECKPOINTS = 'init,best,best_dense,last'
+YELLOW, GREY = '#f6d55c', '#c8c8c8'
+
+
+# ----------------------------------------------------------------------------- runs and checkpoints
+
+def read_config(run_dir):
+    with open(os.path.join(run_dir, 'config.json')) as f:
+        return json.load(f)
+
+
+def load_model(run_dir, checkpoint='best_dense'):
+    """(checkpoint dict, model on the CPU in eval mode).
+
+    `checkpoint`: a kind (best, best_dense, last), a file of the run, a path, or `init`: the model at
+    step 0, rebuilt from the run's config and seed exactly as train.py builds it (SMoE-Dropout's router
+    and every hypernetwork are the trained model's; tests/test_analysis.py checks it).
+    """
+    if checkpoint == 'init':
+        config = read_config(run_dir)
+        torch.manual_seed(config['args']['seed'])
+        model = MemTransformerLM(**dict(config['model_config'], moe_backend='auto'))
+        return dict(config, step=0), model.eval()
+    path = os.path.join(run_dir, CHECKPOINT_FILES.get(checkpoint, checkpoint))
+    if not os.path.isfile(path) and os.path.isfile(checkpoint):
+        path = checkpoint
+    ckpt = evaluation.load_checkpoint(path)
+    return ckpt, evaluation.model_from_checkpoint(ckpt)
+
+
+def run_labels(run_dirs, configs):
+    """The paper's method name of each run, made unique with the run directory's name."""
+    return unique_labels(run_dirs, [evaluation.method_name(cfg) for cfg in configs])
+
+
+def unique_labels(run_dirs, names):
+    return [name if names.count(name) == 1 else f'{name} ({os.path.basename(os.path.normpath(d))})'
+            for name, d in zip(names, run_dirs)]
+
+
+def eval_iterator(ckpt, split='test', data=None):
+    args = ckpt['args']
+    corpus = get_lm_corpus(data or args['data'], args['dataset'])
+    return corpus.get_iterator(split, evaluation.EVAL_BATCH_SIZE, args['eval_tgt_len'], ext_len=args['ext_len'])
+
+
+def prepare(model, ckpt, k=None):
+    """Evaluation lengths of the run, and k (default: the run's --moe-top-k, the k of its 'best' validation)."""
+    model.reset_length(*evaluation.eval_lengths(ckpt['args']))
+    cfg = ckpt['model_config']
+    k = min(k or cfg['moe_top_k'], cfg['moe_num_expert'])
+    set_top_k(model, k)
+    return k
+
+
+# ----------------------------------------------------------------------------- entropy and load (Tables 4 / A5)
+
+def router_stats(model, eval_iter, args, max_eval_steps=-1):
+    """{layer: RouterStats} over a split, run as eval.py evaluates it (memory carried across windows)."""
+    with record_router_stats(model) as stats:
+        evaluation.evaluate(model, eval_iter, args, max_eval_steps)
+    return stats
+
+
+def format_entropy_table(rows):
+    """Table A5 shape: one row per method, one column per router (layer i + 1), 'mean ± std' in nats."""
+    layers = sorted({i for stats in rows.values() for i in stats})
+    width = max(14, *(len(label) + 2 for label in rows))
+    lines = [f"{'Method':<{width}}" + ''.join(f'{f"Router {i + 1}":>17}' for i in layers)]
+    for label, stats in rows.items():
+        cells = [f'{stats[i].mean_entropy:.4f} ± {stats[i].std_entropy:.2f}' if i in stats else '-' for i in layers]
+        lines.append(f'{label:<{width}}' + ''.join(f'{c:>17}' for c in cells))
+    return '\n'.join(lines)
+
+
+def n_experts(stats):
+    """E of {layer: RouterStats}."""
+    return next(iter(stats.values())).load.numel()
+
+
+def format_load_table(label, stats):
+    """Per layer, the percentage of routed (token, slot) pairs that each expert received, and max / mean."""
+    n_expert = n_experts(stats)
+    lines = [f'{label}: expert load (% of routed token slots; uniform = {100 / n_expert:.1f} %)',
+             'layer' + ''.join(f'{f"e{e}":>6}' for e in range(n_expert)) + '  max/mean']
+    for i, s in stats.items():
+        frac = s.load_fraction
+        lines.append(f'{i + 1:>5}' + ''.join(f'{100 * f:6.1f}' for f in frac) + f'{max(frac) * n_expert:10.2f}')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- FLOPs (Table A3)
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one that F.scaled_dot_product_attention
+# dispatches to under no_grad (it would count the attention products as zero); same formula, its CPU op.
+CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def count_eval_flops(model, k, bsz=evaluation.EVAL_BATCH_SIZE, qlen=128, mlen=896):
+    """FLOPs of one evaluation forward (bsz columns of qlen tokens, memory of mlen states full), counted by
+    torch.utils.flop_counter.FlopCounterMode (matmuls, 2 per multiply-add) on the inference path."""
+    if k is not None:
+        set_top_k(model, k)
+    model.eval().reset_length(qlen, 0, mlen)
+    data = torch.zeros(qlen, bsz, dtype=torch.long)           # the count does not depend on the tokens
+    mems = [torch.zeros(mlen, bsz, model.d_model) for _ in range(model.n_layer + 1)]
+    with torch.no_grad():
+        model(data, data, *mems)        # HyperRouter generates its routers once, then reuses them (paper C.4)
+        with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+            model(data, data, *mems)
+    return counter.get_total_flops()
+
+
+def flops_over_k(model, cfg, ks, qlen, mlen):
+    """{'k': FLOPs} for an MoE model (k <= E), or {'dense': FLOPs}."""
+    if not cfg['moe']:
+        return {'dense': count_eval_flops(model, None, qlen=qlen, mlen=mlen)}
+    return {str(k): count_eval_flops(model, k, qlen=qlen, mlen=mlen) for k in ks if k <= cfg['moe_num_expert']}
+
+
+def format_flops_table(columns):
+    """Table A3 shape (rows k, columns methods; in 1e10 FLOPs as the paper for its model, in the power of ten
+    that leaves 1 to 100 for others), then FLOPs(k = 1) / FLOPs(largest k) per method."""
+    exponent = max(0, int(math.log10(max(v for res in columns.values() for v in res.values()))))
+    table = evaluation.format_table(
+        {name: {k: v / 10 ** exponent for k, v in res.items()} for name, res in columns.items()}, 'FLOPs')
+    ratios = [f'{name} {res["1"] / res[max(res, key=int)]:.2f}' for name, res in columns.items() if '1' in res]
+    return '\n'.join([f'Inference FLOPs (1e{exponent}) of one evaluation batch', table,
+                      'FLOPs(k = 1) / FLOPs(largest k): ' + ', '.join(ratios)])
+
+
+# ----------------------------------------------------------------------------- parameters (Table A4)
+
+def param_row(model):
+    """param_breakdown plus the status of each category: T trainable, F frozen, G generated each step."""
+    counts = param_breakdown(model)
+    gates = [gate for _, gate in moe_gates(model)]
+    if any(isinstance(g, HyperRouterGate) for g in gates):
+        router = 'G'
+    else:
+        router = 'T' if any(p.requires_grad for g in gates for p in g.parameters()) else 'F'
+    return counts, {'router_embedding': 'T', 'router': router, 'hypernetwork': 'F', 'transformer': 'T'}
+
+
+def format_param_table(rows):
+    """Table A4 shape: Router Emb. | Router | HyperNetwork | Transformer, then the trainable/frozen/generated totals."""
+    columns = [('router_embedding', 'Router Emb.'), ('router', 'Router'), ('hypernetwork', 'HyperNetwork'),
+               ('transformer', 'Transformer')]
+    totals = [('trainable', 'trainable'), ('frozen', 'frozen'), ('generated_router', 'generated')]
+    width = max(14, *(len(label) + 2 for label in rows))
+    lines = [f"{'Method':<{width}}" + ''.join(f'{title:>16}' for _, title in columns + totals)]
+    for label, (counts, status) in rows.items():
+        cells = [f'{counts[key]:,} ({status[key]})' if counts[key] else '-' for key, _ in columns]
+        cells += [f'{counts[key]:,}' for key, _ in totals]
+        lines.append(f'{label:<{width}}' + ''.join(f'{c:>16}' for c in cells))
+    lines.append('T trainable, F frozen, G generated by the hypernetwork at every step (not a parameter)')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- Jacobian (Section 3.3)
+
+def moe_blocks(model):
+    """{layer index: MoEPositionwiseFF} of the model's MoE layers."""
+    return {i: layer.pos_ff for i, layer in enumerate(model.layers) if isinstance(layer.pos_ff, MoEPositionwiseFF)}
+
+
+@contextlib.contextmanager
+def router_term_probe(blocks):
+    """Within the block the router of each MoE block reads h + delta, delta a zero leaf [N, d] made at each
+    forward. The experts still read h, so after a backward delta.grad is exactly J2^T dL/dy = sum_i c_i W_{r,i}
+    (Eqs. 3-4): the part of dL/dh that flows through the router's scores. The forward is unchanged.
+    blocks: {layer: MoEPositionwiseFF}; yields {layer: [delta of each forward]}.
+    """
+    deltas, handles = {}, []
+    for i, block in blocks.items():
+        deltas[i] = []
+
+        def add_delta(gate, args, kwargs, store=deltas[i]):
+            delta = torch.zeros_like(args[0], requires_grad=True)
+            store.append(delta)
+            return (args[0] + delta, *args[1:]), kwargs
+        handles.append(block.gate.register_forward_pre_hook(add_delta, with_kwargs=True))
+    try:
+        yield deltas
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def router_terms(model, eval_iter, max_tokens=2048):
+    """{layer: [N, d]} router terms of the loss (mean NLL of each window) for the first max_tokens tokens.
+
+    Windows run in order with the memory carried, as in evaluation, with gradients on and dropout off.
+    """
+    collected = {}
+    mems = ()
+    with router_term_probe(moe_blocks(model)) as deltas:
+        for data, target, _ in eval_iter:
+            out = model(data, target, *mems)
+            mems = out[1:]
+            layers = list(deltas)
+            inputs = [deltas[i][-1] for i in layers]
+            # a router that ignores its input (THOR's random gate) has no router term: unused, zero
+            grads = torch.autograd.grad(out[0].float().mean(), inputs, allow_unused=True)
+            for i, delta, grad in zip(layers, inputs, grads):
+                collected.setdefault(i, []).append(torch.zeros_like(delta) if grad is None else grad)
+                deltas[i].clear()
+            if sum(g.size(0) for g in collected[layers[0]]) >= max_tokens:
+                break
+    return {i: torch.cat(g)[:max_tokens] for i, g in collected.items()}
+
+
+def spectrum(terms, rtol=1e-5):
+    """Singular values of the rows [N, d] (float64, normalised by the largest), the numerical rank (those above
+    rtol; float32 rounding leaves the others near 1e-7) and the effective rank exp(H(s / sum s))
+    (Roy & Vetterli 2007), with an orthonormal basis [rank, d] of the span."""
+    _, s, vh = torch.linalg.svd(terms.double(), full_matrices=False)
+    if s[0] == 0:                                                   # no term at all
+        return {'s': s, 'rank': 0, 'effective_rank': 0.0, 'basis': vh[:0]}
+    s = s / s[0]
+    rank = int((s > rtol).sum())
+    p = s[s > 0] / s.sum()
+    return {'s': s, 'rank': rank, 'effective_rank': math.exp(-(p * p.log()).sum().item()), 'basis': vh[:rank]}
+
+
+def principal_cosines(a, b):
+    """Cosines of the principal angles between the spans of two orthonormal bases [r, d], largest first."""
+    return torch.linalg.svdvals(a @ b.T).clamp(max=1)
+
+
+def subspace_overlap(a, b):
+    """(mean squared cosine, largest angle in degrees) of the principal angles between two spans:
+    (1, 0) when one span contains the other, (0, 90) when they are orthogonal."""
+    cos = principal_cosines(a, b)
+    if not len(cos):
+        return float('nan'), float('nan')
+    return cos.square().mean().item(), math.degrees(math.acos(cos[-1].item()))
+
+
+def jacobian_rows(run_dir, checkpoints, data=None, split='test', max_tokens=2048, k=None, rtol=1e-5):
+    """One row per (checkpoint, MoE layer): rank and effective rank of the router term, overlap of its span
+    with the first checkpoint's and the rank of the union of the spans seen so far (training drift)."""
+    loaded = []
+    for name in checkpoints:
+        try:
+            ckpt, model = load_model(run_dir, name)
+        except FileNotFoundError:
+            print(f'{run_dir}: no checkpoint {name!r}, skipped', file=sys.stderr)
+            continue
+        if ckpt['step'] not in {c['step'] for _, c, _ in loaded}:   # best_dense and last are often one state
+            loaded.append((name, ckpt, model))
+    rows, first, union = [], {}, {}
+    for name, ckpt, model in sorted(loaded, key=lambda item: item[1]['step']):
+        used_k = prepare(model, ckpt, k)
+        terms = router_terms(model, eval_iterator(ckpt, split, data), max_tokens)
+        for layer, g in terms.items():
+            spec = spectrum(g, rtol)
+            first.setdefault(layer, spec['basis'])
+            union[layer] = torch.cat([union.get(layer, spec['basis'][:0]), spec['basis']])
+            overlap, angle = subspace_overlap(first[layer], spec['basis'])
+            rows.append({'checkpoint': name, 'step': ckpt['step'], 'layer': layer, 'k': used_k, 'tokens': len(g),
+                         'rank': spec['rank'], 'effective_rank': spec['effective_rank'], 's': spec['s'].tolist(),
+                         'overlap_first': overlap, 'angle_first': angle,
+                         'union_rank': spectrum(union[layer], rtol)['rank']})
+    return rows
+
+
+def format_jacobian_table(label, cfg, rows):
+    n_expert = cfg['moe_num_expert']
+    title = (f'{label}: router term J2^T dL/dy of dL/dh, d = {cfg["d_model"]}, E = {n_expert} '
+             f'(one router spans <= E - 1 = {n_expert - 1} dims: its softmax ignores a shift of all logits)')
+    header = (f"{'checkpoint':<12}{'step':>8}{'k':>4}{'router':>7}{'tokens':>8}{'rank':>6}{'eff.rank':>10}"
+              f"{'overlap w/ first':>18}{'max angle':>11}{'union rank':>12}")
+    lines = [title, header]
+    for r in rows:
+        lines.append(f"{r['checkpoint']:<12}{r['step']:>8}{r['k']:>4}{r['layer'] + 1:>7}{r['tokens']:>8}{r['rank']:>6}"
+                     f"{r['effective_rank']:>10.2f}{r['overlap_first']:>18.3f}{r['angle_first']:>10.1f}°"
+                     f"{r['union_rank']:>12}")
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- routers' outputs (Figure 4)
+
+def router_probabilities(model, eval_iter, args, tokens):
+    """{token: {layer: [E]}}: the full softmax of every router at position `token` of the split's first
+    batch column, with the context it has in evaluation (windows in order, memory carried)."""
+    tgt_len = args['eval_tgt_len']
+    logits, probs, handles = {}, {}, []
+    for i, block in moe_blocks(model).items():
+        def keep(gate, inputs, output, layer=i):
+            logits[layer] = output[2]                                 # gate(x, return_logits=True)[2]: [T * B, E]
+        handles.append(block.gate.register_forward_hook(keep))
+    try:
+        mems = ()
+        with torch.no_grad():
+            for window, (data, target, _) in enumerate(eval_iter):
+                if window > max(tokens) // tgt_len:
+                    break
+                mems = model(data, target, *mems)[1:]
+                for t in (t for t in tokens if t // tgt_len == window):
+                    row = (data.size(0) - target.size(0) + t % tgt_len) * data.size(1)   # rows are [T * B]; column 0
+                    probs[t] = {i: torch.softmax(lg[row].float(), -1) for i, lg in logits.items()}
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(tokens) - set(probs))
+    if missing:
+        raise ValueError(f'tokens {missing} lie beyond the first column of the split')
+    return probs
+
+
+def entropy_of(p):
+    return -(p * p.clamp(min=1e-30).log()).sum().item()
+
+
+def format_router_outputs(label, probs):
+    lines = []
+    for t, layers in probs.items():
+        cells = [f'router {i + 1}: H {entropy_of(p):.2f}, top {p.argmax().item()} ({p.max().item():.2f})'
+                 for i, p in layers.items()]
+        lines.append(f'{label}, token {t}: ' + '; '.join(cells))
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def pyplot():
+    """pyplot on the file-only Agg backend (no display needed); imported only when a figure is drawn."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, out):
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+    fig.savefig(out, dpi=100, bbox_inches='tight')
+    pyplot().close(fig)
+    print(f'wrote {out}')
+
+
+def plot_metric_vs_k(entries, out):
+    """Figure 1: test metric (log scale) against the k used at inference, one line per method; a dense model
+    is a dashed horizontal line, the corpus floor (when known) a dotted one. entries: {label: results.json entry}."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    all_ks = set()
+    for label, entry in entries.items():
+        res = entry['results']
+        if 'dense' in res:
+            ax.axhline(res['dense'], ls='--', lw=1.2, color='black', label=label)
+            continue
+        ks = sorted(int(k) for k in res)
+        all_ks.update(ks)
+        ax.plot(ks, [res[str(k)] for k in ks], marker='o', label=label)
+    floor = next((e['bpc_floor'] for e in entries.values() if e.get('bpc_floor')), None)
+    if floor:
+        ax.axhline(floor, ls=':', color='grey', label='corpus floor')
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
+    ax.minorticks_off()
+    low, high = ax.get_ylim()
+    ticks = [low * (high / low) ** (i / 5) for i in range(6)]          # evenly spaced on the log axis
+    ax.set_yticks(ticks, [f'{t:.3g}' for t in ticks])
+    metric = next(iter(entries.values()))['metric']
+    ax.set(xlabel='experts used at inference (k)', ylabel=f'test {metric} (log scale)')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend()
+    save(fig, out)
+
+
+def plot_router_outputs(probs_by_label, out):
+    """Figure 4: one panel per method (a row per token), the routers' softmax over the experts, a bar group
+    per expert with one bar per router."""
+    plt = pyplot()
+    labels = list(probs_by_label)
+    tokens = list(probs_by_label[labels[0]])
+    fig, axes = plt.subplots(len(tokens), len(labels), figsize=(4.2 * len(labels), 2.8 * len(tokens)),
+                             squeeze=False, sharey=True, layout='constrained')
+    for col, label in enumerate(labels):
+        for row, t in enumerate(tokens):
+            ax, layers = axes[row][col], probs_by_label[label][t]
+            width = 0.8 / len(layers)
+            for n, (i, p) in enumerate(layers.items()):
+                ax.bar([e + (n - (len(layers) - 1) / 2) * width for e in range(len(p))], p.tolist(), width,
+                       label=f'router {i + 1} (H {entropy_of(p):.2f})')
+            ax.set(title=f'({chr(97 + col)}) {label}, token {t}', xlabel='expert', ylim=(0, 1))
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel('router probability')
+    save(fig, out)
+
+
+def plot_load(stats_by_label, out):
+    """Heat-map of the expert load: one panel per method, routers x experts, fraction of routed token slots."""
+    plt = pyplot()
+    loads = {label: torch.tensor([s.load_fraction for s in stats.values()]) for label, stats in stats_by_label.items()}
+    vmax = max(v.max().item() for v in loads.values())
+    fig, axes = plt.subplots(1, len(loads), figsize=(4.5 * len(loads), 2.6), squeeze=False, layout='constrained')
+    for ax, (label, load) in zip(axes[0], loads.items()):
+        image = ax.imshow(load.numpy(), vmin=0, vmax=vmax, cmap='viridis', aspect='auto')
+        ax.set(title=label, xlabel='expert', xticks=range(load.size(1)), yticks=range(len(load)))
+        ax.tick_params(axis='x', labelsize=7)
+        ax.set_yticklabels([f'router {i + 1}' for i in stats_by_label[label]])
+    fig.colorbar(image, ax=axes[0].tolist(), label='fraction of token slots')
+    save(fig, out)
+
+
+def plot_spectra(rows_by_label, out):
+    """Singular values (normalised) of the router term per method (rows) and router (columns), one line per
+    checkpoint, darker later in training; the dashed line marks E - 1, the most one router can span."""
+    plt = pyplot()
+    layers = sorted({r['layer'] for _, rows in rows_by_label.values() for r in rows})
+    fig, axes = plt.subplots(len(rows_by_label), len(layers), figsize=(3.6 * len(layers), 2.6 * len(rows_by_label)),
+                             squeeze=False, sharey=True, layout='constrained')
+    for row, (label, (cfg, rows)) in enumerate(rows_by_label.items()):
+        steps = sorted({r['step'] for r in rows})
+        for col, layer in enumerate(layers):
+            ax = axes[row][col]
+            for r in (r for r in rows if r['layer'] == layer):
+                shade = plt.cm.viridis(0.85 - 0.75 * steps.index(r['step']) / max(len(steps) - 1, 1))
+                s = [max(v, 1e-12) for v in r['s']]
+                ax.semilogy(range(1, len(s) + 1), s, color=shade, label=f"{r['checkpoint']} ({r['step']})")
+            ax.axvline(cfg['moe_num_expert'] - 1, ls='--', color='grey', lw=1)
+            ax.set(title=f'{label}, router {layer + 1}', xlabel='singular value index', ylim=(1e-10, 2))
+            ax.legend(fontsize=7)
+        axes[row][0].set_ylabel('s / s_max')
+    save(fig, out)
+
+
+def _box(ax, x, y, text, style, w=3.0, h=1.1):
+    """A module centred at (x, y): 'trainable' yellow, 'frozen' grey with a lock, 'generated' dashed white."""
+    from matplotlib.patches import FancyBboxPatch
+    face = {'trainable': YELLOW, 'frozen': GREY, 'generated': 'white', 'data': '#dfe9f5'}[style]
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle='round,pad=0.05', fc=face, ec='black',
+                                ls='--' if style == 'generated' else '-'))
+    ax.text(x, y, text, ha='center', va='center', fontsize=9)
+    if style == 'frozen':
+        _lock(ax, x + w / 2 + 0.4, y + h / 2 - 0.25)
+
+
+def _lock(ax, x, y):
+    """A padlock drawn with patches (fonts rarely carry the emoji): a body and its shackle."""
+    from matplotlib.patches import Arc, Rectangle
+    ax.add_patch(Rectangle((x - 0.2, y - 0.15), 0.4, 0.3, fc='#444444', ec='black', lw=0.6, zorder=5))
+    ax.add_patch(Arc((x, y + 0.15), 0.26, 0.34, theta1=0, theta2=180, lw=2, color='#444444', zorder=5))
+
+
+def _arrow(ax, start, end, **style):
+    ax.annotate('', xy=end, xytext=start, arrowprops=dict(arrowstyle='->', lw=1.1, **style))
+
+
+def plot_framework(out):
+    """Figure 3: SMoE, SMoE-Dropout and HyperRouter side by side; yellow trainable, grey frozen (lock)."""
+    from matplotlib.patches import Patch
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    panels = [('(a) SMoE', 'trainable', 'router $W_r$\n(trained)', 'router trained with the experts, fixed k'),
+              ('(b) SMoE-Dropout', 'frozen', 'router $W_r$\n(random)', 'router frozen at init, k grows in training'),
+              ('(c) HyperRouter', 'generated', 'router\n$W_r = H(e)$', 'frozen H generates the router from a trained e')]
+    mix = r'$y = \sum_{j \in \mathrm{top}\,k}\ S_j(h)\ \mathcal{E}_j(h)$'
+    for ax, (title, router, router_text, note) in zip(axes, panels):
+        ax.set(xlim=(0, 11.5), ylim=(0, 9.2))
+        ax.set_title(title, fontsize=12)
+        ax.axis('off')
+        _box(ax, 7.3, 0.8, 'input token $h$', 'data')
+        _box(ax, 7.3, 2.8, router_text, router)
+        _arrow(ax, (7.3, 1.3), (7.3, 2.3))
+        for e, x in enumerate((1.5, 4.1, 6.7, 9.9)):
+            _box(ax, x, 5.2, f'expert {e + 1}' if e < 3 else 'expert E', 'trainable', w=2.2)
+            chosen = e in (1, 2)
+            _arrow(ax, (7.3, 3.3), (x, 4.7), color='black' if chosen else '#bbbbbb', ls='-' if chosen else ':')
+            if chosen:
+                _arrow(ax, (x, 5.7), (5.8, 7.2))
+        ax.text(8.3, 5.2, '...', ha='center', va='center')
+        ax.text(5.8, 7.6, mix, ha='center', fontsize=10)
+        ax.text(5.8, 8.6, note, ha='center', fontsize=9, style='italic')
+        if router == 'generated':
+            _box(ax, 2.0, 0.8, 'embedding $e$', 'trainable')
+            _box(ax, 2.0, 2.8, 'hypernetwork\n$H$', 'frozen')
+            _arrow(ax, (2.0, 1.3), (2.0, 2.3))
+            _arrow(ax, (3.55, 2.8), (5.75, 2.8))
+    fig.legend(handles=[Patch(fc=YELLOW, ec='black', label='trainable'),
+                        Patch(fc=GREY, ec='black', label='frozen (lock)'),
+                        Patch(fc='white', ec='black', ls='--', label='generated at each step, not a parameter')],
+               loc='lower center', ncol=3, frameon=False, fontsize=10)
+    save(fig, out)
+
+
+# ----------------------------------------------------------------------------- command line (eval.py's)
+
+FIGURE_DEFAULTS = {'plot': 'Figs/fig1_metric_vs_k.png', 'routers': 'Figs/fig4_router_outputs.png',
+                   'diagram': 'Figs/fig3_framework.png'}
+
+
+def add_arguments(parser):
+    """The analysis commands and their options, added to eval.py's parser."""
+    group = parser.add_argument_group('analyses (paper tables and figures, on the CPU; one command at a time)')
+    cmd = group.add_mutually_exclusive_group()
+    cmd.add_argument('--entropy', nargs='+', metavar='RUN', help="Tables 4/A5: entropy of each router's softmax")
+    cmd.add_argument('--load', nargs='+', metavar='RUN', help='expert load per router (heat-map with --out)')
+    cmd.add_argument('--flops', nargs='*', metavar='RUN', help='Table A3: inference FLOPs at each k of --ks '
+                                                              "(no RUN: the paper's small enwik8 model)")
+    cmd.add_argument('--params', nargs='*', metavar='RUN', help="Table A4: parameters (no RUN: the paper's model)")
+    cmd.add_argument('--jacobian', nargs='+', metavar='RUN', help='Section 3.3: rank of the router term of dL/dh '
+                                                                  'over --checkpoints (spectra with --out)')
+    cmd.add_argument('--plot', nargs='+', metavar='RUN', help="Figure 1: test metric vs k from the runs' results.json")
+    cmd.add_argument('--routers', nargs='+', metavar='RUN', help="Figure 4: the routers' softmax at --tokens")
+    cmd.add_argument('--diagram', action='store_true', help='Figure 3: SMoE, SMoE-Dropout and HyperRouter')
+    group.add_argument('--out', help='figure file (.png); defaults: ' + ', '.join(
+        f'--{name} {path}' for name, path in FIGURE_DEFAULTS.items()))
+    group.add_argument('--checkpoint', default='best_dense',
+                       help='checkpoint analysed: best, best_dense, last, init (step 0, rebuilt) or a file')
+    group.add_argument('--checkpoints', default=DEFAULT_JACOBIAN_CHECKPOINTS,
+                       help='comma-separated checkpoints for --jacobian, analysed in the order of their step')
+    group.add_argument('--mem_len', type=int, help='memory length for --flops (default: the evaluation memory, '
+                                                    'mem_len + tgt_len - eval_tgt_len, 896 for the paper model)')
+    group.add_argument('--k', type=int, help="k of the analysed model (default: the run's --moe-top-k)")
+    group.add_argument('--tokens', default='100', help='comma-separated token positions (first batch column) '
+                                                       'for --routers')
+    group.add_argument('--max_tokens', type=int, default=2048, help='tokens whose router terms --jacobian collects')
+    group.add_argument('--rtol', type=float, default=1e-5, help='--jacobian: singular values above rtol * the '
+                                                                'largest count in the rank')
+
+
+def moe_runs(run_dirs):
+    """[(label, run_dir, model_config)] of the runs that have MoE layers; dense runs are skipped with a note."""
+    configs = [read_config(d)['model_config'] for d in run_dirs]
+    kept = []
+    for label, run_dir, cfg in zip(run_labels(run_dirs, configs), run_dirs, configs):
+        if cfg['moe']:
+            kept.append((label, run_dir, cfg))
+        else:
+            print(f'{run_dir}: a dense model has no router, skipped', file=sys.stderr)
+    if not kept:
+        sys.exit('none of the runs has MoE layers')
+    return kept
+
+
+def stats_command(args, runs):
+    """{label: {layer: RouterStats}} at the chosen checkpoint and k, with the k of each in a header line."""
+    stats, ks = {}, []
+    for label, run_dir, _ in moe_runs(runs):
+        ckpt, model = load_model(run_dir, args.checkpoint)
+        ks.append(f'{label} k = {prepare(model, ckpt, args.k)}')
+        stats[label] = router_stats(model, eval_iterator(ckpt, args.split, args.data), ckpt['args'],
+                                    args.max_eval_steps)
+    print(f'{args.split} split, checkpoint {args.checkpoint}, ' + ', '.join(ks)
+          + (f', first {args.max_eval_steps} windows' if args.max_eval_steps > 0 else ''))
+    return stats
+
+
+def entropy_command(args):
+    stats = stats_command(args, args.entropy)
+    n_expert = n_experts(next(iter(stats.values())))
+    print(f"Entropy of the routers' softmax over all tokens, mean ± std (nats; uniform: log {n_expert} = "
+          f'{math.log(n_expert):.4f})')
+    print(format_entropy_table(stats))
+
+
+def load_command(args):
+    stats = stats_command(args, args.load)
+    for label, layer_stats in stats.items():
+        print(format_load_table(label, layer_stats))
+    if args.out:
+        plot_load(stats, args.out)
+
+
+def paper_models():
+    """The paper's small enwik8 model (bench.SMALL) under each router, and its dense twin."""
+    configs = [dict(SMALL, gate_name=g) for g in ('smoe', 'smoe_dropout', 'hyper_router')]
+    configs.append(dict(SMALL, moe=False, d_inner=SMALL['d_inner'] * SMALL['moe_num_expert']))
+    return [(evaluation.method_name(cfg), cfg, MemTransformerLM(**cfg)) for cfg in configs]
+
+
+def run_models(run_dirs):
+    """[(label, config, model)] of the runs, built from their config.json (weights do not change a count)."""
+    loaded = [load_model(d, 'init') for d in run_dirs]
+    labels = run_labels(run_dirs, [ckpt['model_config'] for ckpt, _ in loaded])
+    return [(label, ckpt, model) for label, (ckpt, model) in zip(labels, loaded)]
+
+
+def flops_command(args):
+    """Table A3 of the runs (at their evaluation lengths) or of the paper's model (128 tokens, memory 896),
+    the latter next to bench.py's analytic count."""
+    if args.flops:
+        models = [(label, config['model_config'], model, evaluation.eval_lengths(config['args']))
+                  for label, config, model in run_models(args.flops)]
+    else:
+        models = [(label, cfg, model, (128, 0, 896)) for label, cfg, model in paper_models()]
+    columns, lengths = {}, set()
+    for label, cfg, model, (qlen, _, mlen) in models:
+        mlen = mlen if args.mem_len is None else args.mem_len
+        lengths.add(f'{qlen} tokens x batch {evaluation.EVAL_BATCH_SIZE}, memory {mlen}')
+        columns[label] = flops_over_k(model, cfg, args.ks, qlen, mlen)
+    if not args.flops:          # every paper model has the same lengths
+        columns['analytic'] = {str(k): analytic_eval_flops(SMALL, k, qlen=qlen, mlen=mlen)
+                               for k in args.ks if k <= SMALL['moe_num_expert']}
+    print(format_flops_table(columns))
+    print('one evaluation batch: ' + '; '.join(sorted(lengths)))
+
+
+def params_command(args):
+    if args.params:
+        models = [(label, model) for label, _, model in run_models(args.params)]
+    else:
+        models = [(label, model) for label, _, model in paper_models()[:3]]
+    print(format_param_table({label: param_row(model) for label, model in models}))
+
+
+def jacobian_command(args):
+    checkpoints = [c for c in args.checkpoints.split(',') if c.strip()]
+    results = {}
+    for label, run_dir, cfg in moe_runs(args.jacobian):
+        rows = jacobian_rows(run_dir, checkpoints, args.data, args.split, args.max_tokens, args.k, args.rtol)
+        results[label] = (cfg, rows)
+        print(format_jacobian_table(label, cfg, rows))
+    if args.out:
+        plot_spectra(results, args.out)
+
+
+def plot_command(args):
+    entries = [evaluation.read_results(d, args.checkpoint) for d in args.plot]
+    labels = unique_labels(args.plot, [e['method'] for e in entries])
+    plot_metric_vs_k(dict(zip(labels, entries)), args.out or FIGURE_DEFAULTS['plot'])
+
+
+def routers_command(args):
+    tokens = [int(t) for t in args.tokens.split(',') if t.strip()]
+    probs = {}
+    for label, run_dir, _ in moe_runs(args.routers):
+        ckpt, model = load_model(run_dir, args.checkpoint)
+        prepare(model, ckpt, args.k)
+        probs[label] = router_probabilities(model, eval_iterator(ckpt, args.split, args.data), ckpt['args'], tokens)
+        print(format_router_outputs(label, probs[label]))
+    plot_router_outputs(probs, args.out or FIGURE_DEFAULTS['routers'])
+
+
+COMMANDS = {'entropy': entropy_command, 'load': load_command, 'flops': flops_command, 'params': params_command,
+            'jacobian': jacobian_command, 'plot': plot_command, 'routers': routers_command,
+            'diagram': lambda args: plot_framework(args.out or FIGURE_DEFAULTS['diagram'])}
+
+
+def run(args, parser):
+    """Run the analysis command given on the command line; False when there is none."""
+    chosen = [name for name in COMMANDS if getattr(args, name) not in (None, False)]
+    if not chosen:
+        return False
+    if args.run or args.table:
+        parser.error(f'--{chosen[0]} is a command of its own; drop --run / --table')
+    try:
+        COMMANDS[chosen[0]](args)
+    except DataError as err:
+        sys.exit(str(err))
+    return True
