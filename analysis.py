@@ -4,7 +4,8 @@
     inference FLOPs at each k (Table A3)                    count_eval_flops (PyTorch's FlopCounterMode)
     parameters (Table A4)                                   format_param_table
     router term of dL/dh (Section 3.3, Eqs. 3-4)            router_terms, spectrum, jacobian_rows
-    Figure 1 (metric vs k), 3 (the three methods), 4 (the routers' softmax), load heat-map, Jacobian spectra
+    Figure 1 (metric vs k), 3 (the three methods), 4 (the routers' softmax), load heat-map, Jacobian spectra:
+    drawn by figures.py from what is computed here
 
 Every analysis reads a run directory written by train.py and runs on the CPU, whatever device trained it.
 The command line is eval.py's (`add_arguments` and `run` below; `python eval.py --help`).
@@ -23,13 +24,13 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 import eval as evaluation
 from bench import SMALL, analytic_eval_flops
 from data_utils import DataError, get_lm_corpus
+from figures import entropy_of, plot_framework, plot_load, plot_metric_vs_k, plot_router_outputs, plot_spectra
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
 from moe import MoEPositionwiseFF, record_router_stats
 
 CHECKPOINT_FILES = {**evaluation.CHECKPOINTS, 'last': evaluation.LAST_CHECKPOINT}
 DEFAULT_JACOBIAN_CHECKPOINTS = 'init,best,best_dense,last'
-YELLOW, GREY = '#f6d55c', '#c8c8c8'
 
 
 # ----------------------------------------------------------------------------- runs and checkpoints
@@ -343,10 +344,6 @@ def router_probabilities(model, eval_iter, args, tokens):
     return probs
 
 
-def entropy_of(p):
-    return -(p * p.clamp(min=1e-30).log()).sum().item()
-
-
 def format_router_outputs(label, probs):
     lines = []
     for t, layers in probs.items():
@@ -354,171 +351,6 @@ def format_router_outputs(label, probs):
                  for i, p in layers.items()]
         lines.append(f'{label}, token {t}: ' + '; '.join(cells))
     return '\n'.join(lines)
-
-
-# ----------------------------------------------------------------------------- figures
-
-def pyplot():
-    """pyplot on the file-only Agg backend (no display needed); imported only when a figure is drawn."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save(fig, out):
-    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches='tight')
-    pyplot().close(fig)
-    print(f'wrote {out}')
-
-
-def plot_metric_vs_k(entries, out):
-    """Figure 1: test metric (log scale) against the k used at inference, one line per method; a dense model
-    is a dashed horizontal line, the corpus floor (when known) a dotted one. entries: {label: results.json entry}."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    all_ks = set()
-    for label, entry in entries.items():
-        res = entry['results']
-        if 'dense' in res:
-            ax.axhline(res['dense'], ls='--', lw=1.2, color='black', label=label)
-            continue
-        ks = sorted(int(k) for k in res)
-        all_ks.update(ks)
-        ax.plot(ks, [res[str(k)] for k in ks], marker='o', label=label)
-    floor = next((e['bpc_floor'] for e in entries.values() if e.get('bpc_floor')), None)
-    if floor:
-        ax.axhline(floor, ls=':', color='grey', label='corpus floor')
-    ax.set_xscale('log', base=2)
-    ax.set_yscale('log')
-    ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
-    ax.minorticks_off()
-    low, high = ax.get_ylim()
-    ticks = [low * (high / low) ** (i / 5) for i in range(6)]          # evenly spaced on the log axis
-    ax.set_yticks(ticks, [f'{t:.3g}' for t in ticks])
-    metric = next(iter(entries.values()))['metric']
-    ax.set(xlabel='experts used at inference (k)', ylabel=f'test {metric} (log scale)')
-    ax.grid(alpha=0.3, which='both')
-    ax.legend()
-    save(fig, out)
-
-
-def plot_router_outputs(probs_by_label, out):
-    """Figure 4: one panel per method (a row per token), the routers' softmax over the experts, a bar group
-    per expert with one bar per router."""
-    plt = pyplot()
-    labels = list(probs_by_label)
-    tokens = list(probs_by_label[labels[0]])
-    fig, axes = plt.subplots(len(tokens), len(labels), figsize=(4.2 * len(labels), 2.8 * len(tokens)),
-                             squeeze=False, sharey=True, layout='constrained')
-    for col, label in enumerate(labels):
-        for row, t in enumerate(tokens):
-            ax, layers = axes[row][col], probs_by_label[label][t]
-            width = 0.8 / len(layers)
-            for n, (i, p) in enumerate(layers.items()):
-                ax.bar([e + (n - (len(layers) - 1) / 2) * width for e in range(len(p))], p.tolist(), width,
-                       label=f'router {i + 1} (H {entropy_of(p):.2f})')
-            ax.set(title=f'({chr(97 + col)}) {label}, token {t}', xlabel='expert', ylim=(0, 1))
-            ax.legend(fontsize=7)
-        axes[0][0].set_ylabel('router probability')
-    save(fig, out)
-
-
-def plot_load(stats_by_label, out):
-    """Heat-map of the expert load: one panel per method, routers x experts, fraction of routed token slots."""
-    plt = pyplot()
-    loads = {label: torch.tensor([s.load_fraction for s in stats.values()]) for label, stats in stats_by_label.items()}
-    vmax = max(v.max().item() for v in loads.values())
-    fig, axes = plt.subplots(1, len(loads), figsize=(4.5 * len(loads), 2.6), squeeze=False, layout='constrained')
-    for ax, (label, load) in zip(axes[0], loads.items()):
-        image = ax.imshow(load.numpy(), vmin=0, vmax=vmax, cmap='viridis', aspect='auto')
-        ax.set(title=label, xlabel='expert', xticks=range(load.size(1)), yticks=range(len(load)))
-        ax.tick_params(axis='x', labelsize=7)
-        ax.set_yticklabels([f'router {i + 1}' for i in stats_by_label[label]])
-    fig.colorbar(image, ax=axes[0].tolist(), label='fraction of token slots')
-    save(fig, out)
-
-
-def plot_spectra(rows_by_label, out):
-    """Singular values (normalised) of the router term per method (rows) and router (columns), one line per
-    checkpoint, darker later in training; the dashed line marks E - 1, the most one router can span."""
-    plt = pyplot()
-    layers = sorted({r['layer'] for _, rows in rows_by_label.values() for r in rows})
-    fig, axes = plt.subplots(len(rows_by_label), len(layers), figsize=(3.6 * len(layers), 2.6 * len(rows_by_label)),
-                             squeeze=False, sharey=True, layout='constrained')
-    for row, (label, (cfg, rows)) in enumerate(rows_by_label.items()):
-        steps = sorted({r['step'] for r in rows})
-        for col, layer in enumerate(layers):
-            ax = axes[row][col]
-            for r in (r for r in rows if r['layer'] == layer):
-                shade = plt.cm.viridis(0.85 - 0.75 * steps.index(r['step']) / max(len(steps) - 1, 1))
-                s = [max(v, 1e-12) for v in r['s']]
-                ax.semilogy(range(1, len(s) + 1), s, color=shade, label=f"{r['checkpoint']} ({r['step']})")
-            ax.axvline(cfg['moe_num_expert'] - 1, ls='--', color='grey', lw=1)
-            ax.set(title=f'{label}, router {layer + 1}', xlabel='singular value index', ylim=(1e-10, 2))
-            ax.legend(fontsize=7)
-        axes[row][0].set_ylabel('s / s_max')
-    save(fig, out)
-
-
-def _box(ax, x, y, text, style, w=3.0, h=1.1):
-    """A module centred at (x, y): 'trainable' yellow, 'frozen' grey with a lock, 'generated' dashed white."""
-    from matplotlib.patches import FancyBboxPatch
-    face = {'trainable': YELLOW, 'frozen': GREY, 'generated': 'white', 'data': '#dfe9f5'}[style]
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle='round,pad=0.05', fc=face, ec='black',
-                                ls='--' if style == 'generated' else '-'))
-    ax.text(x, y, text, ha='center', va='center', fontsize=9)
-    if style == 'frozen':
-        _lock(ax, x + w / 2 + 0.4, y + h / 2 - 0.25)
-
-
-def _lock(ax, x, y):
-    """A padlock drawn with patches (fonts rarely carry the emoji): a body and its shackle."""
-    from matplotlib.patches import Arc, Rectangle
-    ax.add_patch(Rectangle((x - 0.2, y - 0.15), 0.4, 0.3, fc='#444444', ec='black', lw=0.6, zorder=5))
-    ax.add_patch(Arc((x, y + 0.15), 0.26, 0.34, theta1=0, theta2=180, lw=2, color='#444444', zorder=5))
-
-
-def _arrow(ax, start, end, **style):
-    ax.annotate('', xy=end, xytext=start, arrowprops=dict(arrowstyle='->', lw=1.1, **style))
-
-
-def plot_framework(out):
-    """Figure 3: SMoE, SMoE-Dropout and HyperRouter side by side; yellow trainable, grey frozen (lock)."""
-    from matplotlib.patches import Patch
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    panels = [('(a) SMoE', 'trainable', 'router $W_r$\n(trained)', 'router trained with the experts, fixed k'),
-              ('(b) SMoE-Dropout', 'frozen', 'router $W_r$\n(random)', 'router frozen at init, k grows in training'),
-              ('(c) HyperRouter', 'generated', 'router\n$W_r = H(e)$', 'frozen H generates the router from a trained e')]
-    mix = r'$y = \sum_{j \in \mathrm{top}\,k}\ S_j(h)\ \mathcal{E}_j(h)$'
-    for ax, (title, router, router_text, note) in zip(axes, panels):
-        ax.set(xlim=(0, 11.5), ylim=(0, 9.2))
-        ax.set_title(title, fontsize=12)
-        ax.axis('off')
-        _box(ax, 7.3, 0.8, 'input token $h$', 'data')
-        _box(ax, 7.3, 2.8, router_text, router)
-        _arrow(ax, (7.3, 1.3), (7.3, 2.3))
-        for e, x in enumerate((1.5, 4.1, 6.7, 9.9)):
-            _box(ax, x, 5.2, f'expert {e + 1}' if e < 3 else 'expert E', 'trainable', w=2.2)
-            chosen = e in (1, 2)
-            _arrow(ax, (7.3, 3.3), (x, 4.7), color='black' if chosen else '#bbbbbb', ls='-' if chosen else ':')
-            if chosen:
-                _arrow(ax, (x, 5.7), (5.8, 7.2))
-        ax.text(8.3, 5.2, '...', ha='center', va='center')
-        ax.text(5.8, 7.6, mix, ha='center', fontsize=10)
-        ax.text(5.8, 8.6, note, ha='center', fontsize=9, style='italic')
-        if router == 'generated':
-            _box(ax, 2.0, 0.8, 'embedding $e$', 'trainable')
-            _box(ax, 2.0, 2.8, 'hypernetwork\n$H$', 'frozen')
-            _arrow(ax, (2.0, 1.3), (2.0, 2.3))
-            _arrow(ax, (3.55, 2.8), (5.75, 2.8))
-    fig.legend(handles=[Patch(fc=YELLOW, ec='black', label='trainable'),
-                        Patch(fc=GREY, ec='black', label='frozen (lock)'),
-                        Patch(fc='white', ec='black', ls='--', label='generated at each step, not a parameter')],
-               loc='lower center', ncol=3, frameon=False, fontsize=10)
-    save(fig, out)
 
 
 # ----------------------------------------------------------------------------- command line (eval.py's)

@@ -10,7 +10,7 @@ setup(
     description='HyperRouter (EMNLP 2023) and other MoE routers on Transformer-XL, in plain PyTorch',
     license='MIT',
     python_requires='>=3.9',
-    py_modules=['adaptive_softmax', 'analysis', 'bench', 'custom_gate', 'data_utils', 'eval', 'hyper_router',
+    py_modules=['adaptive_softmax', 'analysis', 'bench', 'custom_gate', 'data_utils', 'eval', 'figures', 'hyper_router',
                 'finetune', 'finetune_data', 'mem_transformer', 'moe', 'run_utils', 'synthetic_corpus', 'train'],
     install_requires=requirements,
     entry_points={'console_scripts': ['hyperrouter-train=train:main', 'hyperrouter-eval=eval:main',
