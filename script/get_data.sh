@@ -30,24 +30,7 @@ usage() {
   echo "environment: DATA_DIR=$DATA_DIR PYTHON=$PYTHON ENWIK8_URL TEXT8_URL WT103_URL WT2_URL"
 }
 
-# download URL FILE: fetch into FILE.part and rename it when complete, so a broken download is redone.
-download() {
-  local url="$1" file="$2"
-  if [[ -s "$file" ]]; then
-    echo "- $file already downloaded"
-    return
-  fi
-  echo "- downloading $url"
-  if command -v curl >/dev/null 2>&1; then
-    curl -fL --retry 3 -o "$file.part" "$url"
-  elif command -v wget >/dev/null 2>&1; then
-    wget -O "$file.part" "$url"
-  else
-    echo "error: neither curl nor wget is installed" >&2
-    exit 1
-  fi
-  mv "$file.part" "$file"
-}
+source "$REPO_DIR/script/download.sh"
 
 # prepare NAME FOLDER URL: download FOLDER's zip, then write FOLDER/{train,valid,test}.txt.
 prepare() {

@@ -32,25 +32,7 @@ usage() {
   echo "environment: FT_DATA=$FT_DATA PYTHON=$PYTHON SST2_URL SST5_URL IMDB_URL BANKING77_URL"
 }
 
-# download URL FILE: fetch into FILE.part and rename it when complete, so a broken download is redone.
-download() {
-  local url="$1" file="$2"
-  if [[ -s "$file" ]]; then
-    echo "- $file already downloaded"
-    return
-  fi
-  echo "- downloading $url"
-  mkdir -p "$(dirname "$file")"
-  if command -v curl >/dev/null 2>&1; then
-    curl -fL --retry 3 -o "$file.part" "$url"
-  elif command -v wget >/dev/null 2>&1; then
-    wget -O "$file.part" "$url"
-  else
-    echo "error: neither curl nor wget is installed" >&2
-    exit 1
-  fi
-  mv "$file.part" "$file"
-}
+source script/download.sh
 
 # fetch TASK RAW: download TASK's native files into RAW; prints the folder the converter reads.
 fetch() {
