@@ -8,6 +8,7 @@ with the scores the softmax over the k selected logits (the full softmax renorma
 `BaseGate` owns that shared path; a subclass only says how the logits [T, E] are made. The logits
 and the softmax are computed in fp32 (or wider) whatever the model dtype, and `forward(x, return_logits=True)`
 also returns the full logits so callers can compute entropy, expert load or auxiliary losses.
+A gate that does not pick the k largest logits (THOR's random routing) overrides `choose` as well.
 """
 import torch
 import torch.nn as nn
@@ -40,11 +41,15 @@ class BaseGate(nn.Module):
     def logits(self, x):
         raise NotImplementedError
 
+    def choose(self, logits):
+        """(top_val, top_idx) [T, k]: the selected experts' logits and indices (here the k largest, best first)."""
+        return torch.topk(logits, self.top_k, dim=-1)
+
     def forward(self, x, return_logits=False):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.to(torch.promote_types(x.dtype, torch.float32))
             logits = self.logits(x)                                          # [T, E], >= fp32
-            top_val, top_idx = torch.topk(logits, self.top_k, dim=-1)        # [T, k], sorted
+            top_val, top_idx = self.choose(logits)                           # [T, k]
             top_score = F.softmax(top_val, dim=-1)                           # [T, k]
         if return_logits:
             return top_idx, top_score, logits
@@ -72,3 +77,55 @@ class FrozenNaiveGate(NaiveGate):
 
     def __init__(self, d_model, num_expert, world_size=1, top_k=2):
         super().__init__(d_model, num_expert, world_size, top_k, trainable=False)
+
+
+THOR_INFERENCE = ('random', 'average')
+
+
+class RandomGate(BaseGate):
+    """THOR's routing (Zuo et al. 2022): no router; each token goes to k distinct experts drawn uniformly.
+
+    The logits are all zero (the routing distribution is uniform, entropy log E), so the selected
+    experts share the scores 1/k and the gate contract holds. Training draws from the global RNG, which
+    checkpoints save, so a resumed run draws the same experts. (THOR's code draws one expert per layer
+    for the whole batch in training; here every token draws its own.) At inference (`inference`):
+    - 'random', THOR's own (experts "randomly activated for each input during training and inference";
+      its code's token-level inference): k random experts per token, drawn from a generator of the
+      gate seeded with `eval_seed` each time the model changes mode, so every evaluation draws the same
+      experts and the training RNG is left untouched. Each layer has its own seed, as the layers draw
+      independently in training;
+    - 'average': every expert with score 1/E whatever k, the expectation of the random choice over
+      experts (an expert ensemble costing k = E; the gate then returns E columns).
+    """
+
+    def __init__(self, d_model, num_expert, world_size=1, top_k=1, inference='random', eval_seed=0):
+        super().__init__(d_model, num_expert, world_size, top_k)
+        if inference not in THOR_INFERENCE:
+            raise ValueError(f'unknown THOR inference {inference!r}; choose one of {", ".join(THOR_INFERENCE)}')
+        self.inference = inference
+        self.eval_seed = eval_seed
+        self._eval_generator = None
+
+    def train(self, mode=True):
+        self._eval_generator = None          # the next evaluation restarts its stream
+        return super().train(mode)
+
+    def _generator(self, device):
+        """None (the global RNG) in training; in evaluation the gate's own stream on `device`."""
+        if self.training:
+            return None
+        if self._eval_generator is None or self._eval_generator.device != device:
+            self._eval_generator = torch.Generator(device).manual_seed(self.eval_seed)
+        return self._eval_generator
+
+    def logits(self, x):
+        return x.new_zeros(x.size(0), self.tot_expert)                       # [T, E], uniform routing
+
+    def choose(self, logits):
+        n_tok, num_expert = logits.shape
+        if not self.training and self.inference == 'average':
+            top_idx = torch.arange(num_expert, device=logits.device).repeat(n_tok, 1)    # [T, E]
+        else:
+            noise = torch.rand(logits.shape, generator=self._generator(logits.device), device=logits.device)
+            top_idx = noise.topk(self.top_k, dim=-1).indices                 # [T, k], k distinct uniform draws
+        return logits.gather(1, top_idx), top_idx

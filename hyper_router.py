@@ -120,10 +120,11 @@ def param_breakdown(model):
 
     router_embedding: HyperRouter embeddings; router: the routers, learned (SMoE, SMoE-Dropout) or
     generated each step (HyperRouter, counted as the size of W_r and b_r, also reported alone as
-    generated_router); hypernetwork: the frozen hypernetworks; transformer: every other parameter.
+    generated_router); hypernetwork: the frozen hypernetworks; hyper_expert: HyperMoE's expert embeddings,
+    their MLPs and the shared HyperExpert hypernetwork (all trainable); transformer: every other parameter.
     trainable / frozen / total: over the model's real parameters.
     """
-    counts = dict(router_embedding=0, router=0, generated_router=0, hypernetwork=0, transformer=0)
+    counts = dict(router_embedding=0, router=0, generated_router=0, hypernetwork=0, hyper_expert=0, transformer=0)
     in_gates = set()
     for _, gate in moe_gates(model):
         for name, p in gate.named_parameters():
@@ -137,8 +138,11 @@ def param_breakdown(model):
         if isinstance(gate, HyperRouterGate):
             counts['generated_router'] += gate.tot_expert * (gate.d_model + 1)
     counts['router'] += counts['generated_router']
+    # per layer `layers.L.pos_ff.hyper_expert.*`, shared `hyper_expert_generator.*` (named_parameters lists it once)
+    in_hyper_expert = {id(p) for name, p in model.named_parameters() if 'hyper_expert' in name}
     params = list(model.parameters())
-    counts['transformer'] = sum(p.numel() for p in params if id(p) not in in_gates)
+    counts['hyper_expert'] = sum(p.numel() for p in params if id(p) in in_hyper_expert)
+    counts['transformer'] = sum(p.numel() for p in params if id(p) not in in_gates | in_hyper_expert)
     counts['trainable'] = sum(p.numel() for p in params if p.requires_grad)
     counts['frozen'] = sum(p.numel() for p in params if not p.requires_grad)
     counts['total'] = counts['trainable'] + counts['frozen']

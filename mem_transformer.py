@@ -4,17 +4,17 @@ Relative "partial learnable" attention (the reference attn_type 0), segment-leve
 and clamp_len, pre/post LayerNorm, adaptive or plain tied softmax. Parameter names and shapes match
 the reference PyTorch Transformer-XL (dense FFN) and fastmoe's layout (MoE FFN), so the original
 checkpoints' state_dicts load with strict=True. The model initialises its own weights.
+`ThorObjective` is THOR's two-pass training objective on top of the model.
 
 Shapes: T = qlen (tokens predicted this segment), M = mlen (memory length), K = klen = M + T,
-B batch, H heads, D d_head, d d_model. Sequences are time-major: [T, B, d].
+B batch, H heads, D d_head, d d_model, V vocabulary. Sequences are time-major: [T, B, d].
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
-from moe import GATES, MoEPositionwiseFF, StackedLinear
-from hyper_router import HyperRouterGate
+from moe import GATES, MOE_VARIANTS, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, StackedLinear
 
 
 class PositionalEmbedding(nn.Module):
@@ -142,12 +142,15 @@ class MemTransformerLM(nn.Module):
                  tgt_len=None, ext_len=0, mem_len=0, cutoffs=(), same_length=False, clamp_len=-1,
                  moe=False, moe_num_expert=16, moe_top_k=2, gate_name='smoe', moe_index=None,
                  hyper_size=256, moe_backend='auto', init='normal', init_range=0.1, init_std=0.02,
-                 proj_init_std=0.01):
+                 proj_init_std=0.01, thor_inference='random', moe_variant='plain', hypermoe_emb_dim=128,
+                 hypermoe_hidden=128, hypermoe_layer_emb_dim=10, hypermoe_adapter_dim=64):
         super().__init__()
         d_embed = d_model if d_embed is None or d_embed < 0 else d_embed
         cutoffs = list(cutoffs)
         if moe and gate_name not in GATES:
             raise ValueError(f'unknown gate_name {gate_name!r}; choose one of {", ".join(GATES)}')
+        if moe and moe_variant not in MOE_VARIANTS:
+            raise ValueError(f'unknown moe_variant {moe_variant!r}; choose one of {", ".join(MOE_VARIANTS)}')
         if moe and not 1 <= moe_top_k <= moe_num_expert:
             raise ValueError(f'moe_top_k must be between 1 and moe_num_expert ({moe_num_expert}); got {moe_top_k}')
         self.n_token, self.n_layer, self.d_model, self.d_embed = n_token, n_layer, d_model, d_embed
@@ -161,11 +164,16 @@ class MemTransformerLM(nn.Module):
         self.r_w_bias = nn.Parameter(torch.empty(n_head, d_head))
         self.r_r_bias = nn.Parameter(torch.empty(n_head, d_head))
         self.moe_index = parse_moe_index(moe_index, n_layer) if moe else []
-        moe_kwargs = dict(num_expert=moe_num_expert, top_k=moe_top_k, gate_name=gate_name,
-                          hyper_size=hyper_size, backend=moe_backend)
+        # HyperMoE: one hypernetwork for every MoE layer, registered here only (see HyperExpert)
+        self.hyper_expert_generator = HyperExpertGenerator(
+            d_model, n_layer, hypermoe_emb_dim, hypermoe_hidden, hypermoe_layer_emb_dim, hypermoe_adapter_dim,
+        ) if moe and moe_variant == 'hypermoe' else None
+        moe_kwargs = dict(num_expert=moe_num_expert, top_k=moe_top_k, gate_name=gate_name, hyper_size=hyper_size,
+                          backend=moe_backend, thor_inference=thor_inference,
+                          hyper_expert_generator=self.hyper_expert_generator)
         self.layers = nn.ModuleList(
             RelPartialLearnableDecoderLayer(n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm,
-                                            moe_kwargs if i in self.moe_index else None)
+                                            dict(moe_kwargs, layer_index=i) if i in self.moe_index else None)
             for i in range(n_layer))
         self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs, div_val)
         self._tie(tie_weight, tie_projs, div_val, d_embed)
@@ -181,7 +189,8 @@ class MemTransformerLM(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, init, init_range, init_std, proj_init_std):
-        """The reference initialisation (REFERENCE.md); HyperRouter embeddings keep their N(0, 1)."""
+        """The reference initialisation (REFERENCE.md); HyperRouter embeddings keep their N(0, 1) and
+        HyperMoE's modules get their own (see moe.HyperExpertGenerator)."""
         def init_weight(w):
             if init == 'uniform':
                 w.uniform_(-init_range, init_range)
@@ -207,6 +216,9 @@ class MemTransformerLM(nn.Module):
             self.crit.cluster_bias.zero_()
         init_weight(self.r_w_bias)
         init_weight(self.r_r_bias)
+        for m in self.modules():
+            if isinstance(m, (HyperExpert, HyperExpertGenerator)):
+                m.reset_parameters()
 
     def reset_length(self, tgt_len, ext_len, mem_len):
         self.tgt_len, self.ext_len, self.mem_len = tgt_len, ext_len, mem_len
@@ -259,19 +271,66 @@ class MemTransformerLM(nn.Module):
             hids.append(core_out)
         return self.drop(core_out), self._update_mems(hids, mems, qlen, mlen)
 
+    def _predicting_hidden(self, data, target, mems):
+        """(hidden [T * B, d] of the positions that predict `target` [T, B], new mems or None)."""
+        hidden, new_mems = self.forward_hidden(data, mems or self.init_mems())
+        pred_hid = hidden[-target.size(0):]                                   # [T, B, d]
+        return pred_hid.reshape(-1, pred_hid.size(-1)), new_mems              # [T * B, d]
+
     def forward(self, data, target, *mems):
-        if not mems:
-            mems = self.init_mems()
-        tgt_len = target.size(0)
-        hidden, new_mems = self.forward_hidden(data, mems)
-        pred_hid = hidden[-tgt_len:]                                          # [T, B, d]
-        loss = self.crit(pred_hid.reshape(-1, pred_hid.size(-1)), target.reshape(-1)).view(tgt_len, -1)
+        pred_hid, new_mems = self._predicting_hidden(data, target, mems)
+        loss = self.crit(pred_hid, target.reshape(-1)).view_as(target)       # [T, B]
         return [loss] if new_mems is None else [loss, *new_mems]
+
+    def log_probs(self, hidden):
+        """hidden [N, d] -> log p(w | context) [N, V] in fp32, over the whole vocabulary (also adaptive)."""
+        crit = self.crit
+        head = F.log_softmax(crit._logit(hidden, *crit._cluster_params(0), crit._proj(0)).float(), -1)
+        if crit.n_clusters == 0:
+            return head
+        parts = [head[:, :crit.bounds[0][1]]]
+        for i in range(1, len(crit.bounds)):
+            # as in the criterion: tail cluster i's log-probability sits in head column -i
+            tail = crit._logit(hidden, *crit._cluster_params(i), crit._proj(i)).float()
+            parts.append(head[:, -i, None] + F.log_softmax(tail, -1))
+        return torch.cat(parts, -1)
+
+    def forward_log_probs(self, data, target, *mems):
+        """Like forward, with the predictive distribution: (nll [T, B], log-probs [T * B, V], new mems or None)."""
+        pred_hid, new_mems = self._predicting_hidden(data, target, mems)
+        logp = self.log_probs(pred_hid)                                       # [T * B, V]
+        nll = -logp.gather(1, target.reshape(-1, 1)).view_as(target)          # [T, B]
+        return nll, logp, new_mems
 
     @property
     def moe_layers(self):
         return [layer.pos_ff for layer in self.layers if isinstance(layer.pos_ff, MoEPositionwiseFF)]
 
-    @property
-    def uses_hyper_router(self):
-        return any(isinstance(ff.gate, HyperRouterGate) for ff in self.moe_layers)
+
+def symmetric_kl(logp, logq):
+    """CR(p, q) = (KL(p || q) + KL(q || p)) / 2 = sum_v (p - q)(log p - log q) / 2 per token: [..., V] -> [...]."""
+    return 0.5 * ((logp.exp() - logq.exp()) * (logp - logq)).sum(-1)
+
+
+class ThorObjective(nn.Module):
+    """THOR's training objective (Zuo et al. 2022) as one forward, so DDP sees one forward per backward.
+
+    The batch goes through the model twice; with the random THOR gate each pass draws its own experts
+    and its own dropout masks (two independent training-mode passes, as THOR's released code).
+    forward(data, target, *mems) -> [nll [T, B], consistency [T, B], *new_mems]: nll is the mean of the
+    two passes' NLL, consistency CR(p1, p2) between their predictive distributions. The training loss
+    is nll + alpha / 2 * consistency: THOR's released objective CE1 + CE2 + alpha * CR, halved so that
+    its NLL part reads like the other methods' loss. Both passes read the same memory; the first
+    pass's new memory is returned (the second pass only serves the consistency term).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, data, target, *mems):
+        nll_1, logp_1, new_mems = self.model.forward_log_probs(data, target, *mems)
+        nll_2, logp_2, _ = self.model.forward_log_probs(data, target, *mems)
+        consistency = symmetric_kl(logp_1, logp_2).view_as(nll_1)            # [T, B]
+        out = [0.5 * (nll_1 + nll_2), consistency]
+        return out if new_mems is None else [*out, *new_mems]

@@ -1,4 +1,4 @@
-"""Pretrain a Transformer-XL with mixture-of-experts layers (SMoE, SMoE-Dropout, HyperRouter, dense).
+"""Pretrain a Transformer-XL with mixture-of-experts layers (SMoE, SMoE-Dropout, HyperRouter, THOR, HyperMoE, dense).
 
   python train.py --dataset synthetic --moe --gate_name HyperRouterGate --dynamic_moe ...
   torchrun --nproc_per_node 4 train.py ...        # DistributedDataParallel, one process per GPU
@@ -10,6 +10,7 @@ events, checkpoints and results.json. `--restart --restart_dir RUN` resumes a ru
 checkpoint_last.pt left it; Ctrl-C or SIGTERM writes that checkpoint before exiting.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,9 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import eval as evaluation
 from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
+from custom_gate import THOR_INFERENCE, RandomGate
 from hyper_router import TOP_K_SCHEDULES, param_breakdown, set_top_k, top_k_schedule
-from mem_transformer import MemTransformerLM
-from moe import BACKENDS, GATES, record_router_stats
+from mem_transformer import MemTransformerLM, ThorObjective
+from moe import BACKENDS, GATES, MOE_VARIANTS, record_balance_losses, record_router_stats
 from run_utils import Distributed, RunLog, StopRequest, git_commit, make_progress, make_run_dir, save_atomic
 
 DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')
@@ -32,7 +34,9 @@ DEFAULT_DATA = {'synthetic': 'data/synthetic', 'enwik8': 'data/enwik8', 'text8':
 ADAPTIVE_CUTOFFS = {'wt103': [20000, 40000, 200000], 'wt2': [5000, 10000, 20000]}
 # Training state that changes the arithmetic of a resumed run; the rest may change on restart.
 ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inner', 'div_val', 'pre_lnorm',
-                     'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'hyper_size', 'adaptive', 'not_tied')
+                     'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'hyper_size', 'adaptive', 'not_tied',
+                     'moe_variant', 'hypermoe_emb_dim', 'hypermoe_hidden', 'hypermoe_layer_emb_dim',
+                     'hypermoe_adapter_dim')
 
 
 def add(parser, *names, **kwargs):
@@ -44,6 +48,28 @@ def add(parser, *names, **kwargs):
                 spellings.append(twin)
     kwargs.setdefault('dest', names[0][2:].replace('-', '_'))
     parser.add_argument(*spellings, **kwargs)
+
+
+def add_method_args(p):
+    """Flags of the routing methods beyond the paper's: THOR, HyperMoE, the load-balancing loss."""
+    group = p.add_argument_group('auxiliary load balancing (any router)')
+    add(group, '--load_balance', type=float, default=0.0,
+        help='weight of the Switch Transformer load-balancing loss, summed over MoE layers (0: off)')
+    thor = p.add_argument_group('THOR (--gate_name thor): random routing, two passes, consistency loss')
+    add(thor, '--thor_alpha', type=float, default=5.0,
+        help='weight alpha of the consistency term: loss = (CE1 + CE2 + alpha * CR(p1, p2)) / 2, CR the symmetric '
+             'KL (KL(p1||p2) + KL(p2||p1)) / 2 between the two passes; 5.0 as THOR\'s released run.sh '
+             '(--consistency-alpha 5.0; its config default is 1.0)')
+    add(thor, '--thor_inference', default='random', choices=THOR_INFERENCE,
+        help='random: k random experts per token at inference too (THOR\'s token-level inference); average: every '
+             'expert with weight 1/E, whatever k (the expectation of the random choice; costs k = E)')
+    hmoe = p.add_argument_group('HyperMoE (--moe_variant hypermoe): HyperExpert generated from the unselected experts')
+    add(hmoe, '--moe_variant', default='plain', choices=MOE_VARIANTS,
+        help='hypermoe: add to every MoE block the HyperExpert of HyperMoE (Zhao et al. 2024); works with any router')
+    add(hmoe, '--hypermoe_emb_dim', type=int, default=128, help='expert embedding and its MLP width')
+    add(hmoe, '--hypermoe_hidden', type=int, default=128, help='hidden size of the shared hypernetwork')
+    add(hmoe, '--hypermoe_layer_emb_dim', type=int, default=10, help='layer embedding size')
+    add(hmoe, '--hypermoe_adapter_dim', type=int, default=64, help='bottleneck of the HyperExpert adapter')
 
 
 def build_parser():
@@ -84,6 +110,7 @@ def build_parser():
     add(moe, '--moe-top-k-min', type=int, default=2, help='k at the start of linear_increase')
     add(moe, '--moe-top-k-max', type=int, default=16, help='k at the end of linear_increase')
     add(moe, '--moe_backend', default='auto', choices=BACKENDS, help='auto: fastmoe on CUDA when installed')
+    add_method_args(p)
     opt = p.add_argument_group('optimisation')
     add(opt, '--optim', default='adam', choices=['adam', 'sgd', 'adagrad'])
     add(opt, '--lr', type=float, default=0.00025, help='initial learning rate')
@@ -133,6 +160,13 @@ def check_args(args, parser):
         parser.error('--cuda given but no CUDA device is available; drop --cuda to train on the CPU')
     if args.amp and not args.cuda:
         parser.error('--amp (bf16 autocast) needs --cuda')
+    if args.thor_alpha < 0 or args.load_balance < 0:
+        parser.error('--thor_alpha and --load_balance must be non-negative')
+    if not args.moe and (args.moe_variant != 'plain' or args.load_balance > 0):
+        parser.error('--moe_variant hypermoe and --load_balance need --moe')
+    if args.multi_gpu and (args.moe_variant == 'hypermoe' or args.load_balance > 0):
+        parser.error('--moe_variant hypermoe and --load_balance do not support --multi_gpu (DataParallel); '
+                     'use torchrun')
     if args.restart and not os.path.isfile(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT)):
         parser.error(f'--restart needs --restart_dir RUN holding {evaluation.LAST_CHECKPOINT}; '
                      f'none in {args.restart_dir!r}')
@@ -169,7 +203,14 @@ def model_config(args, n_token):
                 clamp_len=args.clamp_len, moe=args.moe, moe_num_expert=args.moe_num_expert,
                 moe_top_k=args.moe_top_k, gate_name=resolve_gate_name(args), moe_index=args.moe_index,
                 hyper_size=args.hyper_size, moe_backend=args.moe_backend, init=args.init,
-                init_range=args.init_range, init_std=args.init_std, proj_init_std=args.proj_init_std)
+                init_range=args.init_range, init_std=args.init_std, proj_init_std=args.proj_init_std,
+                thor_inference=args.thor_inference, moe_variant=args.moe_variant,
+                hypermoe_emb_dim=args.hypermoe_emb_dim, hypermoe_hidden=args.hypermoe_hidden,
+                hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim)
+
+
+def uses_thor(args):
+    return args.moe and issubclass(GATES[args.gate_name], RandomGate)
 
 
 def learning_rate(step, args):
@@ -203,8 +244,10 @@ def make_optimizer(params, args):
 
 
 def check_same_architecture(saved_args, args):
-    diffs = [f'--{name} {saved_args.get(name)!r} (checkpoint) vs {getattr(args, name)!r}'
-             for name in ARCHITECTURE_ARGS if saved_args.get(name) != getattr(args, name)]
+    defaults = build_parser()      # runs saved before a flag existed used its default
+    saved = {name: saved_args.get(name, defaults.get_default(name)) for name in ARCHITECTURE_ARGS}
+    diffs = [f'--{name} {saved[name]!r} (checkpoint) vs {getattr(args, name)!r}'
+             for name in ARCHITECTURE_ARGS if saved[name] != getattr(args, name)]
     if diffs:
         sys.exit('--restart: the command line describes another model than the checkpoint: ' + '; '.join(diffs))
 
@@ -219,7 +262,8 @@ class Trainer:
         self.model = MemTransformerLM(**self.config).to(ddp.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, args)
-        self.para_model = self._wrap(self.model)
+        self.thor = uses_thor(args)
+        self.para_model = self._wrap(ThorObjective(self.model) if self.thor else self.model)
         self.tr_iter = corpus.get_iterator('train', args.batch_size, args.tgt_len, ddp.device, args.ext_len)
         self.va_iter = corpus.get_iterator('valid', evaluation.EVAL_BATCH_SIZE, args.eval_tgt_len, ddp.device,
                                            args.ext_len)
@@ -228,6 +272,7 @@ class Trainer:
         self.best = {'best': math.inf, 'best_dense': math.inf}
         self.mems = self._fresh_mems()
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
+        self.terms = {}     # the last step's extra loss terms (THOR consistency, load balance), for the log
         if ckpt is not None:
             self._load_state(ckpt)
         self.log = RunLog(run_dir, ddp.is_main, resume_step=self.step if ckpt is not None else None)
@@ -297,44 +342,69 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def train_step(self, data, target):
-        """One optimiser update on the global batch; returns its mean loss over all ranks."""
+        """One optimiser update on the global batch; returns its mean NLL over all ranks.
+
+        The objective adds THOR's consistency term and the load-balancing loss when they are on; their
+        batch means go to self.terms, for the log.
+        """
         data, target = self._local_columns(data), self._local_columns(target)
         chunks = list(zip(data.chunk(self.args.batch_chunk, 1), target.chunk(self.args.batch_chunk, 1)))
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total, terms = 0.0, {}
         for i, (data_i, target_i) in enumerate(chunks):
-            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.args.amp):
-                out = self.para_model(data_i, target_i, *self.mems[i])
-            self.mems[i] = tuple(out[1:])
-            loss = out[0].float().mean() / len(chunks)
-            loss.backward()
-            total += loss.item()
+            nll, extra = self._chunk_forward(i, data_i, target_i)
+            objective = nll + sum(weight * value for value, weight in extra.values())
+            (objective / len(chunks)).backward()
+            total += nll.item() / len(chunks)
+            for name, (value, _) in extra.items():
+                terms[name] = terms.get(name, 0.0) + value.item() / len(chunks)
         total = self.ddp.mean(total)
-        if not math.isfinite(total):
-            raise NonFiniteLoss(f'non-finite training loss ({total}) at step {self.step + 1}')
+        self.terms = {name: self.ddp.mean(value) for name, value in terms.items()}
+        if not all(math.isfinite(v) for v in (total, *self.terms.values())):
+            detail = ''.join(f', {name} {value}' for name, value in self.terms.items())
+            raise NonFiniteLoss(f'non-finite training loss ({total}{detail}) at step {self.step + 1}')
         torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
         for group in self.optimizer.param_groups:
             group['lr'] = learning_rate(self.step, self.args)
         self.optimizer.step()
         return total
 
+    def _chunk_forward(self, i, data, target):
+        """Forward of batch chunk i, its memory updated: (mean NLL, {extra term: (mean value, weight)})."""
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.args.amp), self._balance() as balance:
+            out = self.para_model(data, target, *self.mems[i])
+        extra = {}
+        if self.thor:                       # ThorObjective: [nll, consistency, *mems]
+            extra['consistency'] = (out.pop(1).float().mean(), 0.5 * self.args.thor_alpha)
+        if balance:                         # one loss per MoE layer and pass; THOR makes two passes
+            extra['balance'] = (sum(balance) / (2 if self.thor else 1), self.args.load_balance)
+        self.mems[i] = tuple(out[1:])
+        return out[0].float().mean(), extra
+
+    def _balance(self):
+        return record_balance_losses(self.model) if self.args.load_balance > 0 else contextlib.nullcontext()
+
     def log_progress(self, loss, n_tokens):
         w = self.window
         w['loss'] += loss
         w['steps'] += 1
         w['tokens'] += n_tokens
+        for name, value in self.terms.items():
+            w[name] = w.get(name, 0.0) + value
         if self.step % self.args.log_interval:
             return
         elapsed = time.time() - w['start']
         mean = w['loss'] / w['steps']
         lr = self.optimizer.param_groups[0]['lr']
         k = current_top_k(self.step - 1, self.args) if self.args.moe else None
+        terms = {name: w[name] / w['steps'] for name in self.terms}
         self.log(f'| epoch {self.epoch:3d} step {self.step:>8d} | {self.batch:>6d} batches | lr {lr:.3g} '
                  f'| ms/batch {elapsed * 1000 / w["steps"]:5.2f} | loss {mean:5.2f} '
-                 f'| {self.metric} {loss_to_metric(mean, self.args.dataset):9.5f}' + (f' | k {k}' if k else ''))
+                 f'| {self.metric} {loss_to_metric(mean, self.args.dataset):9.5f}' + (f' | k {k}' if k else '')
+                 + ''.join(f' | {name} {value:.4g}' for name, value in terms.items()))
         self.log.record(self.step, 'train', loss=mean, lr=lr, top_k=k,
                         tokens_per_s=w['tokens'] / max(elapsed, 1e-9),
-                        **{self.metric: loss_to_metric(mean, self.args.dataset)})
+                        **{self.metric: loss_to_metric(mean, self.args.dataset)}, **terms)
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
 
     def validate(self):

@@ -20,6 +20,17 @@ SHRINK = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', '--n_he
           '--moe_index', '0,1', '--moe-top-k-min', '1', '--moe-top-k-max', '4', '--dynamic_overall_steps', '2']
 
 
+# the results' method column of each script, by the longest matching prefix of its name
+METHODS = {'hyper_router_hypermoe': 'HyperRouter+HyperMoE', 'hyper_router': 'HyperRouter', 'hypermoe': 'HyperMoE',
+           'smoe_dropout': 'SMoE-Dropout', 'smoe': 'SMoE', 'thor': 'THOR', 'directly_dense_dropout': 'Dense+Dropout',
+           'directly_dense': 'Dense'}
+
+
+def expected_method(script):
+    name = os.path.basename(script)
+    return METHODS[max((prefix for prefix in METHODS if name.startswith(prefix + '_')), key=len)]
+
+
 def script_env(synthetic_dir):
     return dict(os.environ, DATA=synthetic_dir, PYTHON=sys.executable, OMP_NUM_THREADS='1')
 
@@ -38,6 +49,11 @@ def test_the_scripts_of_the_original_readme_exist():
             assert f'script/LargeScale/{method}_{size}_enwik8.sh' in SCRIPTS
 
 
+def test_the_scripts_of_the_other_methods_exist():
+    for name in ('thor_enwik8', 'thor_wiki103', 'hypermoe_enwik8', 'hypermoe_wiki103', 'hyper_router_hypermoe_enwik8'):
+        assert f'script/table1/{name}.sh' in SCRIPTS
+
+
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_script_runs_its_pipeline(script, synthetic_dir, tmp_path):
     work = str(tmp_path / 'runs')
@@ -50,6 +66,7 @@ def test_script_runs_its_pipeline(script, synthetic_dir, tmp_path):
     with open(os.path.join(run_dir, 'config.json')) as f:
         config = json.load(f)
     assert entries and all(e['split'] == 'test' and e['results'] for e in entries)
+    assert {e['method'] for e in entries} == {expected_method(script)}
     assert 'bpc' in result.stdout                                  # the final table is printed
     expected_dataset = 'wt103' if 'wiki103' in script else 'enwik8'
     with open(os.path.join(REPO, script)) as f:
