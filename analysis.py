@@ -27,7 +27,7 @@ from data_utils import DataError, get_lm_corpus
 from figures import entropy_of, plot_framework, plot_load, plot_metric_vs_k, plot_router_outputs, plot_spectra
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
-from moe import MoEPositionwiseFF, record_router_stats
+from moe import moe_blocks, record_router_stats
 
 CHECKPOINT_FILES = {**evaluation.CHECKPOINTS, 'last': evaluation.LAST_CHECKPOINT}
 DEFAULT_JACOBIAN_CHECKPOINTS = 'init,best,best_dense,last'
@@ -174,13 +174,17 @@ def param_row(model):
         router = 'G'
     else:
         router = 'T' if any(p.requires_grad for g in gates for p in g.parameters()) else 'F'
-    return counts, {'router_embedding': 'T', 'router': router, 'hypernetwork': 'F', 'transformer': 'T'}
+    return counts, {'router_embedding': 'T', 'router': router, 'hypernetwork': 'F', 'hyper_expert': 'T',
+                    'transformer': 'T'}
 
 
 def format_param_table(rows):
-    """Table A4 shape: Router Emb. | Router | HyperNetwork | Transformer, then the trainable/frozen/generated totals."""
+    """Table A4 shape: Router Emb. | Router | HyperNetwork | Transformer, then the trainable/frozen/generated totals;
+    a HyperExpert column (HyperMoE's embeddings, MLPs and hypernetwork) when a model has one."""
     columns = [('router_embedding', 'Router Emb.'), ('router', 'Router'), ('hypernetwork', 'HyperNetwork'),
                ('transformer', 'Transformer')]
+    if any(counts['hyper_expert'] for counts, _ in rows.values()):
+        columns.insert(3, ('hyper_expert', 'HyperExpert'))
     totals = [('trainable', 'trainable'), ('frozen', 'frozen'), ('generated_router', 'generated')]
     width = max(14, *(len(label) + 2 for label in rows))
     lines = [f"{'Method':<{width}}" + ''.join(f'{title:>16}' for _, title in columns + totals)]
@@ -193,11 +197,6 @@ def format_param_table(rows):
 
 
 # ----------------------------------------------------------------------------- Jacobian (Section 3.3)
-
-def moe_blocks(model):
-    """{layer index: MoEPositionwiseFF} of the model's MoE layers."""
-    return {i: layer.pos_ff for i, layer in enumerate(model.layers) if isinstance(layer.pos_ff, MoEPositionwiseFF)}
-
 
 @contextlib.contextmanager
 def router_term_probe(blocks):
@@ -432,9 +431,12 @@ def load_command(args):
         plot_load(stats, args.out)
 
 
+PAPER_ROUTERS = ('smoe', 'smoe_dropout', 'hyper_router')
+
+
 def paper_models():
-    """The paper's small enwik8 model (bench.SMALL) under each router, and its dense twin."""
-    configs = [dict(SMALL, gate_name=g) for g in ('smoe', 'smoe_dropout', 'hyper_router')]
+    """The paper's small enwik8 model (bench.SMALL) under each router of the paper, THOR, and its dense twin."""
+    configs = [dict(SMALL, gate_name=g) for g in (*PAPER_ROUTERS, 'thor')]
     configs.append(dict(SMALL, moe=False, d_inner=SMALL['d_inner'] * SMALL['moe_num_expert']))
     return [(evaluation.method_name(cfg), cfg, MemTransformerLM(**cfg)) for cfg in configs]
 
@@ -458,7 +460,9 @@ def flops_command(args):
     for label, cfg, model, (qlen, _, mlen) in models:
         mlen = mlen if args.mem_len is None else args.mem_len
         lengths.add(f'{qlen} tokens x batch {evaluation.EVAL_BATCH_SIZE}, memory {mlen}')
-        columns[label] = flops_over_k(model, cfg, args.ks, qlen, mlen)
+        # the paper gives THOR at k = E only (every expert, weight 1/E; no router to compute)
+        ks = [cfg['moe_num_expert']] if not args.flops and cfg.get('gate_name') == 'thor' else args.ks
+        columns[label] = flops_over_k(model, cfg, ks, qlen, mlen)
     if not args.flops:          # every paper model has the same lengths
         columns['analytic'] = {str(k): analytic_eval_flops(SMALL, k, qlen=qlen, mlen=mlen)
                                for k in args.ks if k <= SMALL['moe_num_expert']}
@@ -470,7 +474,7 @@ def params_command(args):
     if args.params:
         models = [(label, model) for label, _, model in run_models(args.params)]
     else:
-        models = [(label, model) for label, _, model in paper_models()[:3]]
+        models = [(label, model) for label, _, model in paper_models()[:len(PAPER_ROUTERS)]]
     print(format_param_table({label: param_row(model) for label, model in models}))
 
 

@@ -36,7 +36,7 @@ import train
 from finetune_data import TASKS, ByteEncoder, FinetuneDataError, encode_rows, load_task
 from hyper_router import param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
-from run_utils import RunLog, StopRequest, git_commit, make_progress, make_run_dir, save_atomic
+from run_utils import RunLog, StopRequest, git_commit, make_progress, make_run_dir, rng_state, save_atomic, set_rng_state
 
 FORMAT = 'hyperrouter-finetune-1'
 PRETRAIN_FORMAT = 'hyperrouter-checkpoint'     # the prefix of train.py's formats
@@ -350,15 +350,9 @@ class FineTuner:
 
     def save_last(self):
         payload = self.payload('last')
-        payload.update(optimizer=self.optimizer.state_dict(), rng=self._rng_state(), train_state={
+        payload.update(optimizer=self.optimizer.state_dict(), rng=rng_state(self.args.cuda), train_state={
             'epoch': self.epoch, 'batch': self.batch, 'window': self.window})
         save_atomic(payload, os.path.join(self.run_dir, evaluation.LAST_CHECKPOINT))
-
-    def _rng_state(self):
-        state = {'torch': torch.get_rng_state()}
-        if self.args.cuda:
-            state['cuda'] = torch.cuda.get_rng_state_all()
-        return state
 
     def _load_state(self, ckpt):
         if ckpt['labels'] != self.labels:
@@ -369,9 +363,7 @@ class FineTuner:
         state = ckpt['train_state']
         self.step, self.epoch, self.batch = ckpt['step'], state['epoch'], state['batch']
         self.window = {**state['window'], 'start': time.time()}
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if self.args.cuda and 'cuda' in ckpt['rng']:
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        set_rng_state(ckpt['rng'], self.args.cuda)
 
     # ---------------------------------------------------------------- training
     def train_step(self, indices):

@@ -46,6 +46,20 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def rng_state(cuda):
+    """The RNG state a resumed run restores: torch's CPU generator, and every CUDA device's when `cuda`."""
+    state = {'torch': torch.get_rng_state()}
+    if cuda:
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, cuda):
+    torch.set_rng_state(state['torch'])
+    if cuda and 'cuda' in state:
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
 class Distributed:
     """Rank, world size and device, from torchrun's environment (one process otherwise)."""
 

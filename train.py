@@ -26,7 +26,8 @@ from custom_gate import THOR_INFERENCE, RandomGate
 from hyper_router import TOP_K_SCHEDULES, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
 from moe import BACKENDS, GATES, MOE_VARIANTS, record_balance_losses, record_router_stats
-from run_utils import Distributed, RunLog, StopRequest, git_commit, make_progress, make_run_dir, save_atomic
+from run_utils import (Distributed, RunLog, StopRequest, git_commit, make_progress, make_run_dir, rng_state, save_atomic,
+                       set_rng_state)
 
 DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')
 DEFAULT_DATA = {'synthetic': 'data/synthetic', 'enwik8': 'data/enwik8', 'text8': 'data/text8',
@@ -318,15 +319,9 @@ class Trainer:
         if not self.ddp.is_main:
             return
         payload = self._payload('last')
-        payload.update(optimizer=self.optimizer.state_dict(), rng=self._rng_state(), train_state={
+        payload.update(optimizer=self.optimizer.state_dict(), rng=rng_state(self.args.cuda), train_state={
             'epoch': self.epoch, 'batch': self.batch, 'mems': mems, 'best': self.best, 'window': self.window})
         save_atomic(payload, os.path.join(self.run_dir, evaluation.LAST_CHECKPOINT))
-
-    def _rng_state(self):
-        state = {'torch': torch.get_rng_state()}
-        if self.args.cuda:
-            state['cuda'] = torch.cuda.get_rng_state_all()
-        return state
 
     def _load_state(self, ckpt):
         check_same_architecture(ckpt['args'], self.args)
@@ -336,9 +331,7 @@ class Trainer:
         self.step, self.epoch, self.batch = ckpt['step'], state['epoch'], state['batch']
         self.best, self.window = state['best'], dict(state['window'], start=time.time())
         self._set_mems(state['mems'])
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if self.args.cuda and 'cuda' in ckpt['rng']:
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        set_rng_state(ckpt['rng'], self.args.cuda)
 
     # ---------------------------------------------------------------- training
     def train_step(self, data, target):

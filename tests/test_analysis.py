@@ -90,6 +90,27 @@ def test_counted_flops_are_the_analytic_matmul_count_at_every_k():
     assert [counted[k + 1] - counted[k] for k in range(1, n_expert)] == [step + n_layer * 2 * bsz * qlen * d] * 3
 
 
+def test_thor_at_every_expert_counts_the_smoe_flops_less_the_router():
+    """THOR has no router: at k = E it is the SMoE forward without the [T, d] @ [d, E] logits, per layer."""
+    bsz, qlen, mlen = 10, 8, 16
+    counted = {}
+    for gate in ('smoe', 'thor'):
+        model = tiny_model(gate_name=gate)
+        counted[gate] = analysis.count_eval_flops(model, model.moe_layers[0].gate.tot_expert, bsz, qlen, mlen)
+    cfg = dict(TINY, moe_num_expert=4)
+    assert counted['smoe'] - counted['thor'] == cfg['n_layer'] * 2 * bsz * qlen * cfg['d_model'] * 4
+
+
+def test_the_param_table_gets_a_hyper_expert_column_only_for_hypermoe():
+    plain = analysis.param_row(tiny_model())
+    hypermoe = analysis.param_row(tiny_model(moe_variant='hypermoe'))
+    assert 'HyperExpert' not in analysis.format_param_table({'SMoE': plain})
+    header, _, row, _ = analysis.format_param_table({'SMoE': plain, 'HyperMoE': hypermoe}).splitlines()
+    assert header.split()[:6] == ['Method', 'Router', 'Emb.', 'Router', 'HyperNetwork', 'HyperExpert']
+    assert f"{hypermoe[0]['hyper_expert']:,} (T)" in row and hypermoe[0]['hyper_expert'] > 0
+    assert hypermoe[0]['transformer'] == plain[0]['transformer']
+
+
 def test_the_spectrum_recovers_the_rank_of_a_constructed_case():
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(3, 16, generator=gen)                                # E = 3 router rows, d = 16
