@@ -249,7 +249,7 @@ def spectrum(terms, rtol=1e-5):
     rtol; float32 rounding leaves the others near 1e-7) and the effective rank exp(H(s / sum s))
     (Roy & Vetterli 2007), with an orthonormal basis [rank, d] of the span."""
     _, s, vh = torch.linalg.svd(terms.double(), full_matrices=False)
-    if s[0] == 0:                                                   # no term at all
+    if not len(s) or s[0] == 0:                                     # no term at all (THOR: no router)
         return {'s': s, 'rank': 0, 'effective_rank': 0.0, 'basis': vh[:0]}
     s = s / s[0]
     rank = int((s > rtol).sum())
@@ -306,6 +306,8 @@ def format_jacobian_table(label, cfg, rows):
     header = (f"{'checkpoint':<12}{'step':>8}{'k':>4}{'router':>7}{'tokens':>8}{'rank':>6}{'eff.rank':>10}"
               f"{'overlap w/ first':>18}{'max angle':>11}{'union rank':>12}")
     lines = [title, header]
+    if all(r['rank'] == 0 for r in rows):
+        lines[0] += '; none here: the routing does not read h (no angles to measure)'
     for r in rows:
         lines.append(f"{r['checkpoint']:<12}{r['step']:>8}{r['k']:>4}{r['layer'] + 1:>7}{r['tokens']:>8}{r['rank']:>6}"
                      f"{r['effective_rank']:>10.2f}{r['overlap_first']:>18.3f}{r['angle_first']:>10.1f}°"

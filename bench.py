@@ -6,7 +6,9 @@
     FLOPs (2 rows per token through Linear(256, 512) -> ReLU -> Dropout -> Linear(512, 256));
 (b) evaluation forward of the whole model (batch 10, eval_tgt_len 128, memory 896) at k = 1..16,
     against the analytic FLOPs ratio;
-(c) a HyperRouter training step and evaluation forward against SMoE-Dropout's.
+(c) a HyperRouter training step and evaluation forward against SMoE-Dropout's;
+(d) HyperMoE's HyperExpert, forward + backward at k = 2: one adapter generated per distinct expert set
+    of the batch (ours) against one per token (the original's).
 Prints a table and writes the figures as JSON. Timings are medians over interleaved repeats.
 """
 import argparse
@@ -19,13 +21,13 @@ import torch.nn.functional as F
 
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
-from moe import MoEPositionwiseFF
+from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF
 
 SMALL = dict(n_token=204, n_layer=4, n_head=8, d_model=256, d_head=64, d_inner=512, dropout=0.1,
              dropatt=0.0, tgt_len=512, mem_len=512, moe=True, moe_num_expert=16, moe_top_k=2,
              moe_index='0,1,2,3', hyper_size=256)
 TARGETS = {'moe_block_vs_floor': 1.5, 'eval_k1_vs_k16': 0.70, 'hyper_vs_smoe_dropout_train': 1.05,
-           'hyper_vs_smoe_dropout_eval': 1.02}
+           'hyper_vs_smoe_dropout_eval': 1.02, 'hyper_expert_per_set_vs_per_token': 0.25}
 
 
 def sync(device):
@@ -138,6 +140,18 @@ def bench_hyper_vs_smoe_dropout(device, repeats, bsz, tgt_len):
             'hyper_vs_smoe_dropout_eval': t_eval['hyper_router'] / t_eval['smoe_dropout']}
 
 
+def bench_hyper_expert(device, n_tokens, repeats):
+    torch.manual_seed(0)
+    hyper_expert = HyperExpert(16, HyperExpertGenerator(256, 4), layer_index=0).to(device)
+    x = torch.randn(n_tokens, 256, device=device, requires_grad=True)
+    top_idx = torch.rand(n_tokens, 16, device=device).topk(2, dim=-1).indices         # [T, 2], random sets
+    fns = {per_set: lambda per_set=per_set: hyper_expert(x, top_idx, per_set=per_set).sum().backward()
+           for per_set in (True, False)}
+    t = time_interleaved(fns, repeats, device)
+    return {'hyper_expert_per_set_s': t[True], 'hyper_expert_per_token_s': t[False],
+            'hyper_expert_per_set_vs_per_token': t[True] / t[False]}
+
+
 def print_report(res):
     print(f"device {res['device']}, torch {res['torch']}, {res['threads']} threads")
     print(f"(a) MoE block fwd+bwd, k=2, {res['block_tokens']} tokens: {res['moe_block_s'] * 1e3:.1f} ms "
@@ -150,10 +164,12 @@ def print_report(res):
     print(f"(c) train step (batch {res['train_bsz']}, tgt {res['train_tgt_len']}, k=8): "
           + ', '.join(f'{g} {s * 1e3:.1f} ms' for g, s in res['train_step_s'].items()))
     print('    eval forward (k=2): ' + ', '.join(f'{g} {s * 1e3:.1f} ms' for g, s in res['eval_s'].items()))
-    print('\nratio                          measured  target')
+    print(f"(d) HyperExpert fwd+bwd, k=2, {res['hyper_expert_tokens']} tokens: one adapter per expert set "
+          f"{res['hyper_expert_per_set_s'] * 1e3:.1f} ms, per token {res['hyper_expert_per_token_s'] * 1e3:.1f} ms")
+    print('\nratio                              measured  target')
     for name, target in TARGETS.items():
         verdict = 'ok' if res[name] <= target else 'MISSED'
-        print(f'{name:30} {res[name]:8.3f}  <= {target:.2f}  {verdict}')
+        print(f'{name:34} {res[name]:8.3f}  <= {target:.2f}  {verdict}')
 
 
 def main(argv=None):
@@ -161,16 +177,19 @@ def main(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--block_tokens', type=int, default=512 * 22, help='tokens through the MoE block (a)')
+    parser.add_argument('--hyper_expert_tokens', type=int, default=2048, help='tokens through the HyperExpert (d)')
     parser.add_argument('--train_bsz', type=int, default=22)
     parser.add_argument('--train_tgt_len', type=int, default=512)
     parser.add_argument('--json', default='bench.json')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     res = {'device': str(device), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
-           'block_tokens': args.block_tokens, 'train_bsz': args.train_bsz, 'train_tgt_len': args.train_tgt_len}
+           'block_tokens': args.block_tokens, 'hyper_expert_tokens': args.hyper_expert_tokens,
+           'train_bsz': args.train_bsz, 'train_tgt_len': args.train_tgt_len}
     res.update(bench_moe_block(device, args.block_tokens, args.repeats))
     res.update(bench_eval_over_k(device, args.repeats))
     res.update(bench_hyper_vs_smoe_dropout(device, args.repeats, args.train_bsz, args.train_tgt_len))
+    res.update(bench_hyper_expert(device, args.hyper_expert_tokens, args.repeats))
     print_report(res)
     with open(args.json, 'w') as f:
         json.dump(res, f, indent=2)

@@ -3,8 +3,9 @@
 #
 # Trains small HyperRouter, SMoE-Dropout and SMoE models (2 layers, d_model 64, 16 experts) with the
 # paper's recipe (SMoE-Dropout and HyperRouter grow k from 8 to 16 during training, SMoE keeps
-# k = 2), tests each at k = 1, 2, 4, 8, 16 and prints the bits per character side by side with
-# the corpus's exact floor (its entropy rate).
+# k = 2), then THOR (random routing, k = 1, two passes with a consistency loss) and HyperMoE (the
+# SMoE router plus the HyperExpert), tests each at k = 1, 2, 4, 8, 16 and prints the bits per
+# character side by side with the corpus's exact floor (its entropy rate).
 #
 # Usage: bash script/demo.sh [more train.py flags for every run]
 #   WORK=runs/demo (output folder)  STEPS=500  DATA=data/synthetic  PYTHON=python
@@ -36,6 +37,8 @@ runs=()
 runs+=("$(train hyper_router --gate_name HyperRouterGate --hyper_size 256 "${DYNAMIC_K[@]}")")
 runs+=("$(train smoe_dropout --gate_name CustomNaiveGate --freeze_gate "${DYNAMIC_K[@]}")")
 runs+=("$(train smoe --gate_name CustomNaiveGate)")
+runs+=("$(train thor --gate_name thor --moe-top-k 1 --thor_alpha 5.0 --thor_inference random)")
+runs+=("$(train hypermoe --gate_name CustomNaiveGate --moe_variant hypermoe)")
 
 echo
 echo "Test bits per character on the synthetic corpus (checkpoint with the best all-expert validation):"

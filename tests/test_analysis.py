@@ -133,6 +133,15 @@ def router_term_by_formula(block, h, grad_y):
     return torch.einsum('nk,nkd->nd', c, block.gate.gate.weight[top_idx]), c
 
 
+def test_a_router_that_ignores_h_has_no_router_term():
+    """THOR's random gate does not read h, so dL/dh has no router part: zero terms of rank 0."""
+    model = tiny_model(gate_name='thor').eval()
+    data = torch.randint(0, TINY['n_token'], (TINY['tgt_len'], 3))
+    terms = analysis.router_terms(model, [(data, data, TINY['tgt_len'])], max_tokens=18)
+    assert set(terms) == {0, 1} and all(not g.any() for g in terms.values())
+    assert analysis.spectrum(terms[0])['rank'] == 0 and analysis.spectrum(terms[0][:0])['rank'] == 0
+
+
 def test_the_router_term_probe_is_eq_3_and_spans_e_minus_one_dimensions():
     """The autograd probe and the formula agree; the term lies in the span of the E = 3 router rows, and in
     fact of their differences (rank E - 1 = 2): the c_i of a token sum to zero (softmax shift invariance)."""

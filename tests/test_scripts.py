@@ -80,7 +80,7 @@ def test_demo_prints_the_side_by_side_table(synthetic_dir, tmp_path):
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     header = next(line for line in result.stdout.splitlines() if line.strip().startswith('k '))
-    assert header.split() == ['k', 'HyperRouter', 'SMoE-Dropout', 'SMoE']
+    assert header.split() == ['k', 'HyperRouter', 'SMoE-Dropout', 'SMoE', 'THOR', 'HyperMoE']
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (['1'], ['2'], ['16'])]
-    assert [r[0] for r in rows] == ['1', '2', '16'] and all(len(r) == 4 for r in rows)
+    assert [r[0] for r in rows] == ['1', '2', '16'] and all(len(r) == 6 for r in rows)
     assert 'corpus floor (bpc)' in result.stdout
