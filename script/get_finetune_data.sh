@@ -18,6 +18,7 @@
 # Environment: FT_DATA (default data/finetune), PYTHON (default python), SST2_URL, SST5_URL, IMDB_URL,
 # BANKING77_URL.
 set -euo pipefail
+shopt -s inherit_errexit      # a failure inside $(fetch ...) stops the script too
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 FT_DATA="${FT_DATA:-data/finetune}"
 PYTHON="${PYTHON:-python}"

@@ -349,6 +349,18 @@ def test_get_finetune_data_sh_downloads_and_converts_every_task(tmp_path):
     assert bad.returncode == 2 and "unknown task 'mnli'" in bad.stderr
 
 
+def test_get_finetune_data_sh_stops_with_a_clear_error_when_a_download_fails(tmp_path):
+    if shutil.which('curl') is None:
+        pytest.skip('the offline download test reads file:// URLs with curl')
+    env = dict(os.environ, FT_DATA=str(tmp_path / 'ft'), PYTHON=sys.executable,
+               SST2_URL=f'file://{tmp_path}/missing/SST-2.zip')
+    script = os.path.join(REPO, 'script', 'get_finetune_data.sh')
+    result = subprocess.run(['bash', script, 'sst2'], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f'error: could not download file://{tmp_path}/missing/SST-2.zip' in result.stderr
+    assert 'Traceback' not in result.stderr and not (tmp_path / 'ft' / 'sst2' / 'train.tsv').exists()
+
+
 # ----------------------------------------------------------------------------- the table2 scripts
 
 TABLE_A2 = {'sst2': (16, 3, 'dev'), 'sst5': (16, 3, 'test'), 'imdb': (4, 3, 'test'), 'banking77': (16, 15, 'test')}
