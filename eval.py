@@ -1,6 +1,7 @@
 """Evaluate saved checkpoints at several k, with the reference Transformer-XL protocol.
 
   python eval.py --run RUN_DIR [--ks 1,2,4,8,16] [--split test|valid] [--max_eval_steps N] [--json OUT]
+                 [--thor_inference random|average]
   python eval.py --table RUN_A RUN_B ...      # side-by-side table of the runs' results.json
   python eval.py --entropy|--load|--jacobian|--plot|--routers RUN ...  # analyses (analysis.py; see --help)
   python eval.py --flops|--params [RUN ...]   # Tables A3, A4 (no RUN: the paper's small enwik8 model)
@@ -18,9 +19,11 @@ import sys
 
 import torch
 
+from custom_gate import THOR_INFERENCE, RandomGate
 from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
+from moe import GATES
 
 EVAL_BATCH_SIZE = 10
 DEFAULT_KS = (1, 2, 4, 8, 16)
@@ -34,9 +37,10 @@ def load_checkpoint(path, device='cpu'):
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def model_from_checkpoint(ckpt, device='cpu'):
-    """The checkpoint's model on `device`, in eval mode; the MoE backend is chosen anew for this machine."""
-    model = MemTransformerLM(**dict(ckpt['model_config'], moe_backend='auto'))
+def model_from_checkpoint(ckpt, device='cpu', **config_overrides):
+    """The checkpoint's model on `device`, in eval mode; the MoE backend is chosen anew for this machine.
+    `config_overrides` change inference-only settings of the model configuration (thor_inference)."""
+    model = MemTransformerLM(**dict(ckpt['model_config'], moe_backend='auto', **config_overrides))
     model.load_state_dict(ckpt['model'])
     return model.to(device).eval()
 
@@ -125,7 +129,8 @@ def format_table(columns, metric, floor=None):
     return '\n'.join(lines)
 
 
-def test_checkpoints(run_dir, corpus, split='test', ks=DEFAULT_KS, max_eval_steps=-1, device='cpu', log=print):
+def test_checkpoints(run_dir, corpus, split='test', ks=DEFAULT_KS, max_eval_steps=-1, device='cpu', log=print,
+                     **config_overrides):
     """Evaluate every kept checkpoint of a run at each k; returns the results.json entries."""
     entries = []
     for kind, filename in CHECKPOINTS.items():
@@ -133,11 +138,11 @@ def test_checkpoints(run_dir, corpus, split='test', ks=DEFAULT_KS, max_eval_step
         if not os.path.isfile(path):
             continue
         ckpt = load_checkpoint(path, device)
-        model = model_from_checkpoint(ckpt, device)
+        model = model_from_checkpoint(ckpt, device, **config_overrides)
         eval_iter = corpus.get_iterator(split, EVAL_BATCH_SIZE, ckpt['args']['eval_tgt_len'], device=device,
                                         ext_len=ckpt['args']['ext_len'])
         results = evaluate_over_k(model, eval_iter, ckpt['args'], eval_ks(ckpt['model_config'], ks), max_eval_steps)
-        entries.append(results_entry(ckpt, kind, split, results, corpus.bpc_floor))
+        entries.append(dict(results_entry(ckpt, kind, split, results, corpus.bpc_floor), **config_overrides))
         metric = dataset_metric(ckpt['args']['dataset'])
         log(f'{split} {metric} of {filename} (step {ckpt["step"]}, {method_name(ckpt["model_config"])}):')
         log(format_table({f'{method_name(ckpt["model_config"])} ({kind})': results}, metric, corpus.bpc_floor))
@@ -190,6 +195,9 @@ def main(argv=None):
     parser.add_argument('--data', help='data folder, if not the one recorded in the run')
     parser.add_argument('--json', help='write the results here (default: RUN/eval_<split>.json)')
     parser.add_argument('--cuda', action='store_true', help='evaluate on the GPU')
+    parser.add_argument('--thor_inference', choices=THOR_INFERENCE,
+                        help="a THOR run's inference, if not the one it was trained with: random (k random experts "
+                             'per token) or average (every expert, weight 1/E)')
     import analysis  # here, not at the top: analysis.py builds on this module
     analysis.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -204,12 +212,18 @@ def main(argv=None):
         parser.error('--cuda given but no CUDA device is available; drop --cuda to evaluate on the CPU')
     with open(os.path.join(args.run, 'config.json')) as f:
         run_args = json.load(f)['args']
+    overrides = {}
+    if args.thor_inference:
+        if not (run_args['moe'] and issubclass(GATES[run_args['gate_name']], RandomGate)):
+            parser.error(f'--thor_inference applies to THOR runs (--gate_name thor); {args.run} used '
+                         f'{run_args["gate_name"] if run_args["moe"] else "no MoE"}')
+        overrides['thor_inference'] = args.thor_inference
     try:
         corpus = get_lm_corpus(args.data or run_args['data'], run_args['dataset'])
     except DataError as err:
         sys.exit(str(err))
     entries = test_checkpoints(args.run, corpus, args.split, args.ks, args.max_eval_steps,
-                               'cuda' if args.cuda else 'cpu')
+                               'cuda' if args.cuda else 'cpu', **overrides)
     out = args.json or os.path.join(args.run, f'eval_{args.split}.json')
     write_json(out, entries)
     print(f'wrote {out}')

@@ -326,6 +326,32 @@ def test_thor_with_hypermoe_and_load_balance_trains_logs_its_terms_and_resumes_e
                                                                         for e in entries)
 
 
+def test_eval_can_switch_a_thor_run_to_average_inference(tmp_path, synthetic_dir):
+    work = str(tmp_path / 'thor')
+    train.main([*TINY_ARGS, '--data', synthetic_dir, '--work_dir', work, '--gate_name', 'thor', '--max_step', '2',
+                '--eval-interval', '2'])
+    [run_dir] = glob.glob(f'{work}-synthetic/*')
+    results = {}
+    for mode in ('random', 'average'):
+        out = str(tmp_path / f'{mode}.json')
+        evaluation.main(['--run', run_dir, '--ks', '1,4', '--max_eval_steps', '2', '--thor_inference', mode,
+                         '--json', out])
+        with open(out) as f:
+            [entry, *_] = json.load(f)
+        assert entry['thor_inference'] == mode
+        results[mode] = entry['results']
+    assert results['average']['1'] == results['average']['4'] == results['random']['4']   # k = E: every expert
+    assert results['random']['1'] != results['random']['4']
+
+
+def test_thor_inference_is_refused_for_other_routers(tmp_path, capsys):
+    with open(tmp_path / 'config.json', 'w') as f:
+        json.dump({'args': {'moe': True, 'gate_name': 'CustomNaiveGate'}}, f)
+    with pytest.raises(SystemExit):
+        evaluation.main(['--run', str(tmp_path), '--thor_inference', 'average'])
+    assert '--thor_inference applies to THOR runs' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('gate_name,flag', [('thor', '--thor_alpha'), ('smoe', '--load_balance')])
 def test_the_weight_of_each_extra_term_enters_the_update(gate_name, flag, tmp_path, synthetic_dir):
     losses = {}
