@@ -27,7 +27,7 @@ from data_utils import DataError, get_lm_corpus
 from figures import entropy_of, plot_framework, plot_load, plot_metric_vs_k, plot_router_outputs, plot_spectra
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
-from moe import moe_blocks, record_router_stats
+from moe import moe_blocks, record_router_stats, uses_thor
 
 CHECKPOINT_FILES = {**evaluation.CHECKPOINTS, 'last': evaluation.LAST_CHECKPOINT}
 DEFAULT_JACOBIAN_CHECKPOINTS = 'init,best,best_dense,last'
@@ -463,7 +463,7 @@ def flops_command(args):
         mlen = mlen if args.mem_len is None else args.mem_len
         lengths.add(f'{qlen} tokens x batch {evaluation.EVAL_BATCH_SIZE}, memory {mlen}')
         # the paper gives THOR at k = E only (every expert, weight 1/E; no router to compute)
-        ks = [cfg['moe_num_expert']] if not args.flops and cfg.get('gate_name') == 'thor' else args.ks
+        ks = [cfg['moe_num_expert']] if not args.flops and uses_thor(cfg['moe'], cfg['gate_name']) else args.ks
         columns[label] = flops_over_k(model, cfg, ks, qlen, mlen)
     if not args.flops:          # every paper model has the same lengths
         columns['analytic'] = {str(k): analytic_eval_flops(SMALL, k, qlen=qlen, mlen=mlen)

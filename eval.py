@@ -19,11 +19,11 @@ import sys
 
 import torch
 
-from custom_gate import THOR_INFERENCE, RandomGate
+from custom_gate import THOR_INFERENCE
 from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
-from moe import GATES
+from moe import uses_thor
 
 EVAL_BATCH_SIZE = 10
 DEFAULT_KS = (1, 2, 4, 8, 16)
@@ -214,7 +214,7 @@ def main(argv=None):
         run_args = json.load(f)['args']
     overrides = {}
     if args.thor_inference:
-        if not (run_args['moe'] and issubclass(GATES[run_args['gate_name']], RandomGate)):
+        if not uses_thor(run_args['moe'], run_args['gate_name']):
             parser.error(f'--thor_inference applies to THOR runs (--gate_name thor); {args.run} used '
                          f'{run_args["gate_name"] if run_args["moe"] else "no MoE"}')
         overrides['thor_inference'] = args.thor_inference

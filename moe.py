@@ -43,6 +43,11 @@ MOE_VARIANTS = ('plain', 'hypermoe')
 GROUPED_MAX_SETS = 256   # HyperExpert: tokens grouped by expert set up to this many sets, else gathered
 
 
+def uses_thor(moe, gate_name):
+    """Whether a model configuration routes with THOR's random gate (under any of its names)."""
+    return bool(moe) and issubclass(GATES[gate_name], RandomGate)
+
+
 def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_inference='random', layer_index=0):
     if gate_name not in GATES:
         raise ValueError(f'unknown gate_name {gate_name!r}; choose one of {", ".join(GATES)}')

@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import eval as evaluation
 from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
-from custom_gate import THOR_INFERENCE, RandomGate
+from custom_gate import THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
-from moe import BACKENDS, GATES, MOE_VARIANTS, record_balance_losses, record_router_stats
+from moe import BACKENDS, GATES, MOE_VARIANTS, record_balance_losses, record_router_stats, uses_thor
 from run_utils import (Distributed, RunLog, StopRequest, git_commit, make_progress, make_run_dir, rng_state, save_atomic,
                        set_rng_state)
 
@@ -210,10 +210,6 @@ def model_config(args, n_token):
                 hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim)
 
 
-def uses_thor(args):
-    return args.moe and issubclass(GATES[args.gate_name], RandomGate)
-
-
 def learning_rate(step, args):
     """Learning rate for the update after `step` completed steps: linear warm-up, then the schedule."""
     if step < args.warmup_step:
@@ -263,7 +259,7 @@ class Trainer:
         self.model = MemTransformerLM(**self.config).to(ddp.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, args)
-        self.thor = uses_thor(args)
+        self.thor = uses_thor(args.moe, args.gate_name)
         self.para_model = self._wrap(ThorObjective(self.model) if self.thor else self.model)
         self.tr_iter = corpus.get_iterator('train', args.batch_size, args.tgt_len, ddp.device, args.ext_len)
         self.va_iter = corpus.get_iterator('valid', evaluation.EVAL_BATCH_SIZE, args.eval_tgt_len, ddp.device,
