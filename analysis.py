@@ -28,6 +28,7 @@ from figures import entropy_of, plot_framework, plot_load, plot_metric_vs_k, plo
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
 from moe import moe_blocks, record_router_stats, uses_thor
+from run_utils import RunError
 
 CHECKPOINT_FILES = {**evaluation.CHECKPOINTS, 'last': evaluation.LAST_CHECKPOINT}
 DEFAULT_JACOBIAN_CHECKPOINTS = 'init,best,best_dense,last'
@@ -522,6 +523,6 @@ def run(args, parser):
         parser.error(f'--{chosen[0]} is a command of its own; drop --run / --table')
     try:
         COMMANDS[chosen[0]](args)
-    except DataError as err:
-        sys.exit(str(err))
+    except (DataError, RunError) as err:
+        sys.exit(f'error: {err}')
     return True

@@ -24,6 +24,7 @@ from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
 from moe import uses_thor
+from run_utils import RunError, describe_os_error
 
 EVAL_BATCH_SIZE = 10
 DEFAULT_KS = (1, 2, 4, 8, 16)
@@ -32,9 +33,15 @@ LAST_CHECKPOINT = 'checkpoint_last.pt'
 
 
 def load_checkpoint(path, device='cpu'):
+    """The checkpoint at `path`; FileNotFoundError when there is none, RunError when it cannot be read."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no checkpoint at {path}')
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:            # whatever makes the file unreadable (truncated, overwritten), one line
+        detail = str(err).splitlines()[0] if str(err) else ''
+        raise RunError(f'the checkpoint {path} cannot be read, it is corrupt or truncated '
+                       f'({type(err).__name__}: {detail})') from err
 
 
 def model_from_checkpoint(ckpt, device='cpu', **config_overrides):
@@ -129,42 +136,90 @@ def format_table(columns, metric, floor=None):
     return '\n'.join(lines)
 
 
+def checked_ks(model_config, ks):
+    """eval_ks, or a RunError when none of `ks` fits the model's experts."""
+    fitting = eval_ks(model_config, ks)
+    if not fitting:
+        n_expert = model_config['moe_num_expert']
+        raise RunError(f'no k in {",".join(map(str, ks))} is at most the number of experts ({n_expert}); '
+                       f'give k from 1 to {n_expert}, e.g. --ks 1,2,{n_expert}')
+    return fitting
+
+
+def checkpoint_model(path, device, **config_overrides):
+    """(checkpoint, model) of a kept checkpoint, or a RunError naming the file when it is unusable."""
+    ckpt = load_checkpoint(path, device)
+    try:
+        return ckpt, model_from_checkpoint(ckpt, device, **config_overrides)
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+        detail = str(err).splitlines()[0][:300] if str(err) else ''
+        raise RunError(f'the weights in {path} do not fit the model its configuration describes (another '
+                       f'architecture or code version): {type(err).__name__}: {detail}') from err
+
+
 def test_checkpoints(run_dir, corpus, split='test', ks=DEFAULT_KS, max_eval_steps=-1, device='cpu', log=print,
-                     **config_overrides):
-    """Evaluate every kept checkpoint of a run at each k; returns the results.json entries."""
-    entries = []
+                     problems=None, **config_overrides):
+    """Evaluate every kept checkpoint of a run at each k; returns the results.json entries.
+
+    A kept checkpoint that cannot be used (corrupt, or not fitting its configuration) is skipped and its
+    error appended to `problems` while the others are evaluated; with `problems` None, or when no
+    checkpoint is left, it is a RunError.
+    """
+    entries, found = [], []
     for kind, filename in CHECKPOINTS.items():
         path = os.path.join(run_dir, filename)
         if not os.path.isfile(path):
             continue
-        ckpt = load_checkpoint(path, device)
-        model = model_from_checkpoint(ckpt, device, **config_overrides)
+        found.append(filename)
+        try:
+            ckpt, model = checkpoint_model(path, device, **config_overrides)
+        except RunError as err:
+            if problems is None:
+                raise
+            problems.append(str(err))
+            continue
+        ks_here = checked_ks(ckpt['model_config'], ks)
         eval_iter = corpus.get_iterator(split, EVAL_BATCH_SIZE, ckpt['args']['eval_tgt_len'], device=device,
                                         ext_len=ckpt['args']['ext_len'])
-        results = evaluate_over_k(model, eval_iter, ckpt['args'], eval_ks(ckpt['model_config'], ks), max_eval_steps)
+        results = evaluate_over_k(model, eval_iter, ckpt['args'], ks_here, max_eval_steps)
         entries.append(dict(results_entry(ckpt, kind, split, results, corpus.bpc_floor), **config_overrides))
         metric = dataset_metric(ckpt['args']['dataset'])
         log(f'{split} {metric} of {filename} (step {ckpt["step"]}, {method_name(ckpt["model_config"])}):')
         log(format_table({f'{method_name(ckpt["model_config"])} ({kind})': results}, metric, corpus.bpc_floor))
+    if not found:
+        raise RunError(f'no kept checkpoint ({", ".join(CHECKPOINTS.values())}) in {run_dir}: the run has not '
+                       'validated yet (train.py validates every --eval-interval steps and at its last step); '
+                       'resume it with --restart, or wait for its first validation')
     if not entries:
-        raise FileNotFoundError(f'no checkpoint ({", ".join(CHECKPOINTS.values())}) in {run_dir}')
+        raise RunError('; '.join(problems))
     return entries
 
 
 def write_json(path, entries):
+    """Write atomically; a failed write (full disk) removes its temporary file and raises the OSError."""
     tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(entries, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(entries, f, indent=2)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_results(run_dir, kind='best_dense'):
     """The results.json entry of the run's `kind` checkpoint (the first entry if there is none of that kind)."""
     path = os.path.join(run_dir, 'results.json')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path} not found: the run has not finished; run eval.py --run {run_dir}')
-    with open(path) as f:
-        entries = json.load(f)
+        raise RunError(f'{path} not found: the run has not finished its final test; give a finished run, or '
+                       f'test its kept checkpoints with: python eval.py --run {run_dir}')
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except json.JSONDecodeError as err:
+        raise RunError(f'{path} is not valid JSON ({err}); rewrite it with: python eval.py --run {run_dir} '
+                       f'--json {path}') from err
     return next((e for e in entries if e['checkpoint'] == kind), entries[0])
 
 
@@ -179,10 +234,51 @@ def table_of_runs(run_dirs, kind='best_dense'):
 
 
 def parse_ks(text):
-    ks = [int(k) for k in text.split(',') if k.strip()]
+    """'1,2,4' -> [1, 2, 4]; anything else is an argparse error asking for positive integers."""
+    try:
+        ks = [int(k) for k in text.split(',') if k.strip()]
+    except ValueError:
+        ks = []
     if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f'--ks needs positive integers such as 1,2,4,8,16; got {text!r}')
+        raise argparse.ArgumentTypeError(f'needs positive integers separated by commas, such as 1,2,4,8,16; '
+                                         f'got {text!r}')
     return ks
+
+
+def read_run_config(run_dir):
+    """config.json of a train.py run directory, or a RunError saying what was given instead."""
+    if not os.path.exists(run_dir):
+        raise RunError(f'no run directory {run_dir}: give the directory train.py printed as "run directory: ..."')
+    if not os.path.isdir(run_dir):
+        raise RunError(f'{run_dir} is a file; --run takes the run directory that holds it '
+                       f'({os.path.dirname(run_dir) or "."}), whose kept checkpoints are all tested')
+    path = os.path.join(run_dir, 'config.json')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunError(f'{run_dir} is not a run directory of train.py: cannot read its config.json '
+                       f'({getattr(err, "strerror", None) or err})') from err
+
+
+def evaluate_run(args, parser):
+    """eval.py --run: test every kept checkpoint, write the JSON; the error of a damaged checkpoint comes last."""
+    run_args = read_run_config(args.run)['args']
+    overrides = {}
+    if args.thor_inference:
+        if not uses_thor(run_args['moe'], run_args['gate_name']):
+            parser.error(f'--thor_inference applies to THOR runs (--gate_name thor); {args.run} used '
+                         f'{run_args["gate_name"] if run_args["moe"] else "no MoE"}')
+        overrides['thor_inference'] = args.thor_inference
+    corpus = get_lm_corpus(args.data or run_args['data'], run_args['dataset'])
+    problems = []
+    entries = test_checkpoints(args.run, corpus, args.split, args.ks, args.max_eval_steps,
+                               'cuda' if args.cuda else 'cpu', problems=problems, **overrides)
+    out = args.json or os.path.join(args.run, f'eval_{args.split}.json')
+    write_json(out, entries)
+    print(f'wrote {out}')
+    if problems:
+        raise RunError('; '.join(problems) + ' (skipped; the other checkpoints were tested)')
 
 
 def main(argv=None):
@@ -203,30 +299,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if analysis.run(args, parser):
         return
-    if args.table:
-        print(table_of_runs(args.table))
-        return
-    if not args.run:
+    if not args.run and not args.table:
         parser.error('give --run RUN_DIR (or --table RUN ..., or an analysis command)')
     if args.cuda and not torch.cuda.is_available():
         parser.error('--cuda given but no CUDA device is available; drop --cuda to evaluate on the CPU')
-    with open(os.path.join(args.run, 'config.json')) as f:
-        run_args = json.load(f)['args']
-    overrides = {}
-    if args.thor_inference:
-        if not uses_thor(run_args['moe'], run_args['gate_name']):
-            parser.error(f'--thor_inference applies to THOR runs (--gate_name thor); {args.run} used '
-                         f'{run_args["gate_name"] if run_args["moe"] else "no MoE"}')
-        overrides['thor_inference'] = args.thor_inference
     try:
-        corpus = get_lm_corpus(args.data or run_args['data'], run_args['dataset'])
-    except DataError as err:
-        sys.exit(str(err))
-    entries = test_checkpoints(args.run, corpus, args.split, args.ks, args.max_eval_steps,
-                               'cuda' if args.cuda else 'cpu', **overrides)
-    out = args.json or os.path.join(args.run, f'eval_{args.split}.json')
-    write_json(out, entries)
-    print(f'wrote {out}')
+        if args.table:
+            print(table_of_runs(args.table))
+        else:
+            evaluate_run(args, parser)
+    except (RunError, DataError) as err:
+        sys.exit(f'error: {err}')
+    except OSError as err:
+        sys.exit(f'error: {describe_os_error(err)}')
 
 
 if __name__ == '__main__':

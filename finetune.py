@@ -36,7 +36,8 @@ import train
 from finetune_data import TASKS, ByteEncoder, FinetuneDataError, encode_rows, load_task
 from hyper_router import param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
-from run_utils import RunLog, StopRequest, git_commit, make_progress, make_run_dir, rng_state, save_atomic, set_rng_state
+from run_utils import (RunError, RunLog, StopRequest, git_commit, make_progress, make_run_dir, rng_state, save_atomic,
+                       set_rng_state)
 
 FORMAT = 'hyperrouter-finetune-1'
 PRETRAIN_FORMAT = 'hyperrouter-checkpoint'     # the prefix of train.py's formats
@@ -527,7 +528,7 @@ def main(argv=None):
             print(format_table3(read_results(args.table)))
             return
         tuner = setup(args, torch.device('cuda' if args.cuda else 'cpu'))
-    except (FinetuneError, FinetuneDataError) as err:
+    except (FinetuneError, FinetuneDataError, RunError) as err:
         sys.exit(f'error: {err}')
     log = tuner.log
     log_header(tuner, write_config(tuner))

@@ -1,15 +1,18 @@
 """The plumbing of a training run, shared by train.py and finetune.py.
 
-Run directories, atomic checkpoint files, the log (stdout, train.log, metrics.jsonl, TensorBoard),
-the distributed context from torchrun's environment, the progress bar, and graceful stopping on
-SIGINT / SIGTERM.
+Run directories and their lock, atomic checkpoint files, the log (stdout, train.log, metrics.jsonl,
+TensorBoard), the distributed context from torchrun's environment, the progress bar, graceful stopping
+on SIGINT / SIGTERM, and the error that entry points print as one `error: ...` line.
 """
 import datetime
+import errno
+import fcntl
 import glob
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +20,10 @@ import time
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+
+class RunError(Exception):
+    """A bad input or run state the user can fix; entry points print it as one `error: ...` line and exit 1."""
 
 
 def git_commit():
@@ -28,22 +35,89 @@ def git_commit():
 
 
 def make_run_dir(parent):
-    """<parent>/<YYYYmmdd-HHMMSS>[-n], with a copy of the sources (as the reference does)."""
+    """<parent>/<YYYYmmdd-HHMMSS>[-n], with a copy of the sources (as the reference does).
+
+    The directory is claimed by os.mkdir, which fails if it exists: two runs started in the same second
+    get -1, -2, ... instead of racing for one name.
+    """
     base = os.path.join(parent, time.strftime('%Y%m%d-%H%M%S'))
-    run_dir, n = base, 1
-    while os.path.exists(run_dir):
-        run_dir, n = f'{base}-{n}', n + 1
-    os.makedirs(os.path.join(run_dir, 'src'))
-    for src in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), '*.py')):
-        shutil.copy(src, os.path.join(run_dir, 'src'))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        run_dir, n = base, 1
+        while True:
+            try:
+                os.mkdir(run_dir)
+                break
+            except FileExistsError:
+                run_dir, n = f'{base}-{n}', n + 1
+        os.mkdir(os.path.join(run_dir, 'src'))
+        for src in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), '*.py')):
+            shutil.copy(src, os.path.join(run_dir, 'src'))
+    except OSError as err:
+        raise RunError(f'cannot create a run directory in {parent} ({err.strerror}); give a --work_dir '
+                       'in a writable place with free space') from err
     return run_dir
 
 
+class RunLock:
+    """Exclusive lock of a run directory (its file `lock`), held by the process that trains in it.
+
+    flock is released by the kernel when the process dies, so a crashed run never leaves a stale lock.
+    """
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, 'lock')
+        self.file = None
+
+    def __enter__(self):
+        self.file = open(self.path, 'a+')
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or 'another process'
+            self.file.close()
+            raise RunError(f'{os.path.dirname(self.path)} is in use by {holder} (lock file {self.path}); '
+                           'wait for that run to stop, or stop it, before resuming') from None
+        self.file.truncate(0)
+        self.file.write(f'process {os.getpid()} on {socket.gethostname()}\n')
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, synced, then renamed: a crash or a full disk never leaves a
+    half-written checkpoint, and the previous one stays intact. A failed write removes the temporary
+    file and raises OSError (errno ENOSPC when the disk is full).
+
+    The file object (not a path) goes to torch.save so that a failed write surfaces as the OSError
+    with its errno, not as torch's generic RuntimeError.
+    """
     tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(err, OSError) and err.filename is None:      # name the file the message is about
+            raise OSError(err.errno, err.strerror or str(err), path) from err
+        raise
+
+
+def describe_os_error(err):
+    """One line for an OSError met while writing a run's files; a full disk is named as such."""
+    where = f' writing {err.filename}' if err.filename else ''
+    if err.errno == errno.ENOSPC:
+        return f'no space left on device{where}; free some space (a file being replaced is left intact)'
+    return f'{err.strerror or err}{where}'
 
 
 def rng_state(cuda):
@@ -81,6 +155,13 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier()
 
+    def max(self, value):
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.item()
+
     def mean(self, value):
         if self.world_size == 1:
             return value
@@ -102,10 +183,16 @@ class Distributed:
 
 
 class StopRequest:
-    """SIGINT / SIGTERM set a flag that the loop checks after each step; a second Ctrl-C aborts."""
+    """SIGINT / SIGTERM set a flag that the loop checks after each step; a second Ctrl-C aborts.
+
+    `signum` keeps the signal received, so that the run can exit with status 128 + signum after saving
+    (130 for Ctrl-C, 143 for SIGTERM), as a process killed by it would, and a job wrapper can tell a
+    stopped run from a finished one.
+    """
 
     def __init__(self):
         self.requested = False
+        self.signum = None
         self.previous = {}
 
     def __enter__(self):
@@ -117,6 +204,7 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -124,22 +212,35 @@ class StopRequest:
 
 
 class RunLog:
-    """Log lines (stdout + train.log), metrics.jsonl and TensorBoard, written by the main rank only."""
+    """Log lines (stdout + train.log), metrics.jsonl and TensorBoard, written by the main rank only.
 
-    def __init__(self, run_dir, enabled, resume_step=None):
+    A resumed run first drops what was written after its checkpoint (a hard kill leaves steps that are
+    redone): metrics.jsonl records past `resume_step`, train.log past `log_offset` (its size when the
+    checkpoint was written) and TensorBoard points past `resume_step`.
+    """
+
+    def __init__(self, run_dir, enabled, resume_step=None, log_offset=None):
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
         metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+        log_path = os.path.join(run_dir, 'train.log')
         if resume_step is not None and os.path.exists(metrics_path):   # drop records past the checkpoint
             with open(metrics_path) as f:
                 kept = [line for line in f if json.loads(line)['step'] <= resume_step]
             with open(metrics_path, 'w') as f:
                 f.writelines(kept)
-        self.log_file = open(os.path.join(run_dir, 'train.log'), 'a')
+        if log_offset is not None and os.path.exists(log_path) and os.path.getsize(log_path) > log_offset:
+            os.truncate(log_path, log_offset)
+        self.log_file = open(log_path, 'a')
         self.metrics = open(metrics_path, 'a')
-        self.tb = SummaryWriter(run_dir, purge_step=resume_step)
+        # purge_step P drops the old points at steps >= P: the checkpoint's own step is kept
+        self.tb = SummaryWriter(run_dir, purge_step=None if resume_step is None else resume_step + 1)
+
+    def offset(self):
+        """The size of train.log so far (None off the main rank), saved with a checkpoint."""
+        return self.log_file.tell() if self.enabled else None
 
     def __call__(self, line):
         if self.enabled:

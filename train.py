@@ -8,6 +8,10 @@ writes a time-stamped directory under `<work_dir>-<dataset>/` holding config.jso
 arguments, model configuration, git commit), the sources, train.log, metrics.jsonl, TensorBoard
 events, checkpoints and results.json. `--restart --restart_dir RUN` resumes a run exactly where its
 checkpoint_last.pt left it; Ctrl-C or SIGTERM writes that checkpoint before exiting.
+
+Exit status: 0 when the run finished or stopped at --stop_step; 130 / 143 (128 + the signal) when
+Ctrl-C / SIGTERM stopped it after writing its checkpoint; 1 for an `error: ...` line or a non-finite
+loss; 2 for a bad command line.
 """
 import argparse
 import contextlib
@@ -26,8 +30,8 @@ from custom_gate import THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
 from moe import BACKENDS, GATES, MOE_VARIANTS, record_balance_losses, record_router_stats, uses_thor
-from run_utils import (Distributed, RunLog, StopRequest, git_commit, make_progress, make_run_dir, rng_state, save_atomic,
-                       set_rng_state)
+from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, git_commit, make_progress,
+                       make_run_dir, rng_state, save_atomic, set_rng_state)
 
 DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')
 DEFAULT_DATA = {'synthetic': 'data/synthetic', 'enwik8': 'data/enwik8', 'text8': 'data/text8',
@@ -38,6 +42,10 @@ ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inn
                      'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'hyper_size', 'adaptive', 'not_tied',
                      'moe_variant', 'hypermoe_emb_dim', 'hypermoe_hidden', 'hypermoe_layer_emb_dim',
                      'hypermoe_adapter_dim')
+# How the data is cut into training windows: a resume with others would read other data than the checkpoint's.
+DATA_LAYOUT_ARGS = ('dataset', 'batch_size', 'tgt_len', 'ext_len', 'batch_chunk')
+POSITIVE_ARGS = ('max_step', 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'batch_size', 'batch_chunk',
+                 'n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'moe_num_expert', 'hyper_size')
 
 
 def add(parser, *names, **kwargs):
@@ -146,6 +154,13 @@ def build_parser():
 
 def check_args(args, parser):
     """Cross-field checks, with errors that say what to change."""
+    for name in POSITIVE_ARGS:
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1; got {getattr(args, name)}')
+    for name in ('mem_len', 'ext_len'):
+        if getattr(args, name) < 0:
+            parser.error(f'--{name} must be at least 0; got {getattr(args, name)}')
+    check_eval_ks(args, parser)
     if args.moe and not 1 <= args.moe_top_k <= args.moe_num_expert:
         parser.error(f'--moe-top-k {args.moe_top_k} must be between 1 and --moe-num-expert {args.moe_num_expert}')
     if args.dynamic_moe and not 1 <= args.moe_top_k_min <= args.moe_top_k_max <= args.moe_num_expert:
@@ -171,13 +186,21 @@ def check_args(args, parser):
     if args.restart and not os.path.isfile(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT)):
         parser.error(f'--restart needs --restart_dir RUN holding {evaluation.LAST_CHECKPOINT}; '
                      f'none in {args.restart_dir!r}')
-    for name in ('max_step', 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'batch_size'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name} must be at least 1')
     if args.data is None:
         args.data = DEFAULT_DATA[args.dataset]
     if args.dynamic_overall_steps <= 0:
         args.dynamic_overall_steps = args.max_step
+
+
+def check_eval_ks(args, parser):
+    """--eval_ks is read now, not after the last step: integers, and with --moe at least one k <= E."""
+    try:
+        ks = evaluation.parse_ks(args.eval_ks)
+    except argparse.ArgumentTypeError as err:
+        parser.error(f'--eval_ks {err}')
+    if args.moe and min(ks) > args.moe_num_expert:
+        parser.error(f'--eval_ks {args.eval_ks}: no k is at most --moe-num-expert {args.moe_num_expert}, so '
+                     f'nothing would be tested; give k from 1 to {args.moe_num_expert}')
 
 
 def parse_args(argv=None):
@@ -240,13 +263,42 @@ def make_optimizer(params, args):
     return torch.optim.Adam(params, lr=args.lr)
 
 
-def check_same_architecture(saved_args, args):
+def data_tokens(corpus):
+    """Tokens per split: saved with checkpoint_last.pt, so a resume can tell that the data files changed."""
+    return {split: len(getattr(corpus, split)) for split in ('train', 'valid', 'test')}
+
+
+def check_data_fits(corpus, args):
+    """Every split must hold one whole segment per batch column (before a run directory is made)."""
+    needs = {'train': (args.batch_size, args.tgt_len, 'a smaller --batch_size or --tgt_len'),
+             'valid': (evaluation.EVAL_BATCH_SIZE, args.eval_tgt_len, 'a smaller --eval_tgt_len'),
+             'test': (evaluation.EVAL_BATCH_SIZE, args.eval_tgt_len, 'a smaller --eval_tgt_len')}
+    for split, (bsz, length, fix) in needs.items():
+        n = len(getattr(corpus, split))
+        if n // bsz < length + 1:
+            raise RunError(f'the {split} split of {args.data} has {n:,} tokens, too few for one segment of '
+                           f'{length} tokens in each of {bsz} batch columns ({(length + 1) * bsz:,} tokens); '
+                           f'give {fix}, or more data')
+
+
+def check_resume(ckpt, args, corpus):
+    """A resume continues the checkpoint's run: the same model, the same data cut into the same windows,
+    and a --max_step not behind it. Anything else would change the run without saying so."""
     defaults = build_parser()      # runs saved before a flag existed used its default
-    saved = {name: saved_args.get(name, defaults.get_default(name)) for name in ARCHITECTURE_ARGS}
+    saved = {name: ckpt['args'].get(name, defaults.get_default(name)) for name in ARCHITECTURE_ARGS + DATA_LAYOUT_ARGS}
     diffs = [f'--{name} {saved[name]!r} (checkpoint) vs {getattr(args, name)!r}'
-             for name in ARCHITECTURE_ARGS if saved[name] != getattr(args, name)]
+             for name in saved if saved[name] != getattr(args, name)]
+    saved_tokens = ckpt['train_state'].get('data_tokens', data_tokens(corpus))
+    if ckpt['vocab'] != corpus.vocab.idx2sym or saved_tokens != data_tokens(corpus):
+        diffs.append(f'the data in {args.data} ({data_tokens(corpus)} tokens, {len(corpus.vocab)} symbols) is not '
+                     f'the data of the checkpoint ({saved_tokens} tokens, {len(ckpt["vocab"])} symbols)')
     if diffs:
-        sys.exit('--restart: the command line describes another model than the checkpoint: ' + '; '.join(diffs))
+        raise RunError('--restart: the command line describes another run than the checkpoint (give the run\'s '
+                       'own flags, or start a new run): ' + '; '.join(diffs))
+    if args.max_step < ckpt['step']:
+        raise RunError(f'--restart: --max_step {args.max_step} is below the checkpoint\'s step {ckpt["step"]}, so '
+                       f'nothing would be trained; give the run\'s --max_step {ckpt["args"]["max_step"]} (or any '
+                       f'value from {ckpt["step"]} on)')
 
 
 class Trainer:
@@ -270,9 +322,12 @@ class Trainer:
         self.mems = self._fresh_mems()
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
         self.terms = {}     # the last step's extra loss terms (THOR consistency, load balance), for the log
+        self.saved_step = None          # step of checkpoint_last.pt, once there is one
+        self.stop_signal = 0            # the signal that stopped the run, if one did
         if ckpt is not None:
             self._load_state(ckpt)
-        self.log = RunLog(run_dir, ddp.is_main, resume_step=self.step if ckpt is not None else None)
+        self.log = RunLog(run_dir, ddp.is_main, resume_step=self.step if ckpt is not None else None,
+                          log_offset=ckpt['train_state'].get('log_offset') if ckpt is not None else None)
 
     def _wrap(self, model):
         if self.ddp.world_size > 1:
@@ -316,15 +371,17 @@ class Trainer:
             return
         payload = self._payload('last')
         payload.update(optimizer=self.optimizer.state_dict(), rng=rng_state(self.args.cuda), train_state={
-            'epoch': self.epoch, 'batch': self.batch, 'mems': mems, 'best': self.best, 'window': self.window})
+            'epoch': self.epoch, 'batch': self.batch, 'mems': mems, 'best': self.best, 'window': self.window,
+            'log_offset': self.log.offset(), 'data_tokens': data_tokens(self.corpus)})
         save_atomic(payload, os.path.join(self.run_dir, evaluation.LAST_CHECKPOINT))
+        self.saved_step = self.step
 
     def _load_state(self, ckpt):
-        check_same_architecture(ckpt['args'], self.args)
         self.model.load_state_dict(ckpt['model'])
         self.optimizer.load_state_dict(ckpt['optimizer'])
         state = ckpt['train_state']
         self.step, self.epoch, self.batch = ckpt['step'], state['epoch'], state['batch']
+        self.saved_step = self.step
         self.best, self.window = state['best'], dict(state['window'], start=time.time())
         self._set_mems(state['mems'])
         set_rng_state(ckpt['rng'], self.args.cuda)
@@ -397,9 +454,12 @@ class Trainer:
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
 
     def validate(self):
-        """Validation with all experts and with k = --moe-top-k (main rank); keeps the best of each."""
+        """Validation with all experts and with k = --moe-top-k (main rank); keeps the best of each.
+
+        Its time (and the checkpoints') is left out of the speed that the next log line reports.
+        """
+        start = time.time()
         if self.ddp.is_main:
-            start = time.time()
             losses = {}
             if self.args.moe:
                 set_top_k(self.model, self.args.moe_num_expert)
@@ -417,6 +477,7 @@ class Trainer:
                     save_atomic(self._payload(kind, loss), os.path.join(self.run_dir, evaluation.CHECKPOINTS[kind]))
         self.save_last()
         self.ddp.barrier()
+        self.window['start'] += time.time() - start
 
     def _report_validation(self, kind, loss, elapsed):
         dense = kind == 'best_dense'
@@ -457,8 +518,17 @@ class Trainer:
         return 'done'
 
     def _should_stop(self, stop):
-        requested = self.ddp.mean(float(stop.requested)) > 0 if self.ddp.world_size > 1 else stop.requested
-        return requested or self.step == self.args.stop_step
+        """After a signal on any rank, or at --stop_step; the signal is kept for the exit status."""
+        self.stop_signal = int(self.ddp.max(stop.signum or 0))
+        return self.stop_signal > 0 or self.step == self.args.stop_step
+
+    def checkpoint_note(self):
+        """Where a stopped run can resume from, for the log."""
+        if self.saved_step is None:
+            return (f'no checkpoint was written before it (the first comes with the validation at step '
+                    f'{self.args.eval_interval})')
+        return (f'the last good checkpoint is {os.path.join(self.run_dir, evaluation.LAST_CHECKPOINT)} '
+                f'(step {self.saved_step})')
 
 
 def load_corpus(args, ddp):
@@ -479,49 +549,83 @@ def write_config(run_dir, args, trainer, ddp):
         json.dump(config, f, indent=2)
 
 
+def record_resume(run_dir, ckpt, args):
+    """One line of resumes.jsonl per resume; config.json keeps the arguments the run started with."""
+    ignored = ('restart', 'restart_dir')
+    changed = {name: [ckpt['args'].get(name), value] for name, value in vars(args).items()
+               if name not in ignored and ckpt['args'].get(name) != value}
+    record = {'step': ckpt['step'], 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'git_commit': git_commit(),
+              'changed': changed}
+    with open(os.path.join(run_dir, 'resumes.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
 def final_test(trainer, args):
     """Test every kept checkpoint at k in --eval_ks, print the Table-1-shaped result, write results.json."""
     log = trainer.log
     log('=' * 100)
-    ks = [int(k) for k in args.eval_ks.split(',')]
-    entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', ks, args.max_eval_steps,
-                                          trainer.ddp.device, log=log)
+    entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', evaluation.parse_ks(args.eval_ks),
+                                          args.max_eval_steps, trainer.ddp.device, log=log)
     evaluation.write_json(os.path.join(trainer.run_dir, 'results.json'), entries)
     log('=' * 100)
     log(f'results: {os.path.join(trainer.run_dir, "results.json")}')
+
+
+def train_in(run_dir, args, ddp, corpus, ckpt):
+    """Train in `run_dir` (None off the main rank); returns the exit status."""
+    torch.manual_seed(args.seed)
+    trainer = Trainer(args, ddp, corpus, run_dir, ckpt)
+    if ddp.is_main:
+        if ckpt is None:
+            write_config(run_dir, args, trainer, ddp)
+        else:
+            record_resume(run_dir, ckpt, args)
+    log = trainer.log
+    log(f'run directory: {run_dir}' + (f' (resumed at step {trainer.step})' if ckpt else ''))
+    log('    ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
+    log(f'parameters: {param_breakdown(trainer.model)}')
+    try:
+        status = trainer.run()
+    except NonFiniteLoss as err:
+        log(f'{err}; stopping: {trainer.checkpoint_note()}')
+        log.close()
+        return 1
+    if status == 'stopped':
+        log(f'stopped at step {trainer.step}; resume with: python train.py <same flags> --restart '
+            f'--restart_dir {run_dir}')
+    elif ddp.is_main:
+        final_test(trainer, args)
+    log.close()
+    return 128 + trainer.stop_signal if trainer.stop_signal else 0
+
+
+def start(args, ddp):
+    """Check the data (and the checkpoint to resume), claim the run directory, train; returns the exit status."""
+    corpus = load_corpus(args, ddp)
+    check_data_fits(corpus, args)
+    if not args.restart:
+        run_dir = make_run_dir(f'{args.work_dir}-{args.dataset}') if ddp.is_main else None
+        with RunLock(run_dir) if ddp.is_main else contextlib.nullcontext():
+            return train_in(run_dir, args, ddp, corpus, None)
+    with RunLock(args.restart_dir) if ddp.is_main else contextlib.nullcontext():
+        ckpt = evaluation.load_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT), ddp.device)
+        check_resume(ckpt, args, corpus)
+        return train_in(args.restart_dir, args, ddp, corpus, ckpt)
 
 
 def main(argv=None):
     args = parse_args(argv)
     ddp = Distributed(args.cuda)
     try:
-        corpus = load_corpus(args, ddp)
-        ckpt = evaluation.load_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT),
-                                          ddp.device) if args.restart else None
-        run_dir = args.restart_dir if args.restart else (make_run_dir(f'{args.work_dir}-{args.dataset}') if ddp.is_main else None)
-        torch.manual_seed(args.seed)
-        trainer = Trainer(args, ddp, corpus, run_dir, ckpt)
-        if ddp.is_main:
-            write_config(run_dir, args, trainer, ddp)
-        log = trainer.log
-        log(f'run directory: {run_dir}' + (f' (resumed at step {trainer.step})' if ckpt else ''))
-        log('    ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
-        log(f'parameters: {param_breakdown(trainer.model)}')
-        try:
-            status = trainer.run()
-        except NonFiniteLoss as err:
-            log(f'{err}; stopping. The last good checkpoint is {os.path.join(run_dir, evaluation.LAST_CHECKPOINT)}')
-            sys.exit(1)
-        if status == 'stopped':
-            log(f'stopped at step {trainer.step}; resume with: python train.py <same flags> --restart '
-                f'--restart_dir {run_dir}')
-        elif ddp.is_main:
-            final_test(trainer, args)
-        log.close()
-    except DataError as err:
-        sys.exit(str(err))
+        status = start(args, ddp)
+    except (RunError, DataError) as err:
+        sys.exit(f'error: {err}')
+    except OSError as err:
+        sys.exit(f'error: {describe_os_error(err)}')
     finally:
         ddp.close()
+    if status:
+        sys.exit(status)
 
 
 if __name__ == '__main__':
