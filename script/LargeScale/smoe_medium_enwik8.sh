@@ -2,8 +2,9 @@
 # Paper Table 2, medium Transformer-XL (8 layers), column SMoE: test bpc on enwik8
 #
 # A trainable linear router with a fixed k = 2 and --dropout 0.0, as the last published version of
-# the original LargeScale smoe_* scripts (the paper lists no dropout for SMoE). Only one
-# intermediate commit of those scripts added --freeze_gate and the dynamic-k flags.
+# the original LargeScale smoe_* scripts (the paper's Table A1 lists no dropout, its C.1 says 0.1
+# for the architecture in general: see the README, "Differences"). Only one intermediate commit of
+# those scripts added --freeze_gate and the dynamic-k flags.
 # Medium model: 8 layers, every FFN an MoE layer, 400k steps (paper C.1, C.2).
 # The published LargeScale scripts make only layers 0-3 MoE, and their "large" model has
 # 18 layers, batch 44 and 50k steps; the paper (followed here) says 12 layers and 100k steps.

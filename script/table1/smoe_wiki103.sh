@@ -3,8 +3,9 @@
 #
 # A trainable linear router with a fixed k = 2 and no dropout, as the last published version of
 # the original smoe_* scripts (they leave --dropout at the original train.py's default 0.0; the
-# paper lists no dropout for SMoE). Only one intermediate commit of those scripts added
-# --freeze_gate and the dynamic-k flags.
+# paper's Table A1 lists no dropout, its C.1 says 0.1 for the architecture in general: see the
+# README, "Differences"). Only one intermediate commit of those scripts added --freeze_gate and
+# the dynamic-k flags.
 # Small Transformer-XL (4 layers, d_model 256), 400k steps of batch 22 (paper Table A1).
 #
 # Usage (from anywhere): bash script/table1/smoe_wiki103.sh [more train.py flags, which win]
