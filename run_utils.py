@@ -34,22 +34,23 @@ def git_commit():
         return None
 
 
-def make_run_dir(parent):
-    """<parent>/<YYYYmmdd-HHMMSS>[-n], with a copy of the sources (as the reference does).
+def claim_dir(base):
+    """Create `base`, or else base-1, base-2, ...: os.mkdir fails on a name that exists, so two processes
+    started in the same second never race for one directory."""
+    run_dir, n = base, 1
+    while True:
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:
+            run_dir, n = f'{base}-{n}', n + 1
 
-    The directory is claimed by os.mkdir, which fails if it exists: two runs started in the same second
-    get -1, -2, ... instead of racing for one name.
-    """
-    base = os.path.join(parent, time.strftime('%Y%m%d-%H%M%S'))
+
+def make_run_dir(parent):
+    """<parent>/<YYYYmmdd-HHMMSS>[-n], with a copy of the sources (as the reference does)."""
     try:
         os.makedirs(parent, exist_ok=True)
-        run_dir, n = base, 1
-        while True:
-            try:
-                os.mkdir(run_dir)
-                break
-            except FileExistsError:
-                run_dir, n = f'{base}-{n}', n + 1
+        run_dir = claim_dir(os.path.join(parent, time.strftime('%Y%m%d-%H%M%S')))
         os.mkdir(os.path.join(run_dir, 'src'))
         for src in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), '*.py')):
             shutil.copy(src, os.path.join(run_dir, 'src'))

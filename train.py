@@ -31,8 +31,8 @@ from custom_gate import THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
 from moe import BACKENDS, GATES, MOE_VARIANTS, record_balance_losses, record_router_stats, uses_thor
-from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, git_commit, make_progress,
-                       make_run_dir, rng_state, save_atomic, set_rng_state)
+from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, git_commit,
+                       make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
 
 DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')
 DEFAULT_DATA = {'synthetic': 'data/synthetic', 'enwik8': 'data/enwik8', 'text8': 'data/text8',

@@ -355,7 +355,8 @@ def test_a_second_restart_of_a_running_run_is_refused_and_ctrl_c_exits_130(corpu
 def test_a_stop_at_stop_step_is_a_normal_exit(corpus, tmp_path):
     """main() returns (exit status 0) after --stop_step; the signal statuses are tested above and in test_train."""
     assert train.main(train_args(corpus, tmp_path / 'runs', '--max_step', '10', '--stop_step', '1')) is None
-    assert torch.load(os.path.join(run_dirs(tmp_path / 'runs')[0], 'checkpoint_last.pt'), weights_only=True)['step'] == 1
+    [run_dir] = run_dirs(tmp_path / 'runs')
+    assert torch.load(os.path.join(run_dir, 'checkpoint_last.pt'), weights_only=True)['step'] == 1
 
 
 class FakeClock:
