@@ -34,6 +34,13 @@ VARIANTS = {
     'hyper_router_in_layer_1': dict(MOE, gate_name='hyper_router', moe_top_k=1, hyper_size=6, moe_index='1'),
     'pre_lnorm_same_length_clamp_len_smoe': dict(MOE, pre_lnorm=True, same_length=True, clamp_len=3),
 }
+# dense configurations the reference implementation also runs (tests/fixtures/make_txl_reference_losses.py)
+GOLDEN = {name: dict(BASE, **overrides) for name, overrides in {
+    'post_lnorm': {},
+    'pre_lnorm_same_length_clamp_len': dict(pre_lnorm=True, same_length=True, clamp_len=3),
+    'adaptive_softmax': VARIANTS['adaptive_softmax'],
+    'projected_softmax': VARIANTS['projected_softmax'],
+}.items()}
 
 
 # ----------------------------------------------------------------------------- shared weights and data
@@ -216,7 +223,6 @@ def log_probs(params, cfg, hidden):
 
 def naive_forward(params, cfg, data, target, mems):
     """One segment: (nll [T, B], new mems: per layer input [mem; h] keeping the last mem_len, or None)."""
-    mlen = mems[0].size(0) if mems else 0
     h = embed(params, cfg, data)                                               # [T, B, d]
     hiddens = [h]
     for layer in range(cfg['n_layer']):
@@ -228,7 +234,6 @@ def naive_forward(params, cfg, data, target, mems):
     if cfg['mem_len'] <= 0:
         return nll, None
     old = mems or [h.new_zeros(0, *h.shape[1:])] * len(hiddens)
-    assert mlen == old[0].size(0)
     # memories are constants for the next segment: the paper's stop-gradient SG(m)
     return nll, [torch.cat([m, s])[-cfg['mem_len']:].detach() for m, s in zip(old, hiddens)]
 
@@ -286,3 +291,38 @@ def test_gradients_match_naive_reference(variant):
     assert 'r_r_bias' in grads and 'r_w_bias' in grads
     for name in expected:
         torch.testing.assert_close(grads[name], expected[name], atol=1e-6, rtol=1e-5, msg=lambda m: f'{name}: {m}')
+
+
+def load_golden():
+    with open(FIXTURE) as f:
+        return json.load(f)
+
+
+def weight_checksum(model):
+    """Sum of every entry of the state_dict: tells whether `spread_state` still draws the fixture's weights."""
+    return sum(tensor.double().sum().item() for tensor in model.state_dict().values())
+
+
+@pytest.mark.parametrize('name', sorted(GOLDEN))
+def test_golden_fixture_was_made_from_these_configurations_and_weights(name):
+    golden = load_golden()
+    assert golden['configs'][name] == GOLDEN[name]
+    assert weight_checksum(build_model(GOLDEN[name])) == pytest.approx(golden['weight_checksums'][name], rel=1e-12), \
+        'spread_state no longer draws the weights the fixture was made with (torch RNG change?): regenerate it'
+
+
+@pytest.mark.parametrize('implementation', ['model_train', 'model_eval', 'naive'])
+@pytest.mark.parametrize('name', sorted(GOLDEN))
+def test_losses_match_the_reference_implementation(name, implementation):
+    """Per-token losses of 3 segments with memory equal those kimiyoung/transformer-xl computed on the
+    same weights and tokens (float32, so 1e-5); the naive reference is held to them as well."""
+    cfg = GOLDEN[name]
+    model = build_model(cfg).train(implementation == 'model_train')
+    tokens = segment_tokens(cfg)
+    if implementation == 'naive':
+        got = [nll for nll, _ in run_naive(float64_state(model), cfg, tokens)]
+    else:
+        with torch.set_grad_enabled(implementation == 'model_train'):
+            got = [nll for nll, _ in run_model(model, tokens, cfg['tgt_len'])]
+    expected = torch.tensor(load_golden()['losses'][name], dtype=torch.float64)      # [segment, T, B]
+    torch.testing.assert_close(torch.stack(got).double(), expected, atol=1e-5, rtol=1e-5)
