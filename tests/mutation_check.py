@@ -25,7 +25,8 @@ from typing import NamedTuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MORE_MUTATIONS = os.path.join('tests', 'fixtures', 'mutations_a.txt')
 DATA_TESTS = 'tests/test_data.py -k "not get_data_script"'
-SCRIPT_SETTINGS = 'tests/test_scripts.py -k "settings or dropout or departures or has_a_row"'
+SCRIPT_SETTINGS = ('tests/test_scripts.py -k "test_script_carries or test_script_dropout_is or test_script_header or '
+                   'test_every_pretraining"')
 PAPER_ANALYSES = 'tests/test_analysis.py -k "papers_model or table_a4 or entropy or spectrum or overlap or rank"'
 
 
