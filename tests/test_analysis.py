@@ -9,9 +9,9 @@ import torch
 import analysis
 import eval as evaluation
 import train
-from bench import analytic_eval_flops
+from bench import SMALL, analytic_eval_flops
 from mem_transformer import MemTransformerLM
-from moe import MoEPositionwiseFF
+from moe import MoEPositionwiseFF, RouterStats
 from tests.conftest import TINY, tiny_model
 
 RUN_ARGS = ['--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8', '--d_inner', '16',
@@ -210,3 +210,111 @@ def test_each_figure_command_writes_a_png(command, runs, tmp_path):
     with open(out, 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     assert os.path.getsize(out) > 5000
+
+
+# ----------------------------------------------------------------------------- the paper's numbers, by hand
+
+def hand_eval_flops(k, bsz=10, qlen=128, mlen=896, router=True):
+    """Matmul FLOPs (2 per multiply-add) of one evaluation forward of the paper's small enwik8 model, counted
+    by hand: 4 layers, d 256, 8 heads of 64, 16 experts of 512, 204 symbols, K = mlen + qlen keys."""
+    d, hd, d_inner, n_expert, vocab, klen = 256, 8 * 64, 512, 16, 204, mlen + qlen
+    tokens = bsz * qlen
+    per_layer = (2 * bsz * klen * d * 3 * hd           # q, k, v of memory and segment
+                 + 2 * klen * d * hd                   # r_net on the K relative positions
+                 + 2 * tokens * klen * hd              # content scores
+                 + 2 * tokens * (klen + 1) * hd        # position scores, against K + 1 columns (one zero pad)
+                 + 2 * tokens * klen * hd              # probabilities @ values
+                 + 2 * tokens * hd * d                 # o_net
+                 + (2 * tokens * d * n_expert if router else 0)
+                 + k * 2 * tokens * 2 * d * d_inner    # k experts per token, two Linear each
+                 + 2 * tokens * k * d)                 # the scores' weighted sum of the k outputs
+    return 4 * per_layer + 2 * tokens * d * vocab      # tied softmax
+
+
+def test_flops_of_the_papers_model_at_k_1_and_16():
+    """The README's Table A3 figures: 5.36e10 at k = 1 and 9.39e10 at k = 16 (ratio 0.57) for one evaluation batch;
+    counted here on one column (the count is linear in the batch but for r_net, which the hand count has)."""
+    assert (hand_eval_flops(1), hand_eval_flops(16)) == (53_602_156_544, 93_906_796_544)
+    assert round(hand_eval_flops(1) / hand_eval_flops(16), 2) == 0.57
+    torch.manual_seed(0)
+    model = MemTransformerLM(**dict(SMALL, gate_name='hyper_router'))
+    for k in (1, 16):
+        assert analysis.count_eval_flops(model, k, bsz=1) == hand_eval_flops(k, bsz=1)
+
+
+def hand_param_counts():
+    """Table A4 by hand for the paper's small enwik8 model (4 layers, d 256, 16 experts of 512, hyper_size 256)."""
+    d, hd, n_layer, n_expert, d_inner, hyper, vocab = 256, 8 * 64, 4, 16, 512, 256, 204
+    attention = 3 * hd * d + hd * d + hd * d + 2 * d                 # qkv, r_net, o_net (no biases), LayerNorm
+    experts = n_expert * (d_inner * d + d_inner + d * d_inner + d) + 2 * d      # + LayerNorm
+    transformer = vocab * d + n_layer * (attention + experts) + 2 * hd + vocab  # r_w/r_r biases, softmax bias
+    router = n_layer * (n_expert * d + n_expert)
+    hypernetwork = n_layer * (d * hyper + hyper + hyper * n_expert * (d + 1) + n_expert * (d + 1))
+    return dict(router_embedding=n_layer * d, router=router, hypernetwork=hypernetwork, transformer=transformer)
+
+
+def test_table_a4_of_the_papers_model(capsys):
+    hand = hand_param_counts()
+    assert hand == dict(router_embedding=1_024, router=16_448, hypernetwork=4 * 1_122_576, transformer=19_505_356)
+    evaluation.main(['--params'])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:4]}
+    counts = {key: f'{value:,}' for key, value in hand.items()}
+    assert rows['SMoE'][1:5] == ['-', counts['router'], '(T)', '-'] and counts['transformer'] in rows['SMoE']
+    assert rows['SMoE-Dropout'][1:4] == ['-', counts['router'], '(F)']
+    assert rows['HyperRouter'][1:9] == [counts['router_embedding'], '(T)', counts['router'], '(G)',
+                                        counts['hypernetwork'], '(F)', counts['transformer'], '(T)']
+
+
+def test_entropy_of_a_constructed_router_is_its_analytic_value(tokens):
+    """Every token gets the router softmax (1, 2, 3, 4) / 10: entropy -sum p ln p, whatever the token."""
+    windows, args = one_window(tokens)
+    model = tiny_model()
+    set_routers(model, [math.log(1), math.log(2), math.log(3), math.log(4)])
+    p = [0.1, 0.2, 0.3, 0.4]
+    analytic = -sum(q * math.log(q) for q in p)                           # 1.2799 nats
+    for s in analysis.router_stats(model, windows, args).values():
+        assert s.mean_entropy == pytest.approx(analytic, rel=1e-6) and s.std_entropy == pytest.approx(0, abs=1e-3)
+
+
+def test_entropy_statistics_over_tokens_of_two_kinds():
+    """Half the tokens uniform over 4 experts (ln 4), half one-hot (0): mean ln 4 / 2, standard deviation ln 4 / 2."""
+    stats = RouterStats(4)
+    uniform, one_hot = torch.zeros(3, 4), torch.tensor([[1e4, 0.0, 0.0, 0.0]] * 3)
+    stats.update(uniform, torch.zeros(3, 2, dtype=torch.long))
+    stats.update(one_hot, torch.zeros(3, 2, dtype=torch.long))
+    assert stats.mean_entropy == pytest.approx(math.log(4) / 2, rel=1e-6)
+    assert stats.std_entropy == pytest.approx(math.log(4) / 2, rel=1e-5)
+
+
+def test_spectrum_of_a_constructed_matrix_with_singular_values_4_2_1():
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(50, 3, generator=gen, dtype=torch.float64))[0]        # [N, 3] orthonormal
+    v = torch.linalg.qr(torch.randn(16, 3, generator=gen, dtype=torch.float64))[0]        # [d, 3] orthonormal
+    spec = analysis.spectrum(u @ torch.diag(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)) @ v.T)
+    assert spec['rank'] == 3
+    torch.testing.assert_close(spec['s'][:3], torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64))
+    p = [4 / 7, 2 / 7, 1 / 7]
+    assert spec['effective_rank'] == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)), rel=1e-9)
+
+
+def test_overlap_and_angle_of_spans_at_a_known_angle():
+    theta = math.radians(30)
+    first = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)             # span{e1, e3}
+    turned = torch.tensor([[math.cos(theta), math.sin(theta), 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    overlap, angle = analysis.subspace_overlap(first, turned)
+    assert overlap == pytest.approx((math.cos(theta) ** 2 + 1) / 2) and angle == pytest.approx(30)
+
+
+@pytest.mark.parametrize('k,rank', [(1, 0), (2, 3), (4, 3)])
+def test_router_term_rank_at_k_1_is_0_and_otherwise_e_minus_1(k, rank):
+    """The scores are a softmax over the k chosen logits: at k = 1 the score is 1 whatever h, so the router
+    term vanishes; from k = 2 on, token after token, it fills the E - 1 = 3 directions W_i - W_j."""
+    torch.manual_seed(0)
+    block = MoEPositionwiseFF(16, 8, 0.0, num_expert=4, top_k=k, gate_name='smoe_dropout', backend='torch').eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_()
+    h, grad_y = torch.randn(300, 16), torch.randn(300, 16)
+    with analysis.router_term_probe({0: block}) as deltas:
+        (block.moe(h) * grad_y).sum().backward()
+    assert analysis.spectrum(deltas[0][0].grad)['rank'] == rank

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import data_utils
 from data_utils import (
     DataError,
     LMOrderedIterator,
@@ -21,6 +22,7 @@ from data_utils import (
     loss_to_metric,
     main,
     make_synthetic_corpus,
+    prep_corpus,
     prep_enwik8,
     prep_text8,
 )
@@ -87,6 +89,72 @@ def test_text8_prepared_from_an_extracted_file_loads_character_tokens(tmp_path):
     assert set(corpus.vocab.idx2sym) == set('abcdefghimnorstu_')
     assert corpus.vocab.idx2sym[:2] == ['_', 'a']                       # 9 and 8 occurrences
     assert len(corpus.train) == len('anarchism originated as a term of abus')  # leading space stripped
+
+
+# The standard split (Transformer-XL's prep_enwik8.py / prep_text8.py): the last 2 x 5M symbols held out,
+# valid then test, so enwik8's 100M bytes give 90M / 5M / 5M.
+ENWIK8_SIZE, HELD_OUT = 100_000_000, 5_000_000
+
+
+def patterned_bytes(n):
+    """n bytes that say where they come from (position mod 251), so a split is checked by content."""
+    return (bytes(range(251)) * (n // 251 + 1))[:n]
+
+
+@pytest.fixture
+def in_memory_prep(monkeypatch):
+    """prep_corpus without the disk: the source is read from memory, the written files are recorded by name."""
+    written = {}
+    source = {}
+    monkeypatch.setattr(data_utils, '_read_source', lambda src, basename: source['raw'])
+    monkeypatch.setattr(data_utils, '_write_atomic', lambda path, data: written.update({os.path.basename(path): data}))
+    monkeypatch.setattr(data_utils, '_enwik8_text', lambda part: f'{len(part)} bytes')     # formatting: tested above
+    return source, written
+
+
+def assert_standard_split(written, raw):
+    assert written['train.txt.raw'] == raw[:-2 * HELD_OUT]
+    assert written['valid.txt.raw'] == raw[-2 * HELD_OUT:-HELD_OUT]
+    assert written['test.txt.raw'] == raw[-HELD_OUT:]
+
+
+def test_get_data_prepares_enwik8_as_90m_5m_5m_bytes(in_memory_prep, tmp_path):
+    source, written = in_memory_prep
+    source['raw'] = raw = patterned_bytes(ENWIK8_SIZE)
+    assert main(['prep', '--dataset', 'enwik8', '--src', 'enwik8.zip', '--out', str(tmp_path)]) == 0   # as get_data.sh
+    assert {name: len(data) for name, data in written.items() if name.endswith('.raw')} == \
+        {'train.txt.raw': 90_000_000, 'valid.txt.raw': 5_000_000, 'test.txt.raw': 5_000_000}
+    assert_standard_split(written, raw)
+    assert written['valid.txt'] == '5000000 bytes'
+
+
+def test_the_enwik8_prep_functions_hold_out_5m_by_default(in_memory_prep, tmp_path):
+    source, written = in_memory_prep
+    source['raw'] = raw = patterned_bytes(ENWIK8_SIZE)
+    prep_corpus('enwik8', 'enwik8.zip', str(tmp_path))
+    assert_standard_split(written, raw)
+    assert prep_enwik8(raw) == {'train': '90000000 bytes', 'valid': '5000000 bytes', 'test': '5000000 bytes'}
+
+
+def test_get_data_prepares_text8_holding_out_5m_characters_each_for_valid_and_test(in_memory_prep, tmp_path):
+    source, written = in_memory_prep
+    source['raw'] = raw = b'ab' * (HELD_OUT + 7)                 # shorter than text8's 100M; the held-out parts are not
+    assert main(['prep', '--dataset', 'text8', '--src', 'text8.zip', '--out', str(tmp_path)]) == 0
+    assert_standard_split(written, raw)
+    assert written['test.txt'] == ' '.join(raw[-HELD_OUT:].decode())
+    assert prep_text8(raw)['valid'] == written['valid.txt']
+
+
+def test_the_vocabulary_of_an_enwik8_format_corpus_has_its_symbols_ranked_by_frequency(tmp_path):
+    # 'banana' | 'cab' | 'a', byte 0, byte 255, each split ending in a newline (which vanishes).
+    # Counts over all three splits: 97 (a) 5; 98 (b) 2 and 110 (n) 2, b seen first; 99 (c), 0, 255 once each.
+    folder = write_splits(tmp_path, '98 97 110 97 110 97\n', '99 97 98\n', '97 0 255\n')
+    corpus = get_lm_corpus(folder, 'enwik8')
+    assert corpus.vocab.idx2sym == ['97', '98', '110', '99', '0', '255']
+    assert corpus.train.tolist() == [1, 0, 2, 0, 2, 0]
+    assert corpus.valid.tolist() == [3, 0, 1]
+    assert corpus.test.tolist() == [0, 4, 5]
+    assert corpus.vocab.get_idx('255') == 5 and corpus.vocab.unk_idx is None
 
 
 def test_wikitext_zip_and_folder_are_copied_unchanged(tmp_path):
@@ -319,6 +387,32 @@ def test_bpc_floor_equals_a_brute_force_entropy_rate_and_the_sampler_follows_the
     empirical = counts / counts.sum(1, keepdims=True)
     assert np.abs(empirical - matrix).max() < 0.01
     assert -np.log2(matrix[states[:-1], states[1:]]).mean() == pytest.approx(expected, abs=0.01)
+
+
+def stationary_entropy_rate(chain):
+    """Entropy rate of the dialect chain in bits, its transition matrix built from the generative description
+    with numpy and its stationary distribution found by power iteration (not by solving the linear system)."""
+    n_dialects, size = chain.start.shape
+    p = chain.switch_prob
+    dialect = np.repeat(np.arange(n_dialects), size)                            # [V]: dialect of each state
+    same = dialect[:, None] == dialect[None, :]                                 # [V, V]
+    within = np.zeros((n_dialects * size, n_dialects * size))
+    for d in range(n_dialects):
+        within[d * size:(d + 1) * size, d * size:(d + 1) * size] = chain.trans[d]
+    switch = np.tile(chain.start.reshape(1, -1), (n_dialects * size, 1)) * p / (n_dialects - 1)
+    matrix = np.where(same, (1 - p) * within, switch)
+    pi = np.full(len(matrix), 1 / len(matrix))
+    for _ in range(20000):
+        pi = pi @ matrix
+    logs = np.log2(np.where(matrix > 0, matrix, 1.0))
+    return -(pi[:, None] * matrix * logs).sum()
+
+
+def test_the_default_synthetic_corpus_has_the_floor_the_readme_prints(tmp_path):
+    info = make_synthetic_corpus(tmp_path / 'synthetic')                       # the defaults, as train.py uses them
+    chain = dialect_chain(SyntheticConfig(), np.random.default_rng(SyntheticConfig().seed))
+    assert round(info['bpc_floor'], 3) == 1.040
+    assert info['bpc_floor'] == pytest.approx(stationary_entropy_rate(chain), abs=1e-9)
 
 
 def test_synthetic_config_rejects_an_alphabet_larger_than_a_byte():

@@ -19,17 +19,53 @@ def make_block(gate_name, k, seed=0):
     return block.double()
 
 
-def brute_force_moe(block, x):
-    """Every expert on every token, mixed with the gate's top-k weights (zero elsewhere)."""
-    top_idx, top_score = block.gate(x)
-    weights = torch.zeros(x.size(0), E, dtype=x.dtype).scatter(1, top_idx, top_score.to(x.dtype))
-    ex = block.experts
-    outs = [F.linear(F.relu(F.linear(x, ex.htoh4.weight[e], ex.htoh4.bias[e])), ex.h4toh.weight[e], ex.h4toh.bias[e])
-            for e in range(E)]
-    return sum(weights[:, e:e + 1] * outs[e] for e in range(E))
+def naive_router(params, prefix):
+    """(W_r [E, d], b_r [E]) of the router of the MoE block whose parameters are `params[prefix + ...]`.
+
+    A linear router (SMoE, SMoE-Dropout) is read as it is; a HyperRouter's is generated here by hand from
+    its embedding e and hypernetwork (paper Eq. 2): out = W2 ReLU(W0 e + b0) + b2, and expert i's router
+    row is out[i (d + 1) : i (d + 1) + d], its bias out[i (d + 1) + d] (the layout of REFERENCE.md).
+    """
+    if prefix + 'gate.gate.weight' in params:
+        return params[prefix + 'gate.gate.weight'], params[prefix + 'gate.gate.bias']
+    embedding = params[prefix + 'gate.embedding'][0]                                          # [d]
+    hidden = torch.relu(params[prefix + 'gate.hypernet.0.weight'] @ embedding + params[prefix + 'gate.hypernet.0.bias'])
+    out = params[prefix + 'gate.hypernet.2.weight'] @ hidden + params[prefix + 'gate.hypernet.2.bias']  # [E (d + 1)]
+    d_model = embedding.numel()
+    n_expert = out.numel() // (d_model + 1)
+    rows = [out[i * (d_model + 1):i * (d_model + 1) + d_model] for i in range(n_expert)]
+    biases = [out[i * (d_model + 1) + d_model] for i in range(n_expert)]
+    return torch.stack(rows), torch.stack(biases)
 
 
-@pytest.mark.parametrize('gate_name', ['smoe', 'hyper_router'])
+def naive_expert(params, prefix, expert, x_t):
+    """Expert `expert` of the block on one token x_t [d]: W2 ReLU(W1 x + b1) + b2."""
+    w1, b1 = params[prefix + 'experts.htoh4.weight'][expert], params[prefix + 'experts.htoh4.bias'][expert]
+    w2, b2 = params[prefix + 'experts.h4toh.weight'][expert], params[prefix + 'experts.h4toh.bias'][expert]
+    return w2 @ torch.relu(w1 @ x_t + b1) + b2
+
+
+def naive_moe(params, prefix, x, k):
+    """The MoE mixture y [T, d] of x [T, d], token by token, with its own routing.
+
+    Per token: logits l_e = W_r[e] . x + b_r[e] for every expert, the k largest chosen by sorting, their
+    weights exp(l_e) / sum over the chosen of exp(l), then y = sum over the chosen of weight * expert(x).
+    Nothing is taken from the gate module but its parameters.
+    """
+    router_weight, router_bias = naive_router(params, prefix)
+    n_expert = router_bias.numel()
+    outputs = []
+    for x_t in x:
+        logits = [router_weight[e] @ x_t + router_bias[e] for e in range(n_expert)]
+        chosen = sorted(range(n_expert), key=lambda e: -logits[e].item())[:k]
+        chosen_logits = torch.stack([logits[e] for e in chosen])                             # [k]
+        weights = torch.exp(chosen_logits - chosen_logits.max())
+        weights = weights / weights.sum()
+        outputs.append(sum(w * naive_expert(params, prefix, e, x_t) for w, e in zip(weights, chosen)))
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize('gate_name', ['smoe', 'smoe_dropout', 'hyper_router'])
 @pytest.mark.parametrize('k', [1, 2, E])
 def test_sparse_moe_matches_brute_force_forward_and_backward(gate_name, k):
     block = make_block(gate_name, k)
@@ -44,7 +80,7 @@ def test_sparse_moe_matches_brute_force_forward_and_backward(gate_name, k):
         grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
         return y.detach(), x.grad.clone(), grads
 
-    y_ref, gx_ref, g_ref = run(lambda inp: brute_force_moe(block, inp))
+    y_ref, gx_ref, g_ref = run(lambda inp: naive_moe(block.state_dict(keep_vars=True), '', inp, k))
     y, gx, g = run(block.moe)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)

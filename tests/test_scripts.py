@@ -1,15 +1,22 @@
-"""Every pretraining script runs its whole pipeline (train, validate, test, results.json) on the built-in corpus.
+"""The pretraining scripts: they carry the paper's settings, and each runs its whole pipeline on the built-in corpus.
 
-The scripts keep the paper's hyperparameters; the test appends flags that shrink the model and the run
-(train.py takes the last value of a flag), so what is checked is the script's own flags and plumbing.
+The settings are checked statically: each script's `launch train.py ...` argument list is read (not run),
+resolved by train.py's own parser (so a flag a script leaves out takes train.py's default) and compared
+with the table below, written from the paper (Table A1, C.1, C.2) and the published scripts. The run
+test appends flags that shrink the model and the run (train.py takes the last value of a flag), so it
+checks the scripts' plumbing, not their settings.
 """
 import glob
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
+
+import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 'script', '*', '*.sh'))
@@ -52,6 +59,124 @@ def test_the_scripts_of_the_original_readme_exist():
 def test_the_scripts_of_the_other_methods_exist():
     for name in ('thor_enwik8', 'thor_wiki103', 'hypermoe_enwik8', 'hypermoe_wiki103', 'hyper_router_hypermoe_enwik8'):
         assert f'script/table1/{name}.sh' in SCRIPTS
+
+
+# ----------------------------------------------------------------------------- the paper's settings, read statically
+
+# Table A1: every pretraining run of the paper, enwik8 and WikiText-103 alike (small model: 4 layers).
+RECIPE = dict(d_model=256, n_head=8, d_head=64, dropatt=0.0, optim='adam', lr=2.5e-4, scheduler='cosine',
+              warmup_step=0, eta_min=0.0, clip=0.25, batch_size=22, batch_chunk=1, tgt_len=512, mem_len=512,
+              eval_tgt_len=128, ext_len=0, seed=1111, eval_interval=4000, adaptive=False, pre_lnorm=False,
+              same_length=False, clamp_len=-1, not_tied=False)
+# k grows linearly from 8 to 16 over the whole run, as in the published scripts (the paper text says from 2)
+DYNAMIC_K = dict(dynamic_moe=True, dynamic_moe_mode='linear_increase', moe_top_k_min=8, moe_top_k_max=16)
+FIXED_K = dict(dynamic_moe=False)
+MOE = dict(moe=True, d_inner=512, moe_num_expert=16, moe_top_k=2, load_balance=0.0)
+HYPERMOE = dict(moe_variant='hypermoe', hypermoe_emb_dim=128, hypermoe_hidden=128, hypermoe_layer_emb_dim=10,
+                hypermoe_adapter_dim=64)
+METHOD_FLAGS = {
+    'HyperRouter': dict(MOE, gate_name='HyperRouterGate', hyper_size=256, freeze_gate=False, moe_variant='plain',
+                        **DYNAMIC_K),
+    'SMoE-Dropout': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=True, moe_variant='plain', **DYNAMIC_K),
+    'SMoE': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=False, moe_variant='plain', **FIXED_K),
+    'THOR': dict(MOE, gate_name='thor', moe_top_k=1, thor_alpha=5.0, thor_inference='random', moe_variant='plain',
+                 **FIXED_K),
+    'HyperMoE': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=False, **HYPERMOE, **FIXED_K),
+    'HyperRouter+HyperMoE': dict(MOE, gate_name='HyperRouterGate', hyper_size=256, freeze_gate=False, **HYPERMOE,
+                                 **DYNAMIC_K),
+    'Dense': dict(moe=False, d_inner=8192),             # one FFN as wide as the 16 experts of 512
+    'Dense+Dropout': dict(moe=False, d_inner=8192),
+}
+DATA = {'enwik8': 'data/enwik8', 'wt103': 'data/wikitext-103'}
+SMOE_DROPOUT_ISSUE_12 = 0.0     # the published smoe_* scripts: dropout 0.0 (issue 12 makes ours so; see the xfail)
+# script: (dataset, layers, steps, method, dropout, other settings); medium 8 layers / 400k steps and large
+# 12 layers / 100k steps as the paper (C.1, C.2), every FFN an MoE layer
+TABLE = {
+    'table1/hyper_router_enwik8.sh': ('enwik8', 4, 400_000, 'HyperRouter', 0.1, {}),
+    'table1/smoe_dropout_enwik8.sh': ('enwik8', 4, 400_000, 'SMoE-Dropout', 0.1, {}),
+    'table1/smoe_enwik8.sh': ('enwik8', 4, 400_000, 'SMoE', SMOE_DROPOUT_ISSUE_12, {}),
+    'table1/directly_dense_dropout_enwik8.sh': ('enwik8', 4, 400_000, 'Dense+Dropout', 0.1, {}),
+    'table1/directly_dense_enwik8.sh': ('enwik8', 4, 400_000, 'Dense', 0.0, {}),
+    'table1/thor_enwik8.sh': ('enwik8', 4, 400_000, 'THOR', 0.1, {}),
+    'table1/hypermoe_enwik8.sh': ('enwik8', 4, 400_000, 'HyperMoE', 0.1, {}),
+    'table1/hyper_router_hypermoe_enwik8.sh': ('enwik8', 4, 400_000, 'HyperRouter+HyperMoE', 0.1, {}),
+    'table1/hyper_router_wiki103.sh': ('wt103', 4, 400_000, 'HyperRouter', 0.1, {}),
+    'table1/smoe_dropout_wiki103.sh': ('wt103', 4, 400_000, 'SMoE-Dropout', 0.1, {}),
+    'table1/smoe_wiki103.sh': ('wt103', 4, 400_000, 'SMoE', SMOE_DROPOUT_ISSUE_12, {}),
+    # the published script: batch 66, 134k steps; ours keeps the paper's batch 22, 400k steps (Table A1)
+    'table1/directly_dense_dropout_wiki103.sh': ('wt103', 4, 400_000, 'Dense+Dropout', 0.1, {}),
+    'table1/directly_dense_wiki103.sh': ('wt103', 4, 400_000, 'Dense', 0.0, {}),
+    # two chunks of 11 columns: the same batch of 22, half the memory of the [tokens, 267,735] distributions
+    'table1/thor_wiki103.sh': ('wt103', 4, 400_000, 'THOR', 0.1, {'batch_chunk': 2}),
+    'table1/hypermoe_wiki103.sh': ('wt103', 4, 400_000, 'HyperMoE', 0.1, {}),
+    'LargeScale/hyper_router_medium_enwik8.sh': ('enwik8', 8, 400_000, 'HyperRouter', 0.1, {}),
+    'LargeScale/smoe_dropout_medium_enwik8.sh': ('enwik8', 8, 400_000, 'SMoE-Dropout', 0.1, {}),
+    'LargeScale/smoe_medium_enwik8.sh': ('enwik8', 8, 400_000, 'SMoE', SMOE_DROPOUT_ISSUE_12, {}),
+    'LargeScale/hyper_router_large_enwik8.sh': ('enwik8', 12, 100_000, 'HyperRouter', 0.1, {}),
+    'LargeScale/smoe_dropout_large_enwik8.sh': ('enwik8', 12, 100_000, 'SMoE-Dropout', 0.1, {}),
+    'LargeScale/smoe_large_enwik8.sh': ('enwik8', 12, 100_000, 'SMoE', SMOE_DROPOUT_ISSUE_12, {}),
+}
+# What the header of each method's scripts (and of every LargeScale script) must say about where it departs
+# from the published scripts or from the paper text.
+DEVIATIONS = {
+    'HyperRouter': ['--hyper_size 64', 'the paper text says from 2'],
+    'SMoE-Dropout': ['the paper text says from 2'],
+    'SMoE': ['--freeze_gate'],
+    'LargeScale': ['layers 0-3 MoE', '18 layers, batch 44 and 50k steps'],
+}
+
+
+def script_flags(script):
+    """The train.py flags of a script's `launch train.py ...` line, `${VAR:-default}` read as its default."""
+    with open(os.path.join(REPO, 'script', script)) as f:
+        text = f.read().replace('\\\n', ' ')                      # join the continued lines
+    [line] = [line for line in text.splitlines() if line.lstrip().startswith('launch ')]
+    words = [re.sub(r'\$\{\w+:-([^}]*)\}', r'\1', word) for word in shlex.split(line)]
+    assert words[:2] == ['launch', 'train.py'] and words[-1] == '$@', line
+    return words[2:-1]
+
+
+def script_args(script):
+    return vars(train.parse_args(script_flags(script)))
+
+
+def header_comment(script):
+    with open(os.path.join(REPO, 'script', script)) as f:
+        return ' '.join(line.lstrip('# ').strip() for line in f if line.startswith('#'))
+
+
+def test_every_pretraining_script_has_a_row_in_the_settings_table():
+    assert sorted(TABLE) == sorted(os.path.relpath(s, 'script') for s in SCRIPTS)
+
+
+@pytest.mark.parametrize('script', sorted(TABLE))
+def test_script_carries_the_papers_settings(script):
+    dataset, n_layer, max_step, method, _, other = TABLE[script]
+    expected = dict(RECIPE, dataset=dataset, n_layer=n_layer, max_step=max_step, **METHOD_FLAGS[method], **other)
+    if expected.get('dynamic_moe'):
+        expected['dynamic_overall_steps'] = max_step                     # k reaches 16 at the end of the run
+    if expected['moe']:
+        expected['moe_index'] = ','.join(str(i) for i in range(n_layer))  # every layer is an MoE layer
+    args = script_args(script)
+    assert {name: args[name] for name in expected} == expected
+    assert os.path.normpath(args['data']) == DATA[dataset]
+
+
+@pytest.mark.parametrize('script', [
+    pytest.param(script, marks=pytest.mark.xfail(strict=True, reason='issue 12 (another branch): the smoe_* '
+                                                 'scripts still pass --dropout 0.1; drop this mark when they pass 0.0'))
+    if TABLE[script][3] == 'SMoE' else script for script in sorted(TABLE)])
+def test_script_dropout_is_its_methods(script):
+    assert script_args(script)['dropout'] == TABLE[script][4]
+
+
+@pytest.mark.parametrize('script', sorted(TABLE))
+def test_script_header_documents_its_departures_from_the_published_scripts(script):
+    wanted = DEVIATIONS.get(TABLE[script][3], [])
+    if script.startswith('LargeScale/'):
+        wanted = wanted + DEVIATIONS['LargeScale']
+    header = header_comment(script)
+    assert [phrase for phrase in wanted if phrase not in header] == []
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
