@@ -59,9 +59,8 @@ def shifted_position_scores(q, r_k):
     n_head, bsz, qlen, d_head = q.shape
     klen = r_k.size(-1)
     padded = q.reshape(n_head, bsz * qlen, d_head) @ F.pad(r_k, (1, 0))     # [H, B*T, K+1]
-    return padded.as_strided((n_head, bsz, qlen, klen),
-                             (bsz * qlen * (klen + 1), qlen * (klen + 1), klen, 1),
-                             padded.storage_offset() + qlen)
+    return torch.as_strided(padded, (n_head, bsz, qlen, klen),              # padded is fresh: offset 0
+                            (bsz * qlen * (klen + 1), qlen * (klen + 1), klen, 1), qlen)
 
 
 class RelPartialLearnableMultiHeadAttn(nn.Module):

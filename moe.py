@@ -118,26 +118,40 @@ def choose_engine(engine, device, dtype, widths):
     return 'loop', f'auto: {problem}'
 
 
-class GroupedMM(torch.autograd.Function):
-    """F.grouped_mm(a [S, K], b [G, K, N], offs [G]) -> [S, N]: rows offs[g-1]:offs[g] of a times b[g].
+@torch.library.custom_op('hyperrouter::grouped_mm', mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm(a [S, K], b [G, K, N], offs [G]) -> [S, N]: rows offs[g-1]:offs[g] of a times b[g];
+    with a 2-D b [S, N], a [K, S] -> [G, K, N], group g the product of columns and rows offs[g-1]:offs[g].
 
-    The backward makes the incoming gradient contiguous first: grouped_mm's kernels refuse an
-    expanded (stride-0) gradient, e.g. the one `.sum().backward()` sends ("Invalid strides/sizes").
-    Both gradients are grouped GEMMs again; an empty group gets a zero weight gradient.
+    A custom op: torch.compile treats it as one opaque call (the compiler's own shape function for
+    grouped_mm accepts bf16 only), and its backward makes the incoming gradient contiguous first:
+    grouped_mm's kernels refuse an expanded (stride-0) gradient, e.g. the one `.sum().backward()`
+    sends ("Invalid strides/sizes"). Both gradients are grouped GEMMs again; an empty group gets a
+    zero weight gradient.
     """
+    return F.grouped_mm(a, b, offs=offs)
 
-    @staticmethod
-    def forward(ctx, a, b, offs):
-        ctx.save_for_backward(a, b, offs)
-        return F.grouped_mm(a, b, offs=offs)
 
-    @staticmethod
-    def backward(ctx, grad):
-        a, b, offs = ctx.saved_tensors
-        grad = grad.contiguous()                                                # [S, N]
-        grad_a = F.grouped_mm(grad, b.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
-        grad_b = F.grouped_mm(a.t(), grad, offs=offs) if ctx.needs_input_grad[1] else None   # [G, K, N]
-        return grad_a, grad_b, None
+@grouped_mm.register_fake
+def _grouped_mm_shape(a, b, offs):
+    if b.dim() == 3:
+        return a.new_empty(a.size(0), b.size(2))
+    return a.new_empty(offs.size(0), a.size(0), b.size(1))
+
+
+def _grouped_mm_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()                                                # [S, N]
+    grad_a = grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    grad_b = grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None   # [G, K, N]
+    return grad_a, grad_b, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_save)
 
 
 def group_ends(sorted_group, n_group):
@@ -186,9 +200,9 @@ class Experts(nn.Module):
         dtype = x_sorted.dtype
         w1 = self.htoh4.weight.to(dtype).transpose(1, 2)                       # [E, d, h]
         w2 = self.h4toh.weight.to(dtype).transpose(1, 2)                       # [E, h, d]
-        hidden = GroupedMM.apply(x_sorted, w1, ends) + self.htoh4.bias.to(dtype)[sorted_expert]   # [S, h]
+        hidden = grouped_mm(x_sorted, w1, ends) + self.htoh4.bias.to(dtype)[sorted_expert]   # [S, h]
         hidden = self.drop(F.relu(hidden))
-        return GroupedMM.apply(hidden, w2, ends) + self.h4toh.bias.to(dtype)[sorted_expert]       # [S, d]
+        return grouped_mm(hidden, w2, ends) + self.h4toh.bias.to(dtype)[sorted_expert]       # [S, d]
 
     def run_all(self, x, weights):
         """Every expert on every token, mixed by weights [T, E]: one wide FFN of width E * h."""
@@ -363,8 +377,8 @@ def run_adapters(x, token_set, w_down, b_down, w_up, b_up, grouped_max_sets=GROU
     if grouped:
         dtype = compute_dtype(x)
         ends = group_ends(sorted_set, n_set)
-        hidden = F.relu(GroupedMM.apply(x_sorted.to(dtype), w_down.to(dtype), ends) + b_down.to(dtype)[sorted_set])
-        y_sorted = GroupedMM.apply(hidden, w_up.to(dtype), ends) + b_up.to(dtype)[sorted_set]   # [T, d] by set
+        hidden = F.relu(grouped_mm(x_sorted.to(dtype), w_down.to(dtype), ends) + b_down.to(dtype)[sorted_set])
+        y_sorted = grouped_mm(hidden, w_up.to(dtype), ends) + b_up.to(dtype)[sorted_set]   # [T, d] by set
     else:
         counts = torch.bincount(token_set, minlength=n_set).tolist()
         # unbind: the backward stacks the per-set gradients once instead of U full-size scatters
