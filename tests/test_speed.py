@@ -1,6 +1,7 @@
 """The fast paths against their references: grouped GEMM, no host sync, fused attention, TF32, --compile."""
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -235,3 +236,31 @@ def test_compiled_training_gives_the_eager_losses(tmp_path):
             losses[name] = [r['loss'] for r in map(json.loads, f) if r['split'] == 'train']
     assert len(losses['compiled']) == 2
     assert losses['compiled'] == pytest.approx(losses['eager'], rel=1e-4)
+
+
+# ---------------------------------------------------------------- bench.py
+
+def test_bench_quick_writes_every_ratio_finite_and_positive(tmp_path, capsys):
+    import bench
+    out = tmp_path / 'bench.json'
+    bench.main(['--quick', '--json', str(out)])
+    with open(out) as f:
+        res = json.load(f)
+    for key in ('moe_block_vs_floor', 'train_hr_k2_vs_dense', 'train_mfu', 'eval_k1_vs_k16',
+                'hyper_vs_smoe_dropout_train', 'hyper_vs_smoe_dropout_eval', 'hyper_expert_per_set_vs_per_token'):
+        assert math.isfinite(res[key]) and res[key] > 0, key
+    assert 0 < res['eval_k1_vs_k16_flops'] < 1
+    report = capsys.readouterr().out
+    assert 'model FLOPs of a training step = 3 x forward' in report
+    assert all(name in report for name in bench.TARGETS)
+
+
+def test_bench_flops_of_a_training_step_by_hand():
+    import bench
+    cfg = dict(n_layer=1, n_head=1, d_head=2, d_model=2, d_inner=3, n_token=5, moe=True, moe_num_expert=4,
+               gate_name='smoe')
+    # B = 1, T = 2, M = 1, K = 3: qkv 2*3*1*2*3*2 = 72, r_net 2*3*2*2 = 24, scores 3*2*1*2*3*2 = 72, o_net 2*1*2*2*2 = 16;
+    # FFN at k = 2: 2*1*2*(2*4 + 2*2*2*3) = 128; softmax 2*1*2*2*5 = 40
+    assert bench.analytic_forward_flops(cfg, 2, bsz=1, qlen=2, mlen=1) == 72 + 24 + 72 + 16 + 128 + 40
+    dense = dict(cfg, moe=False, d_inner=6)                           # 2*1*2*2*2*6 = 96
+    assert bench.analytic_forward_flops(dense, 2, bsz=1, qlen=2, mlen=1) == 72 + 24 + 72 + 16 + 96 + 40
