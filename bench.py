@@ -104,6 +104,11 @@ def bench_moe_block(cfg, device, amp, n_tokens, repeats):
     return {'moe_block_s': t['moe'], 'floor_s': t['floor'], 'moe_block_vs_floor': t['moe'] / t['floor']}
 
 
+def analytic_eval_flops(cfg, k, bsz=10, qlen=128, mlen=896):
+    """FLOPs of one evaluation forward (HyperRouter's router cached: no hypernetwork), default the reference protocol."""
+    return analytic_forward_flops(dict(cfg, gate_name=None), k, bsz, qlen, mlen)
+
+
 def analytic_forward_flops(cfg, k, bsz, qlen, mlen):
     """FLOPs (2 per multiply-add) of one forward (FLOPS_FORMULA); attention recomputes K/V over memory."""
     d, hd, klen = cfg['d_model'], cfg['n_head'] * cfg['d_head'], qlen + mlen
@@ -144,8 +149,8 @@ def bench_eval_over_k(cfg, device, amp, sizes, repeats):
                 model(data, data, *mems)
         fns[k] = run
     t = time_interleaved(fns, repeats, device)
-    flops = {k: analytic_forward_flops(dict(cfg, gate_name='hyper_router'), k, sizes['eval_bsz'],
-                                       sizes['eval_tgt_len'], sizes['eval_mem_len']) for k in fns}
+    flops = {k: analytic_eval_flops(cfg, k, sizes['eval_bsz'], sizes['eval_tgt_len'], sizes['eval_mem_len'])
+             for k in fns}
     rows = {k: {'eval_s': t[k], 'time_vs_k16': t[k] / t[16], 'flops': flops[k], 'flops_vs_k16': flops[k] / flops[16]}
             for k in fns}
     return {'eval_over_k': rows, 'eval_k1_vs_k16': t[1] / t[16], 'eval_k1_vs_k16_flops': flops[1] / flops[16]}

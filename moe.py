@@ -28,6 +28,7 @@ import importlib.util
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from custom_gate import FrozenNaiveGate, NaiveGate, RandomGate
 from hyper_router import HyperRouterGate
@@ -152,6 +153,12 @@ def _grouped_mm_backward(ctx, grad):
 
 
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_save)
+
+
+@register_flop_formula(torch.ops.hyperrouter.grouped_mm)
+def _grouped_mm_flops(a_shape, b_shape, offs_shape, out_shape=None, **kwargs):
+    """For FlopCounterMode: 2 FLOPs per multiply-add, each row (column) of a meeting one group of b."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
 def group_ends(sorted_group, n_group):
