@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train
 from moe import (grouped_mm, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, choose_engine, describe_engine,
