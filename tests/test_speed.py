@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import train
-from moe import (grouped_mm, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, choose_engine, describe_engine,
-                 group_ends, run_adapters)
+from moe import (HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, choose_engine, describe_engine, group_ends,
+                 grouped_mm, run_adapters)
 from tests.conftest import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
