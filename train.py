@@ -140,8 +140,8 @@ def build_parser():
     add(run, '--amp', action='store_true', help='bf16 autocast on the GPU (the routers stay in fp32)')
     add(run, '--no_tf32', action='store_true', help='with --cuda, keep fp32 matmuls in full fp32 (default: TF32, '
                                                     'as PyTorch did by default on A100 in the original code\'s era)')
-    add(run, '--compile', action='store_true', help='torch.compile the model for training (graph breaks at routing '
-                                                    'allowed; the first steps compile)')
+    add(run, '--compile', action='store_true', help='torch.compile the model for training (once per k and for the '
+                                                    'first, memory-less segment; --moe_engine auto takes grouped)')
     add(run, '--log-interval', type=int, default=200, help='steps between log lines')
     add(run, '--eval-interval', type=int, default=4000, help='steps between validations and checkpoints')
     add(run, '--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
@@ -540,7 +540,7 @@ def main(argv=None):
         log('    ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
         log(f'parameters: {param_breakdown(trainer.model)}')
         if args.moe:
-            log(describe_engine(trainer.model, ddp.device, torch.bfloat16 if args.amp else torch.float32))
+            log(describe_engine(trainer.model, ddp.device, torch.bfloat16 if args.amp else torch.float32, args.compile))
         if args.cuda:
             log(f'fp32 matmuls in TF32: {"no (--no_tf32)" if args.no_tf32 else "yes (--no_tf32 turns it off)"}')
         try:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import eval as evaluation
 import train
 from hyper_router import HyperRouterGate
-from moe import GATES
+from moe import GATES, grouped_mm_problem
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.device
@@ -62,12 +62,15 @@ def windows(tokens, device, n=3, length=4):
 
 def test_evaluation_is_deterministic_on_the_device_and_the_engines_agree(tokens, device):
     args = dict(tgt_len=4, eval_tgt_len=4, mem_len=6, ext_len=0)
-    results = {}
-    for engine in ('auto', 'loop'):
+
+    def losses(engine):
         model = tiny_model(gate_name='smoe', moe_engine=engine, d_inner=16).to(device)
-        results[engine] = [evaluation.evaluate(model, windows(tokens, device), args) for _ in range(2)]
-    assert results['auto'][0] == results['auto'][1] and results['loop'][0] == results['loop'][1]
-    assert results['auto'][0] == pytest.approx(results['loop'][0], rel=1e-5)
+        return [evaluation.evaluate(model, windows(tokens, device), args) for _ in range(2)]
+    auto = losses('auto')
+    assert auto[0] == auto[1]
+    if grouped_mm_problem(device, torch.float32, (16, 16)) is None:      # CPU; on CUDA fp32 both are the loop
+        grouped, loop = losses('grouped'), losses('loop')
+        assert grouped[0] == grouped[1] and grouped[0] == pytest.approx(loop[0], rel=1e-5)
 
 
 def test_a_checkpoint_trained_on_the_device_evaluates_the_same_on_the_cpu(tmp_path, device):

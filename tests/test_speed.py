@@ -12,7 +12,7 @@ import torch
 
 import train
 from moe import (HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, choose_engine, describe_engine, group_ends,
-                 grouped_mm, run_adapters)
+                 grouped_mm, grouped_mm_problem, run_adapters)
 from tests.conftest import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +26,8 @@ def loop_grouped_mm(a, b, counts):
 @pytest.mark.device
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_grouped_mm_sum_backward_matches_the_loop_with_an_empty_group(dtype, device):
-    if choose_engine('auto', device, dtype, (16, 8))[0] != 'grouped':
-        pytest.skip(f'grouped_mm does not run on {device} in {dtype}')
+    if grouped_mm_problem(device, dtype, (16, 8)):
+        pytest.skip(grouped_mm_problem(device, dtype, (16, 8)))
     counts = [3, 0, 6, 2]                                               # group 1 is empty
     a = torch.randn(11, 16, device=device).to(dtype).requires_grad_()
     b = torch.randn(4, 16, 8, device=device).to(dtype).requires_grad_()
@@ -49,8 +49,10 @@ def test_group_ends_are_the_cumulative_counts():
 
 def test_engine_choice_falls_back_to_the_loop_and_says_why():
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
-    assert choose_engine('auto', cpu, torch.float32, (256, 512)) == ('grouped', 'auto: grouped_mm runs here')
-    assert choose_engine('auto', cpu, torch.bfloat16, (256, 512))[0] == 'grouped'
+    assert choose_engine('grouped', cpu, torch.float32, (256, 512)) == ('grouped', 'asked for')
+    assert choose_engine('grouped', cpu, torch.bfloat16, (256, 512)) == ('grouped', 'asked for')
+    engine, reason = choose_engine('auto', cpu, torch.float32, (256, 512))    # measured faster on CPU
+    assert engine == 'loop' and 'faster than grouped_mm on CPU' in reason
     engine, reason = choose_engine('auto', cpu, torch.float64, (256, 512))
     assert engine == 'loop' and 'fp32 or bf16' in reason
     engine, reason = choose_engine('auto', cuda, torch.float32, (256, 512))     # CUDA fp32: the loop, as the issue says
@@ -120,8 +122,19 @@ def test_hyper_expert_gives_the_per_token_definition_with_either_engine(engine):
 def test_the_training_log_names_the_engine_once(tmp_path):
     run_dir = run_tiny_training(tmp_path, '--max_step', '1')
     with open(os.path.join(run_dir, 'train.log')) as f:
+        assert 'moe engine: loop (auto: faster than grouped_mm on CPU' in f.read()
+    run_dir = run_tiny_training(tmp_path / 'grouped', '--max_step', '1', '--moe_engine', 'grouped')
+    with open(os.path.join(run_dir, 'train.log')) as f:
         lines = [line for line in f if 'moe engine' in line]
-    assert len(lines) == 1 and 'moe engine: grouped (auto: grouped_mm runs here; torch.float32 on cpu)' in lines[0]
+    assert len(lines) == 1 and 'moe engine: grouped (asked for; torch.float32 on cpu)' in lines[0]
+
+
+def test_under_torch_compile_auto_takes_the_grouped_engine_on_cpu_too():
+    cpu = torch.device('cpu')
+    assert choose_engine('auto', cpu, torch.float32, (16, 16), compiling=True)[0] == 'grouped'
+    assert choose_engine('auto', cpu, torch.float64, (16, 16), compiling=True)[0] == 'loop'
+    assert describe_engine(tiny_model(d_inner=16), 'cpu', torch.float32, compiling=True).startswith(
+        'moe engine: grouped (auto: grouped_mm runs here, and torch.compile gets one graph')
 
 
 def test_describe_engine_of_a_float64_model_is_the_loop():
