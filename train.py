@@ -25,8 +25,8 @@ from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from custom_gate import THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
-from moe import (BACKENDS, ENGINES, GATES, MOE_VARIANTS, describe_engine, grouped_mm_problem, record_balance_losses,
-                 record_router_stats, uses_thor)
+from moe import BACKENDS, GATES, MOE_VARIANTS, describe_engine, record_balance_losses, record_router_stats, uses_thor
+from moe_engine import ENGINES, grouped_mm_problem
 from run_utils import (Distributed, RunLog, StopRequest, git_commit, make_progress, make_run_dir, rng_state, save_atomic,
                        set_rng_state)
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import eval as evaluation
 import train
 from hyper_router import HyperRouterGate
-from moe import GATES, grouped_mm_problem
+from moe import GATES
+from moe_engine import grouped_mm_problem
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.device

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from hyper_router import HyperRouterGate, get_top_k, set_top_k
-from moe import GATES, MoEPositionwiseFF, RouterStats, fastmoe_available, grouped_mm_problem, torch_moe
+from moe import GATES, MoEPositionwiseFF, RouterStats, fastmoe_available, torch_moe
+from moe_engine import grouped_mm_problem
 from tests.conftest import tiny_model
 
 E, D, H = 4, 16, 16                            # widths of 16 bf16 rows are 32 bytes, as grouped_mm needs

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import train
-from moe import (HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, choose_engine, describe_engine, group_ends,
-                 grouped_mm, grouped_mm_problem, run_adapters)
+from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, describe_engine, run_adapters
+from moe_engine import choose_engine, group_ends, grouped_mm, grouped_mm_problem
 from tests.conftest import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
