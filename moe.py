@@ -8,8 +8,9 @@ then dropout, residual and LayerNorm exactly as the dense block of Transformer-X
 Backends:
 - `torch` (ours, default, CPU and GPU): tokens are grouped by expert and each expert runs only on
   its own tokens, so the cost grows with k, not E. With k = E it is one wide dense FFN. Two engines
-  compute the grouped experts (`engine`, see moe_engine.py): `grouped`, two `F.grouped_mm` calls over the stacked weights
-  with the group offsets kept on the device (no host sync), and `loop`, a Python loop over the experts
+  compute the grouped experts (`engine`, see moe_engine.py): `grouped`, two `F.grouped_mm` calls over
+  the stacked weights with the group offsets kept on the device (no host sync), and `loop`, a Python
+  loop over the experts
   (the reference, and the fallback where grouped_mm cannot run: older torch, fp64, CUDA fp32 or
   compute capability < 8.0, widths not 16-byte aligned). `auto` picks grouped on CUDA where it runs,
   and the loop on CPU, where it is faster and a host read costs nothing.
