@@ -10,9 +10,8 @@ Backends:
   its own tokens, so the cost grows with k, not E. With k = E it is one wide dense FFN. Two engines
   compute the grouped experts (`engine`, see moe_engine.py): `grouped`, two `F.grouped_mm` calls over
   the stacked weights with the group offsets kept on the device (no host sync), and `loop`, a Python
-  loop over the experts
-  (the reference, and the fallback where grouped_mm cannot run: older torch, fp64, CUDA fp32 or
-  compute capability < 8.0, widths not 16-byte aligned). `auto` picks grouped on CUDA where it runs,
+  loop over the experts (the reference, and the fallback where grouped_mm cannot run: older torch,
+  fp64, CUDA fp32 or compute capability < 8.0, widths not 16-byte aligned). `auto` picks grouped on CUDA where it runs,
   and the loop on CPU, where it is faster and a host read costs nothing.
 - `fastmoe`: fastmoe's CUDA kernels on the same parameters and gate; used by `auto` when
   `import fmoe` works and the input is on CUDA.
