@@ -45,9 +45,9 @@ def load_checkpoint(path, device='cpu'):
 
 
 def model_from_checkpoint(ckpt, device='cpu', **config_overrides):
-    """The checkpoint's model on `device`, in eval mode; the MoE backend is chosen anew for this machine.
+    """The checkpoint's model on `device`, in eval mode; the MoE backend and engine are chosen anew for this machine.
     `config_overrides` change inference-only settings of the model configuration (thor_inference)."""
-    model = MemTransformerLM(**dict(ckpt['model_config'], moe_backend='auto', **config_overrides))
+    model = MemTransformerLM(**dict(ckpt['model_config'], moe_backend='auto', moe_engine='auto', **config_overrides))
     model.load_state_dict(ckpt['model'])
     return model.to(device).eval()
 

@@ -7,7 +7,12 @@ then dropout, residual and LayerNorm exactly as the dense block of Transformer-X
 
 Backends:
 - `torch` (ours, default, CPU and GPU): tokens are grouped by expert and each expert runs only on
-  its own tokens, so the cost grows with k, not E. With k = E it is one wide dense FFN.
+  its own tokens, so the cost grows with k, not E. With k = E it is one wide dense FFN. Two engines
+  compute the grouped experts (`engine`, see moe_engine.py): `grouped`, two `F.grouped_mm` calls over
+  the stacked weights with the group offsets kept on the device (no host sync), and `loop`, a Python
+  loop over the experts (the reference, and the fallback where grouped_mm cannot run: older torch,
+  fp64, CUDA fp32 or compute capability < 8.0, widths not 16-byte aligned). `auto` picks grouped on CUDA where it runs,
+  and the loop on CPU, where it is faster and a host read costs nothing.
 - `fastmoe`: fastmoe's CUDA kernels on the same parameters and gate; used by `auto` when
   `import fmoe` works and the input is on CUDA.
 
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 
 from custom_gate import FrozenNaiveGate, NaiveGate, RandomGate
 from hyper_router import HyperRouterGate
+from moe_engine import ENGINES, choose_engine, compute_dtype, group_ends, grouped_mm
 
 GATES = {
     'smoe': NaiveGate,
@@ -106,6 +112,18 @@ class Experts(nn.Module):
                 outs.append(F.linear(hidden, w2[e], b2[e]))                 # [S_e, d]
         return torch.cat(outs, 0)
 
+    def run_grouped_mm(self, x_sorted, sorted_expert, ends):
+        """The same as run_grouped with two grouped GEMMs: sorted_expert [S] the expert of each row,
+        ends [E] the cumulative row counts; x_sorted's dtype is the compute dtype."""
+        dtype = x_sorted.dtype
+        w1 = self.htoh4.weight.to(dtype).transpose(1, 2)                       # [E, d, h]
+        w2 = self.h4toh.weight.to(dtype).transpose(1, 2)                       # [E, h, d]
+        # biases gathered per row and added in place: on CPU the out-of-place add of an index costs a fifth
+        # of the GEMM, and the grouped GEMM's backward does not need its output
+        hidden = grouped_mm(x_sorted, w1, ends).add_(self.htoh4.bias.to(dtype).index_select(0, sorted_expert))
+        hidden = self.drop(F.relu(hidden))                                     # [S, h]
+        return grouped_mm(hidden, w2, ends).add_(self.h4toh.bias.to(dtype).index_select(0, sorted_expert))
+
     def run_all(self, x, weights):
         """Every expert on every token, mixed by weights [T, E]: one wide FFN of width E * h."""
         num_expert, d_inner, d_model = self.htoh4.weight.shape
@@ -116,22 +134,32 @@ class Experts(nn.Module):
         return F.linear(hidden, w2) + weights @ self.h4toh.bias              # [T, d]
 
 
-def torch_moe(x, top_idx, top_score, experts):
-    """y [T, d] = sum_j top_score[:, j] * E_{top_idx[:, j]}(x), each token through its k experts only."""
+def torch_moe(x, top_idx, top_score, experts, engine='auto'):
+    """y [T, d] = sum_j top_score[:, j] * E_{top_idx[:, j]}(x), each token through its k experts only.
+
+    engine (auto|grouped|loop, see choose_engine) computes the experts; the grouped engine never
+    reads a tensor back to the host, the loop needs the per-expert counts there.
+    """
     n_tok, k = top_idx.shape
-    num_expert = experts.htoh4.weight.size(0)
-    score = top_score.to(x.dtype)
+    num_expert, d_inner, d_model = experts.htoh4.weight.shape
     if k == num_expert:
+        score = top_score.to(x.dtype)
         weights = score.new_zeros(n_tok, num_expert).scatter(1, top_idx, score)   # [T, E]
         return experts.run_all(x, weights)
     flat_expert = top_idx.reshape(-1)                                         # [T * k]
-    order = torch.argsort(flat_expert, stable=True)                           # slots grouped by expert
-    counts = torch.bincount(flat_expert, minlength=num_expert).tolist()
+    sorted_expert, order = torch.sort(flat_expert, stable=True)               # slots grouped by expert
     x_sorted = x.index_select(0, order // k)                                  # [T * k, d]
-    y_sorted = experts.run_grouped(x_sorted, counts)                          # [T * k, d]
+    dtype = compute_dtype(x)
+    if choose_engine(engine, x.device, dtype, (d_model, d_inner))[0] == 'grouped':
+        y_sorted = experts.run_grouped_mm(x_sorted.to(dtype), sorted_expert, group_ends(sorted_expert, num_expert))
+    else:
+        counts = torch.bincount(flat_expert, minlength=num_expert).tolist()
+        y_sorted = experts.run_grouped(x_sorted, counts)                      # [T * k, d]
     y_slots = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)       # back to [T * k] order
-    # a deterministic weighted sum over each token's k slots (no atomic scatter-add on GPU)
-    return torch.bmm(score.unsqueeze(1), y_slots.view(n_tok, k, -1)).squeeze(1)  # [T, d]
+    # a deterministic weighted sum over each token's k slots (no atomic scatter-add on GPU); elementwise,
+    # as a [T] batch of [1, k] x [k, d] bmm runs matrix by matrix on CPU, at twice the time
+    score = top_score.to(y_slots.dtype)
+    return (y_slots.view(n_tok, k, -1) * score.unsqueeze(-1)).sum(1)          # [T, d]
 
 
 def fastmoe_moe(x, top_idx, top_score, experts):
@@ -246,31 +274,41 @@ def unique_sets(top_idx):
     return torch.unique(top_idx.sort(-1).values, dim=0, return_inverse=True)
 
 
-def run_adapters(x, token_set, w_down, b_down, w_up, b_up, grouped_max_sets=GROUPED_MAX_SETS):
+def run_adapters(x, token_set, w_down, b_down, w_up, b_up, grouped_max_sets=GROUPED_MAX_SETS, engine='loop'):
     """HyperExpert(x_t) = ReLU(x_t W_down[s_t] + b_down[s_t]) W_up[s_t] + b_up[s_t] -> [T, d].
 
-    Up to `grouped_max_sets` adapters, the tokens are grouped by set and each adapter runs on its own
-    tokens (2 matmuls per set, no copy of the weights; E = 16, k = 2 has at most 120 sets). Beyond that
-    (larger k: most sets hold a token or two, and a Python loop over them would be slow), every token
-    gathers its adapter and one batched matmul runs them all: memory T * 2 d b, as if the adapters had
-    been generated per token, though only U were generated.
+    The tokens are grouped by set and each adapter runs on its own tokens: two grouped GEMMs with the
+    grouped engine (see choose_engine), else 2 matmuls per set in a loop, with no copy of the weights
+    (E = 16, k = 2 has at most 120 sets). The loop is used up to `grouped_max_sets` adapters; beyond
+    that (larger k: most sets hold a token or two, and a Python loop over them would be slow), every
+    token gathers its adapter and one batched matmul runs them all: memory T * 2 d b, as if the
+    adapters had been generated per token, though only U were generated.
     """
     n_set = w_down.size(0)
-    if n_set > grouped_max_sets:
+    widths = (w_down.size(1), w_down.size(2))
+    grouped = choose_engine(engine, x.device, compute_dtype(x), widths)[0] == 'grouped'
+    if n_set > grouped_max_sets and not grouped:
         hidden = torch.bmm(x.unsqueeze(1), w_down.index_select(0, token_set)).squeeze(1)   # [T, b]
         hidden = F.relu(hidden + b_down.index_select(0, token_set))
         out = torch.bmm(hidden.unsqueeze(1), w_up.index_select(0, token_set)).squeeze(1)   # [T, d]
         return out + b_up.index_select(0, token_set)
-    order = torch.argsort(token_set, stable=True)                                          # tokens grouped by set
-    counts = torch.bincount(token_set, minlength=n_set).tolist()
-    # unbind: the backward stacks the per-set gradients once instead of U full-size scatters
-    w_down, b_down, w_up, b_up = (w.unbind(0) for w in (w_down, b_down, w_up, b_up))
-    outs = []
-    for u, chunk in enumerate(x.index_select(0, order).split(counts)):
-        if counts[u]:
-            hidden = F.relu(torch.addmm(b_down[u], chunk, w_down[u]))                      # [S_u, b]
-            outs.append(torch.addmm(b_up[u], hidden, w_up[u]))                             # [S_u, d]
-    y_sorted = torch.cat(outs, 0)                                                          # [T, d] by set
+    sorted_set, order = torch.sort(token_set, stable=True)                                 # tokens grouped by set
+    x_sorted = x.index_select(0, order)                                                    # [T, d]
+    if grouped:
+        dtype = compute_dtype(x)
+        ends = group_ends(sorted_set, n_set)
+        hidden = grouped_mm(x_sorted.to(dtype), w_down.to(dtype), ends).add_(b_down.to(dtype).index_select(0, sorted_set))
+        y_sorted = grouped_mm(F.relu(hidden), w_up.to(dtype), ends).add_(b_up.to(dtype).index_select(0, sorted_set))
+    else:
+        counts = torch.bincount(token_set, minlength=n_set).tolist()
+        # unbind: the backward stacks the per-set gradients once instead of U full-size scatters
+        w_down, b_down, w_up, b_up = (w.unbind(0) for w in (w_down, b_down, w_up, b_up))
+        outs = []
+        for u, chunk in enumerate(x_sorted.split(counts)):
+            if counts[u]:
+                hidden = F.relu(torch.addmm(b_down[u], chunk, w_down[u]))                  # [S_u, b]
+                outs.append(torch.addmm(b_up[u], hidden, w_up[u]))                         # [S_u, d]
+        y_sorted = torch.cat(outs, 0)                                                      # [T, d] by set
     return torch.empty_like(y_sorted).index_copy(0, order, y_sorted)                       # token order
 
 
@@ -290,10 +328,11 @@ class HyperExpert(nn.Module):
 
     grouped_max_sets = GROUPED_MAX_SETS      # run_adapters: group tokens by set up to this many sets
 
-    def __init__(self, num_expert, generator, layer_index):
+    def __init__(self, num_expert, generator, layer_index, engine='auto'):
         super().__init__()
         emb_dim = generator.cond_dim
         self.layer_index = layer_index
+        self.engine = engine                 # run_adapters' engine (auto|grouped|loop), as the MoE block's
         self.expert_emb = nn.Embedding(num_expert, emb_dim)
         self.mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.ReLU(), nn.Linear(emb_dim, emb_dim))
         self._generator = (generator,)       # in a tuple, so that nn.Module does not register it here too
@@ -323,7 +362,7 @@ class HyperExpert(nn.Module):
             sets, token_set = top_idx, torch.arange(top_idx.size(0), device=top_idx.device)
         cond = self.mlp(self.unselected_sum(sets))                                        # [U, c]
         adapters = [w.to(x.dtype) for w in self.generator(cond, self.layer_index)]
-        return run_adapters(x, token_set, *adapters, self.grouped_max_sets)
+        return run_adapters(x, token_set, *adapters, self.grouped_max_sets, self.engine)
 
 
 class MoEPositionwiseFF(nn.Module):
@@ -332,20 +371,24 @@ class MoEPositionwiseFF(nn.Module):
     Given the model's `hyper_expert_generator` (HyperMoE) the block has a `HyperExpert` whose output
     is added to the experts' mixture, before the block's dropout, residual and LayerNorm.
     `layer_index` (the block's layer) names the layer to the HyperExpert generator and seeds THOR's
-    evaluation draws.
+    evaluation draws. `engine` (auto|grouped|loop) computes the experts of the torch backend (see
+    choose_engine); it is no part of the checkpoint.
     """
 
     def __init__(self, d_model, d_inner, dropout, pre_lnorm=False, num_expert=16, top_k=2,
                  gate_name='smoe', hyper_size=256, backend='auto', thor_inference='random', layer_index=0,
-                 hyper_expert_generator=None):
+                 hyper_expert_generator=None, engine='auto'):
         super().__init__()
         check_backend(backend)
+        if engine not in ENGINES:
+            raise ValueError(f'unknown moe_engine {engine!r}; choose one of {", ".join(ENGINES)}')
         self.pre_lnorm = pre_lnorm
         self.backend = backend
+        self.engine = engine
         self.gate = build_gate(gate_name, d_model, num_expert, top_k, hyper_size, thor_inference, layer_index)
         self.experts = Experts(num_expert, d_model, d_inner, dropout)
         if hyper_expert_generator is not None:
-            self.hyper_expert = HyperExpert(num_expert, hyper_expert_generator, layer_index)
+            self.hyper_expert = HyperExpert(num_expert, hyper_expert_generator, layer_index, engine)
         else:
             self.hyper_expert = None
         self.layer_norm = nn.LayerNorm(d_model)
@@ -363,8 +406,10 @@ class MoEPositionwiseFF(nn.Module):
             self.stats.update(logits, top_idx)
         if self.balance is not None:
             self.balance.append(switch_balance_loss(logits, top_idx))
-        mix = fastmoe_moe if self._use_fastmoe(x) else torch_moe
-        y = mix(x, top_idx, top_score, self.experts)
+        if self._use_fastmoe(x):
+            y = fastmoe_moe(x, top_idx, top_score, self.experts)
+        else:
+            y = torch_moe(x, top_idx, top_score, self.experts, self.engine)
         if self.hyper_expert is not None:
             y = y + self.hyper_expert(x, top_idx)                              # HyperMoE: added unweighted
         return y
@@ -374,6 +419,19 @@ class MoEPositionwiseFF(nn.Module):
         x = self.layer_norm(inp) if self.pre_lnorm else inp
         core_out = self.dropout(self.moe(x.reshape(-1, x.size(-1))).view_as(x))
         return inp + core_out if self.pre_lnorm else self.layer_norm(inp + core_out)
+
+
+def describe_engine(model, device, dtype, compiling=False):
+    """One line saying how the model's MoE blocks compute their experts on `device` in `dtype`."""
+    blocks = list(moe_blocks(model).values())
+    if not blocks:
+        return 'moe engine: none (dense model)'
+    block = blocks[0]
+    if block._use_fastmoe(torch.empty(0, device=device)):
+        return 'moe engine: fastmoe'
+    _, d_inner, d_model = block.experts.htoh4.weight.shape
+    name, reason = choose_engine(block.engine, torch.device(device), dtype, (d_model, d_inner), compiling)
+    return f'moe engine: {name} ({reason}; {dtype} on {torch.device(device).type})'
 
 
 def moe_blocks(model):

@@ -11,7 +11,7 @@ setup(
     license='MIT',
     python_requires='>=3.9',
     py_modules=['adaptive_softmax', 'analysis', 'bench', 'custom_gate', 'data_utils', 'eval', 'figures',
-                'finetune', 'finetune_data', 'hyper_router', 'mem_transformer', 'moe', 'run_utils',
+                'finetune', 'finetune_data', 'hyper_router', 'mem_transformer', 'moe', 'moe_engine', 'run_utils',
                 'synthetic_corpus', 'train'],
     install_requires=requirements,
     entry_points={'console_scripts': ['hyperrouter-train=train:main', 'hyperrouter-eval=eval:main',

@@ -30,7 +30,8 @@ from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from custom_gate import THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
-from moe import BACKENDS, GATES, MOE_VARIANTS, record_balance_losses, record_router_stats, uses_thor
+from moe import BACKENDS, GATES, MOE_VARIANTS, describe_engine, record_balance_losses, record_router_stats, uses_thor
+from moe_engine import ENGINES, grouped_mm_problem
 from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, git_commit,
                        make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
 
@@ -120,6 +121,9 @@ def build_parser():
     add(moe, '--moe-top-k-min', type=int, default=2, help='k at the start of linear_increase')
     add(moe, '--moe-top-k-max', type=int, default=16, help='k at the end of linear_increase')
     add(moe, '--moe_backend', default='auto', choices=BACKENDS, help='auto: fastmoe on CUDA when installed')
+    add(moe, '--moe_engine', default='auto', choices=ENGINES,
+        help='how the torch backend runs the experts: grouped (torch grouped_mm, no host sync; CPU fp32/bf16, CUDA '
+             'bf16 on compute capability >= 8.0), loop (a Python loop over experts), auto (grouped where it runs)')
     add_method_args(p)
     opt = p.add_argument_group('optimisation')
     add(opt, '--optim', default='adam', choices=['adam', 'sgd', 'adagrad'])
@@ -142,7 +146,11 @@ def build_parser():
     run = p.add_argument_group('running')
     add(run, '--cuda', action='store_true', help='train on the GPU')
     add(run, '--multi_gpu', action='store_true', help='all visible GPUs (DataParallel; prefer torchrun)')
-    add(run, '--amp', action='store_true', help='bf16 autocast on the GPU')
+    add(run, '--amp', action='store_true', help='bf16 autocast on the GPU (the routers stay in fp32)')
+    add(run, '--no_tf32', action='store_true', help='with --cuda, keep fp32 matmuls in full fp32 (default: TF32, '
+                                                    'as PyTorch did by default on A100 in the original code\'s era)')
+    add(run, '--compile', action='store_true', help='torch.compile the model for training (once per k and for the '
+                                                    'first, memory-less segment; --moe_engine auto takes grouped)')
     add(run, '--log-interval', type=int, default=200, help='steps between log lines')
     add(run, '--eval-interval', type=int, default=4000, help='steps between validations and checkpoints')
     add(run, '--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
@@ -177,6 +185,11 @@ def check_args(args, parser):
         parser.error('--cuda given but no CUDA device is available; drop --cuda to train on the CPU')
     if args.amp and not args.cuda:
         parser.error('--amp (bf16 autocast) needs --cuda')
+    if args.moe and args.moe_engine == 'grouped' and args.moe_backend != 'fastmoe':
+        problem = grouped_mm_problem(torch.device('cuda' if args.cuda else 'cpu'),
+                                     torch.bfloat16 if args.amp else torch.float32, (args.d_model, args.d_inner))
+        if problem:
+            parser.error(f'--moe_engine grouped cannot run: {problem}; use --moe_engine auto or loop')
     if args.thor_alpha < 0 or args.load_balance < 0:
         parser.error('--thor_alpha and --load_balance must be non-negative')
     if not args.moe and (args.moe_variant != 'plain' or args.load_balance > 0):
@@ -227,7 +240,7 @@ def model_config(args, n_token):
                 ext_len=args.ext_len, mem_len=args.mem_len, cutoffs=cutoffs, same_length=args.same_length,
                 clamp_len=args.clamp_len, moe=args.moe, moe_num_expert=args.moe_num_expert,
                 moe_top_k=args.moe_top_k, gate_name=resolve_gate_name(args), moe_index=args.moe_index,
-                hyper_size=args.hyper_size, moe_backend=args.moe_backend, init=args.init,
+                hyper_size=args.hyper_size, moe_backend=args.moe_backend, moe_engine=args.moe_engine, init=args.init,
                 init_range=args.init_range, init_std=args.init_std, proj_init_std=args.proj_init_std,
                 thor_inference=args.thor_inference, moe_variant=args.moe_variant,
                 hypermoe_emb_dim=args.hypermoe_emb_dim, hypermoe_hidden=args.hypermoe_hidden,
@@ -243,6 +256,21 @@ def learning_rate(step, args):
     if args.scheduler == 'inv_sqrt':    # as in "Attention is all you need"
         return args.lr / math.sqrt(step) if step > 0 else args.lr
     return args.lr
+
+
+def set_matmul_precision(args):
+    """TF32 for fp32 matmuls and convolutions on the GPU unless --no_tf32: PyTorch < 1.12 used it by
+    default on A100, the original code's runs with it; without it a plain fp32 run is several times slower."""
+    if args.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+
+
+def compile_model(module):
+    """torch.compile for training. Every k of a dynamic-k schedule (8..16) and the first, memory-less
+    segment is a graph of its own, more than dynamo's default limit of 8 recompilations."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    return torch.compile(module)
 
 
 def current_top_k(step, args):
@@ -318,6 +346,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, args)
         self.thor = uses_thor(args.moe, args.gate_name)
         self.para_model = self._wrap(ThorObjective(self.model) if self.thor else self.model)
+        if args.compile:
+            self.para_model = compile_model(self.para_model)
         self.tr_iter = corpus.get_iterator('train', args.batch_size, args.tgt_len, ddp.device, args.ext_len)
         self.va_iter = corpus.get_iterator('valid', evaluation.EVAL_BATCH_SIZE, args.eval_tgt_len, ddp.device,
                                            args.ext_len)
@@ -454,8 +484,9 @@ class Trainer:
                  f'| ms/batch {elapsed * 1000 / w["steps"]:5.2f} | loss {mean:5.2f} '
                  f'| {self.metric} {loss_to_metric(mean, self.args.dataset):9.5f}' + (f' | k {k}' if k else '')
                  + ''.join(f' | {name} {value:.4g}' for name, value in terms.items()))
+        memory = {'peak_mem_gib': torch.cuda.max_memory_allocated(self.ddp.device) / 2 ** 30} if self.args.cuda else {}
         self.log.record(self.step, 'train', loss=mean, lr=lr, top_k=k,
-                        tokens_per_s=w['tokens'] / max(elapsed, 1e-9),
+                        tokens_per_s=w['tokens'] / max(elapsed, 1e-9), **memory,
                         **{self.metric: loss_to_metric(mean, self.args.dataset)}, **terms)
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
 
@@ -590,6 +621,10 @@ def train_in(run_dir, args, ddp, corpus, ckpt):
     log(f'run directory: {run_dir}' + (f' (resumed at step {trainer.step})' if ckpt else ''))
     log('    ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
     log(f'parameters: {param_breakdown(trainer.model)}')
+    if args.moe:
+        log(describe_engine(trainer.model, ddp.device, torch.bfloat16 if args.amp else torch.float32, args.compile))
+    if args.cuda:
+        log(f'fp32 matmuls in TF32: {"no (--no_tf32)" if args.no_tf32 else "yes (--no_tf32 turns it off)"}')
     try:
         status = trainer.run()
     except NonFiniteLoss as err:
@@ -621,6 +656,7 @@ def start(args, ddp):
 
 def main(argv=None):
     args = parse_args(argv)
+    set_matmul_precision(args)
     ddp = Distributed(args.cuda)
     try:
         status = start(args, ddp)

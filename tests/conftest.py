@@ -1,4 +1,8 @@
-"""Tiny CPU configurations shared by the tests."""
+"""Tiny CPU configurations shared by the tests, and the device of the device-aware tests.
+
+`python -m pytest --device cuda -m device` runs the device-aware tests (marked `device`, taking the
+`device` fixture) on a GPU, as script/gpu_check.sh does; the default is the CPU.
+"""
 import pytest
 import torch
 
@@ -20,3 +24,17 @@ def tiny_model(seed=0, **overrides):
 def tokens():
     gen = torch.Generator().manual_seed(123)
     return torch.randint(0, TINY['n_token'], (13, 3), generator=gen)   # [T + 1, B]
+
+
+def pytest_addoption(parser):
+    parser.addoption('--device', default='cpu', help='device of the device-aware tests (cpu, cuda, cuda:1)')
+
+
+@pytest.fixture(scope='session')
+def device(request):
+    name = request.config.getoption('--device')
+    dev = torch.device(name)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        pytest.exit(f'error: --device {name} given but torch sees no CUDA device; drop --device or run on a GPU',
+                    returncode=4)
+    return dev
