@@ -210,6 +210,11 @@ def table_of_runs(run_dirs, kind='best_dense'):
     elif any(s['n'] > 1 for s in summaries):
         text += '\nmean ± sample std (n - 1) over seeds; n (seeds): ' + ', '.join(
             f"{s['method']} {s['n']} ({' '.join(map(str, s['seeds']))})" for s in summaries)
+    for s in summaries:
+        repeated = sorted({seed for seed in s['seeds'] if s['seeds'].count(seed) > 1})
+        if repeated:
+            text += (f"\nnote: {s['method']} has several runs of seed {', '.join(map(str, repeated))}; each counts "
+                     'in its mean and std (on a CPU, one seed gives the same numbers: the std is understated)')
     return text, summaries
 
 

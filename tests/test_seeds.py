@@ -94,6 +94,12 @@ def test_a_single_run_prints_as_before(tmp_path, capsys):
                                        'corpus floor (bpc): 1.040\n')
 
 
+def test_the_table_says_when_a_seed_is_repeated(tmp_path):
+    runs = [write_run(tmp_path, name, {1: 1.0}, seed=1) for name in ('a', 'b')]
+    text, _ = evaluation.table_of_runs(runs)
+    assert text.splitlines()[-1].startswith('note: SMoE has several runs of seed 1')
+
+
 def test_table_json_writes_the_records(tmp_path, capsys):
     runs = [write_run(tmp_path, f's{seed}', {1: v}, seed=seed) for seed, v in ((1, 1.0), (2, 2.0))]
     out = str(tmp_path / 'table.json')
