@@ -203,19 +203,25 @@ def table_of_runs(run_dirs, kind='best_dense'):
     columns = {s['method']: {k: seeds.format_cell(stats, s['n']) for k, stats in s['results'].items()}
                for s in summaries}
     floor = next((s['bpc_floor'] for s in summaries if 'bpc_floor' in s), None)
-    text = format_table(columns, summaries[-1]['metric'], floor)
+    return '\n'.join([format_table(columns, summaries[-1]['metric'], floor), *seed_notes(summaries)]), summaries
+
+
+def seed_notes(summaries):
+    """The lines under a table with several seeds: what the spread is, the seeds of each column, repeated seeds."""
+    if all(s['n'] == 1 for s in summaries):
+        return []
     seed_lists = {' '.join(map(str, s['seeds'])) for s in summaries}
-    if any(s['n'] > 1 for s in summaries) and len(seed_lists) == 1:
-        text += f"\nmean ± sample std (n - 1) over n = {summaries[0]['n']} seeds ({seed_lists.pop()}) in every column"
-    elif any(s['n'] > 1 for s in summaries):
-        text += '\nmean ± sample std (n - 1) over seeds; n (seeds): ' + ', '.join(
-            f"{s['method']} {s['n']} ({' '.join(map(str, s['seeds']))})" for s in summaries)
+    if len(seed_lists) == 1:
+        lines = [f"mean ± sample std (n - 1) over n = {summaries[0]['n']} seeds ({seed_lists.pop()}) in every column"]
+    else:
+        lines = ['mean ± sample std (n - 1) over seeds; n (seeds): ' + ', '.join(
+            f"{s['method']} {s['n']} ({' '.join(map(str, s['seeds']))})" for s in summaries)]
     for s in summaries:
         repeated = sorted({seed for seed in s['seeds'] if s['seeds'].count(seed) > 1})
         if repeated:
-            text += (f"\nnote: {s['method']} has several runs of seed {', '.join(map(str, repeated))}; each counts "
-                     'in its mean and std (on a CPU, one seed gives the same numbers: the std is understated)')
-    return text, summaries
+            lines.append(f"note: {s['method']} has several runs of seed {', '.join(map(str, repeated))}; each counts "
+                         'in its mean and std (on a CPU, one seed gives the same numbers: the std is understated)')
+    return lines
 
 
 def one_run_per_seed(flag, groups):
