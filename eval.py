@@ -180,8 +180,8 @@ def read_runs(run_dirs, kind='best_dense'):
     configs = [seeds.read_config(d) for d in run_dirs]
     entries = [read_results(d, kind) for d in run_dirs]
     groups = seeds.group_runs(configs, [e['method'] for e in entries])
-    return [(label, [(entries[i].get('seed', seeds.run_seed(configs[i])), run_dirs[i], entries[i]) for i in members])
-            for label, members in groups]
+    run_seeds = [e['seed'] if 'seed' in e else seeds.run_seed(c) for e, c in zip(entries, configs)]  # older runs
+    return [(label, [(run_seeds[i], run_dirs[i], entries[i]) for i in members]) for label, members in groups]
 
 
 def group_summary(label, runs):
