@@ -8,12 +8,13 @@
     drawn by figures.py from what is computed here
 
 Every analysis reads a run directory written by train.py and runs on the CPU, whatever device trained it.
+Runs that differ only in seed are one configuration (seeds.group_runs): entropy, load and Figure 1 report
+their mean ± sample std over the seeds; the analyses of one model's weights or shape take its first run.
 The command line is eval.py's (`add_arguments` and `run` below; `python eval.py --help`).
 
 Shapes: N tokens, T window length, B batch, d = d_model, E experts, L MoE layers.
 """
 import contextlib
-import json
 import math
 import os
 import sys
@@ -24,22 +25,19 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 import eval as evaluation
 from bench import SMALL, analytic_eval_flops
 from data_utils import DataError, get_lm_corpus
-from figures import entropy_of, plot_framework, plot_load, plot_metric_vs_k, plot_router_outputs, plot_spectra
+from figures import (entropy_of, plot_entropy, plot_framework, plot_load, plot_load_profiles, plot_metric_vs_k,
+                     plot_router_outputs, plot_spectra)
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
 from moe import moe_blocks, record_router_stats, uses_thor
 from run_utils import RunError
+from seeds import group_runs, mean_std, read_config
 
 CHECKPOINT_FILES = {**evaluation.CHECKPOINTS, 'last': evaluation.LAST_CHECKPOINT}
 DEFAULT_JACOBIAN_CHECKPOINTS = 'init,best,best_dense,last'
 
 
 # ----------------------------------------------------------------------------- runs and checkpoints
-
-def read_config(run_dir):
-    with open(os.path.join(run_dir, 'config.json')) as f:
-        return json.load(f)
-
 
 def load_model(run_dir, checkpoint='best_dense'):
     """(checkpoint dict, model on the CPU in eval mode).
@@ -60,14 +58,22 @@ def load_model(run_dir, checkpoint='best_dense'):
     return ckpt, evaluation.model_from_checkpoint(ckpt)
 
 
-def run_labels(run_dirs, configs):
-    """The paper's method name of each run, made unique with the run directory's name."""
-    return unique_labels(run_dirs, [evaluation.method_name(cfg) for cfg in configs])
+def config_groups(run_dirs):
+    """[(label, [run_dir, ...], model_config)]: the runs grouped by configuration (those that differ only in seed
+    are one group), labelled with the paper's method name (seeds.group_runs)."""
+    configs = [read_config(d) for d in run_dirs]
+    groups = group_runs(configs, [evaluation.method_name(c['model_config']) for c in configs])
+    return [(label, [run_dirs[i] for i in members], configs[members[0]]['model_config']) for label, members in groups]
 
 
-def unique_labels(run_dirs, names):
-    return [name if names.count(name) == 1 else f'{name} ({os.path.basename(os.path.normpath(d))})'
-            for name, d in zip(names, run_dirs)]
+def first_seeds(groups):
+    """[(label, run_dir, model_config)]: one run per configuration, for analyses of one model's weights (the
+    routers' softmax, the Jacobian) or of its shape (FLOPs, parameters); a note says which run stands for several."""
+    for label, run_dirs, _ in groups:
+        if len(run_dirs) > 1:
+            print(f'{label}: {len(run_dirs)} runs differing only in seed; analysing the first, {run_dirs[0]}',
+                  file=sys.stderr)
+    return [(label, run_dirs[0], cfg) for label, run_dirs, cfg in groups]
 
 
 def eval_iterator(ckpt, split='test', data=None):
@@ -363,16 +369,21 @@ FIGURE_DEFAULTS = {'plot': 'Figs/fig1_metric_vs_k.png', 'routers': 'Figs/fig4_ro
 
 def add_arguments(parser):
     """The analysis commands and their options, added to eval.py's parser."""
-    group = parser.add_argument_group('analyses (paper tables and figures, on the CPU; one command at a time)')
+    group = parser.add_argument_group('analyses (paper tables and figures, on the CPU; one command at a time; '
+                                      'runs that differ only in seed are grouped: --plot, --entropy and --load '
+                                      'give their mean ± sample std, the others analyse the first run of a group)')
     cmd = group.add_mutually_exclusive_group()
-    cmd.add_argument('--entropy', nargs='+', metavar='RUN', help="Tables 4/A5: entropy of each router's softmax")
-    cmd.add_argument('--load', nargs='+', metavar='RUN', help='expert load per router (heat-map with --out)')
+    cmd.add_argument('--entropy', nargs='+', metavar='RUN', help="Tables 4/A5: entropy of each router's softmax "
+                                                                 '(bars with --out)')
+    cmd.add_argument('--load', nargs='+', metavar='RUN', help='expert load per router (heat-map with --out; with '
+                                                              'several seeds, the sorted load, mean ± std)')
     cmd.add_argument('--flops', nargs='*', metavar='RUN', help='Table A3: inference FLOPs at each k of --ks '
                                                               "(no RUN: the paper's small enwik8 model)")
     cmd.add_argument('--params', nargs='*', metavar='RUN', help="Table A4: parameters (no RUN: the paper's model)")
     cmd.add_argument('--jacobian', nargs='+', metavar='RUN', help='Section 3.3: rank of the router term of dL/dh '
                                                                   'over --checkpoints (spectra with --out)')
-    cmd.add_argument('--plot', nargs='+', metavar='RUN', help="Figure 1: test metric vs k from the runs' results.json")
+    cmd.add_argument('--plot', nargs='+', metavar='RUN', help="Figure 1: test metric vs k from the runs' results.json "
+                                                              '(runs differing only in seed: mean ± std)')
     cmd.add_argument('--routers', nargs='+', metavar='RUN', help="Figure 4: the routers' softmax at --tokens")
     cmd.add_argument('--diagram', action='store_true', help='Figure 3: SMoE, SMoE-Dropout and HyperRouter')
     group.add_argument('--out', help='figure file (.png); defaults: ' + ', '.join(
@@ -391,28 +402,31 @@ def add_arguments(parser):
                                                                 'largest count in the rank')
 
 
-def moe_runs(run_dirs):
-    """[(label, run_dir, model_config)] of the runs that have MoE layers; dense runs are skipped with a note."""
-    configs = [read_config(d)['model_config'] for d in run_dirs]
+def moe_groups(run_dirs):
+    """config_groups of the runs that have MoE layers; dense runs are skipped with a note."""
     kept = []
-    for label, run_dir, cfg in zip(run_labels(run_dirs, configs), run_dirs, configs):
+    for label, group, cfg in config_groups(run_dirs):
         if cfg['moe']:
-            kept.append((label, run_dir, cfg))
+            kept.append((label, group, cfg))
         else:
-            print(f'{run_dir}: a dense model has no router, skipped', file=sys.stderr)
+            print(f'{", ".join(group)}: a dense model has no router, skipped', file=sys.stderr)
     if not kept:
         sys.exit('none of the runs has MoE layers')
     return kept
 
 
 def stats_command(args, runs):
-    """{label: {layer: RouterStats}} at the chosen checkpoint and k, with the k of each in a header line."""
+    """{label: [{layer: RouterStats} of each seed's run]} at the chosen checkpoint and k, with the k of each
+    in a header line."""
     stats, ks = {}, []
-    for label, run_dir, _ in moe_runs(runs):
-        ckpt, model = load_model(run_dir, args.checkpoint)
-        ks.append(f'{label} k = {prepare(model, ckpt, args.k)}')
-        stats[label] = router_stats(model, eval_iterator(ckpt, args.split, args.data), ckpt['args'],
-                                    args.max_eval_steps)
+    for label, group, _ in moe_groups(runs):
+        stats[label] = []
+        for run_dir in group:
+            ckpt, model = load_model(run_dir, args.checkpoint)
+            k = prepare(model, ckpt, args.k)
+            stats[label].append(router_stats(model, eval_iterator(ckpt, args.split, args.data), ckpt['args'],
+                                             args.max_eval_steps))
+        ks.append(f'{label} k = {k}' + (f' ({len(group)} seeds)' if len(group) > 1 else ''))
     print(f'{args.split} split, checkpoint {args.checkpoint}, ' + ', '.join(ks)
           + (f', first {args.max_eval_steps} windows' if args.max_eval_steps > 0 else ''))
     return stats
@@ -420,18 +434,64 @@ def stats_command(args, runs):
 
 def entropy_command(args):
     stats = stats_command(args, args.entropy)
-    n_expert = n_experts(next(iter(stats.values())))
-    print(f"Entropy of the routers' softmax over all tokens, mean ± std (nats; uniform: log {n_expert} = "
-          f'{math.log(n_expert):.4f})')
-    print(format_entropy_table(stats))
+    n_expert = n_experts(next(iter(stats.values()))[0])
+    uniform = f'uniform: log {n_expert} = {math.log(n_expert):.4f}'
+    values = {label: {i: [run[i].mean_entropy for run in runs] for i in runs[0]} for label, runs in stats.items()}
+    if all(len(runs) == 1 for runs in stats.values()):
+        print(f"Entropy of the routers' softmax over all tokens, mean ± std (nats; {uniform})")
+        print(format_entropy_table({label: runs[0] for label, runs in stats.items()}))
+    else:
+        print(f"Entropy of the routers' softmax, mean over the tokens, then mean ± sample std over seeds "
+              f'(nats; {uniform})')
+        print(format_entropy_over_seeds(values))
+    if args.out:
+        plot_entropy(values, args.out)
+
+
+def format_entropy_over_seeds(values):
+    """Table A5 shape over seeds: {label: {layer: [mean entropy of each seed's run]}} -> 'mean ± std' cells."""
+    layers = sorted({i for layer_values in values.values() for i in layer_values})
+    labels = {label: f'{label} (n={len(next(iter(v.values())))})' for label, v in values.items()}
+    width = max(14, *(len(text) + 2 for text in labels.values()))
+    lines = [f"{'Method':<{width}}" + ''.join(f'{f"Router {i + 1}":>17}' for i in layers)]
+    for label, layer_values in values.items():
+        cells = []
+        for i in layers:
+            mean, std = mean_std(layer_values[i]) if i in layer_values else (None, None)
+            cells.append('-' if mean is None else f'{mean:.4f}' + ('' if std is None else f' ± {std:.4f}'))
+        lines.append(f'{labels[label]:<{width}}' + ''.join(f'{c:>17}' for c in cells))
+    return '\n'.join(lines)
 
 
 def load_command(args):
     stats = stats_command(args, args.load)
-    for label, layer_stats in stats.items():
-        print(format_load_table(label, layer_stats))
+    if all(len(runs) == 1 for runs in stats.values()):
+        for label, runs in stats.items():
+            print(format_load_table(label, runs[0]))
+        if args.out:
+            plot_load({label: runs[0] for label, runs in stats.items()}, args.out)
+        return
+    profiles = {label: {i: [sorted(run[i].load_fraction, reverse=True) for run in runs] for i in runs[0]}
+                for label, runs in stats.items()}
+    for label, layers in profiles.items():
+        print(format_load_profile(label, layers))
     if args.out:
-        plot_load(stats, args.out)
+        plot_load_profiles(profiles, args.out)
+
+
+def format_load_profile(label, layers):
+    """Per layer, the load of the experts sorted from the most used (mean over seeds, %; an expert's number means
+    nothing across seeds), and max / mean as mean ± sample std over seeds."""
+    n_expert, n_runs = len(next(iter(layers.values()))[0]), len(next(iter(layers.values())))
+    lines = [f'{label}: expert load sorted from the most used expert, mean of {n_runs} seeds '
+             f'(% of routed token slots; uniform = {100 / n_expert:.1f} %)',
+             'layer' + ''.join(f'{f"#{r + 1}":>6}' for r in range(n_expert)) + f"{'max/mean':>16}"]
+    for i, runs in layers.items():
+        mean_profile = [mean_std([run[r] for run in runs])[0] for r in range(n_expert)]
+        peak, spread = mean_std([run[0] * n_expert for run in runs])
+        lines.append(f'{i + 1:>5}' + ''.join(f'{100 * f:6.1f}' for f in mean_profile)
+                     + f'{f"{peak:.2f} ± {spread:.2f}":>16}')
+    return '\n'.join(lines)
 
 
 PAPER_ROUTERS = ('smoe', 'smoe_dropout', 'hyper_router')
@@ -445,10 +505,9 @@ def paper_models():
 
 
 def run_models(run_dirs):
-    """[(label, config, model)] of the runs, built from their config.json (weights do not change a count)."""
-    loaded = [load_model(d, 'init') for d in run_dirs]
-    labels = run_labels(run_dirs, [ckpt['model_config'] for ckpt, _ in loaded])
-    return [(label, ckpt, model) for label, (ckpt, model) in zip(labels, loaded)]
+    """[(label, config, model)] of one run per configuration, built from its config.json (weights do not change
+    a count, nor does the seed)."""
+    return [(label, *load_model(run_dir, 'init')) for label, run_dir, _ in first_seeds(config_groups(run_dirs))]
 
 
 def flops_command(args):
@@ -484,7 +543,7 @@ def params_command(args):
 def jacobian_command(args):
     checkpoints = [c for c in args.checkpoints.split(',') if c.strip()]
     results = {}
-    for label, run_dir, cfg in moe_runs(args.jacobian):
+    for label, run_dir, cfg in first_seeds(moe_groups(args.jacobian)):
         rows = jacobian_rows(run_dir, checkpoints, args.data, args.split, args.max_tokens, args.k, args.rtol)
         results[label] = (cfg, rows)
         print(format_jacobian_table(label, cfg, rows))
@@ -493,15 +552,15 @@ def jacobian_command(args):
 
 
 def plot_command(args):
-    entries = [evaluation.read_results(d, args.checkpoint) for d in args.plot]
-    labels = unique_labels(args.plot, [e['method'] for e in entries])
-    plot_metric_vs_k(dict(zip(labels, entries)), args.out or FIGURE_DEFAULTS['plot'])
+    summaries = {label: evaluation.group_summary(label, runs) for label, runs in
+                 evaluation.read_runs(args.plot, args.checkpoint)}
+    plot_metric_vs_k(summaries, args.out or FIGURE_DEFAULTS['plot'])
 
 
 def routers_command(args):
     tokens = [int(t) for t in args.tokens.split(',') if t.strip()]
     probs = {}
-    for label, run_dir, _ in moe_runs(args.routers):
+    for label, run_dir, _ in first_seeds(moe_groups(args.routers)):
         ckpt, model = load_model(run_dir, args.checkpoint)
         prepare(model, ckpt, args.k)
         probs[label] = router_probabilities(model, eval_iterator(ckpt, args.split, args.data), ckpt['args'], tokens)
@@ -519,8 +578,8 @@ def run(args, parser):
     chosen = [name for name in COMMANDS if getattr(args, name) not in (None, False)]
     if not chosen:
         return False
-    if args.run or args.table:
-        parser.error(f'--{chosen[0]} is a command of its own; drop --run / --table')
+    if args.run or args.table or args.compare:
+        parser.error(f'--{chosen[0]} is a command of its own; drop --run / --table / --compare')
     try:
         COMMANDS[chosen[0]](args)
     except (DataError, RunError) as err:

@@ -2,7 +2,9 @@
 
   python eval.py --run RUN_DIR [--ks 1,2,4,8,16] [--split test|valid] [--max_eval_steps N] [--json OUT]
                  [--thor_inference random|average]
-  python eval.py --table RUN_A RUN_B ...      # side-by-side table of the runs' results.json
+  python eval.py --table RUN_A RUN_B ... [--json OUT]  # the runs' results.json side by side; runs that
+                                              # differ only in seed: one column, mean ± std over the seeds
+  python eval.py --compare RUN_A ... -- RUN_B ...  # A against B seed by seed: paired t-test at each k
   python eval.py --entropy|--load|--jacobian|--plot|--routers RUN ...  # analyses (analysis.py; see --help)
   python eval.py --flops|--params [RUN ...]   # Tables A3, A4 (no RUN: the paper's small enwik8 model)
   python eval.py --diagram                    # Figure 3
@@ -19,6 +21,7 @@ import sys
 
 import torch
 
+import seeds
 from custom_gate import THOR_INFERENCE
 from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from hyper_router import set_top_k
@@ -114,22 +117,25 @@ def results_entry(ckpt, kind, split, results, bpc_floor=None):
     entry = {'dataset': ckpt['args']['dataset'], 'metric': dataset_metric(ckpt['args']['dataset']),
              'split': split, 'gate': ckpt['model_config']['gate_name'] if ckpt['model_config']['moe'] else 'dense',
              'method': method_name(ckpt['model_config']), 'checkpoint': kind, 'step': ckpt['step'],
-             'results': results}
+             'seed': ckpt['args']['seed'], 'results': results}
     if bpc_floor is not None:
         entry['bpc_floor'] = bpc_floor
     return entry
 
 
 def format_table(columns, metric, floor=None):
-    """Paper Table 1 shape: rows k, one column per method; a dense model's value sits in the last row."""
+    """Paper Table 1 shape: rows k, one column per method; a dense model's value sits in the last row.
+    A cell is a number (written with 3 decimals) or a text such as '1.080 ± 0.004'."""
     ks = sorted({int(k) for res in columns.values() for k in res if k != 'dense'}) or [16]
-    width = max(14, *(len(name) + 2 for name in columns))
+    texts = [len(v) for res in columns.values() for v in res.values() if isinstance(v, str)]
+    width = max(14, *(len(name) + 2 for name in columns), *(n + 2 for n in texts))
     lines = [f"{'k':>4}" + ''.join(f'{name:>{width}}' for name in columns)]
     for k in ks:
         cells = []
         for res in columns.values():
             value = res.get(str(k), res.get('dense') if k == ks[-1] else None)
-            cells.append(f'{value:>{width}.3f}' if value is not None else f"{'-':>{width}}")
+            value = '-' if value is None else value
+            cells.append(f'{value:>{width}}' if isinstance(value, str) else f'{value:>{width}.3f}')
         lines.append(f'{k:>4}' + ''.join(cells))
     if floor is not None:
         lines.append(f'corpus floor ({metric}): {floor:.3f}')
@@ -223,14 +229,101 @@ def read_results(run_dir, kind='best_dense'):
     return next((e for e in entries if e['checkpoint'] == kind), entries[0])
 
 
+def read_runs(run_dirs, kind='best_dense'):
+    """[(label, [(seed, run_dir, results.json entry)])]: the runs grouped by configuration (those that differ
+    only in seed form one group, seeds.group_runs), labelled with the method's name."""
+    configs = [seeds.read_config(d) for d in run_dirs]
+    entries = [read_results(d, kind) for d in run_dirs]
+    groups = seeds.group_runs(configs, [e['method'] for e in entries])
+    run_seeds = [e['seed'] if 'seed' in e else seeds.run_seed(c) for e, c in zip(entries, configs)]  # older runs
+    return [(label, [(run_seeds[i], run_dirs[i], entries[i]) for i in members]) for label, members in groups]
+
+
+def group_summary(label, runs):
+    """The --table record of one configuration: its seeds, its runs and {k: {mean, std, n, values}}."""
+    first = runs[0][2]
+    summary = {'method': label, 'dataset': first['dataset'], 'metric': first['metric'], 'split': first['split'],
+               'checkpoint': first['checkpoint'], 'n': len(runs), 'seeds': [seed for seed, _, _ in runs],
+               'runs': [run_dir for _, run_dir, _ in runs],
+               'results': seeds.summarise([entry['results'] for _, _, entry in runs])}
+    if 'bpc_floor' in first:
+        summary['bpc_floor'] = first['bpc_floor']
+    return summary
+
+
 def table_of_runs(run_dirs, kind='best_dense'):
-    """One side-by-side table from several runs' results.json (the `kind` checkpoint of each)."""
-    columns, metric, floor = {}, None, None
-    for run_dir in run_dirs:
-        entry = read_results(run_dir, kind)
-        columns[entry['method']] = entry['results']
-        metric, floor = entry['metric'], entry.get('bpc_floor', floor)
-    return format_table(columns, metric, floor)
+    """(text, records): the runs' results.json side by side (the `kind` checkpoint of each); runs that differ
+    only in seed make one column, mean ± sample std, with the seeds of each column under the table."""
+    summaries = [group_summary(label, runs) for label, runs in read_runs(run_dirs, kind)]
+    columns = {s['method']: {k: seeds.format_cell(stats, s['n']) for k, stats in s['results'].items()}
+               for s in summaries}
+    floor = next((s['bpc_floor'] for s in summaries if 'bpc_floor' in s), None)
+    return '\n'.join([format_table(columns, summaries[-1]['metric'], floor), *seed_notes(summaries)]), summaries
+
+
+def seed_notes(summaries):
+    """The lines under a table with several seeds: what the spread is, the seeds of each column, repeated seeds."""
+    if all(s['n'] == 1 for s in summaries):
+        return []
+    seed_lists = {' '.join(map(str, s['seeds'])) for s in summaries}
+    if len(seed_lists) == 1:
+        lines = [f"mean ± sample std (n - 1) over n = {summaries[0]['n']} seeds ({seed_lists.pop()}) in every column"]
+    else:
+        lines = ['mean ± sample std (n - 1) over seeds; n (seeds): ' + ', '.join(
+            f"{s['method']} {s['n']} ({' '.join(map(str, s['seeds']))})" for s in summaries)]
+    for s in summaries:
+        repeated = sorted({seed for seed in s['seeds'] if s['seeds'].count(seed) > 1})
+        if repeated:
+            lines.append(f"note: {s['method']} has several runs of seed {', '.join(map(str, repeated))}; each counts "
+                         'in its mean and std (on a CPU, one seed gives the same numbers: the std is understated)')
+    return lines
+
+
+def one_run_per_seed(flag, groups):
+    """(label, {seed: entry}) of one side of --compare, which must be one configuration with distinct seeds."""
+    if len(groups) != 1:
+        raise RunError(f'the runs of side {flag} must differ only in their seed; they are {len(groups)} '
+                         f'configurations: {", ".join(label for label, _ in groups)}')
+    label, runs = groups[0]
+    by_seed = {}
+    for seed, run_dir, entry in runs:
+        if seed in by_seed:
+            raise RunError(f'side {flag} has two runs of seed {seed}; give one run per seed')
+        by_seed[seed] = entry
+    return label, by_seed
+
+
+def compare_runs(runs_a, runs_b, kind='best_dense'):
+    """Two configurations compared seed by seed at each k (seeds.compare_by_seed), as text."""
+    label_a, a = one_run_per_seed('A', read_runs(runs_a, kind))
+    label_b, b = one_run_per_seed('B', read_runs(runs_b, kind))
+    metric_a, metric_b = next(iter(a.values()))['metric'], next(iter(b.values()))['metric']
+    if metric_a != metric_b:
+        raise RunError(f'side A reports {metric_a} and side B {metric_b}: compare runs on the same dataset')
+    try:
+        matched, rows = seeds.compare_by_seed({s: e['results'] for s, e in a.items()},
+                                              {s: e['results'] for s, e in b.items()})
+    except ValueError as err:                     # too few seeds on both sides
+        raise RunError(str(err)) from err
+    return seeds.format_comparison(label_a, label_b, f'test {metric_a}', matched, rows)
+
+
+def split_compare(argv):
+    """(argv without the runs after `--`, those runs): `--compare A ... -- B ...` gives two lists of runs."""
+    if '--compare' not in argv or '--' not in argv:
+        return argv, None
+    cut = argv.index('--')
+    end = next((i for i in range(cut + 1, len(argv)) if argv[i].startswith('-')), len(argv))
+    return argv[:cut] + argv[end:], argv[cut + 1:end]
+
+
+def show_table(run_dirs, json_out=None):
+    """Print the --table of `run_dirs`; with `json_out`, write its records there too."""
+    text, summaries = table_of_runs(run_dirs)
+    print(text)
+    if json_out:
+        write_json(json_out, summaries)
+        print(f'wrote {json_out}')
 
 
 def parse_ks(text):
@@ -284,28 +377,42 @@ def evaluate_run(args, parser):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--run', help='run directory written by train.py')
-    parser.add_argument('--table', nargs='+', metavar='RUN', help="print the runs' results.json side by side")
+    parser.add_argument('--table', nargs='+', metavar='RUN',
+                        help="print the runs' results.json side by side; runs that differ only in seed are one "
+                             'column, mean ± sample std (n - 1) over the seeds (--json OUT: write it too)')
+    parser.add_argument('--compare', nargs='+', metavar='RUN',
+                        help='--compare RUN_A ... -- RUN_B ...: method A against method B, seed by seed (runs '
+                             'matched by seed): at each k the mean of A - B and a two-sided paired t-test '
+                             '(Student t, n - 1 degrees of freedom); p < 0.05 is called beyond the seed-to-seed '
+                             'spread')
     parser.add_argument('--ks', type=parse_ks, default=list(DEFAULT_KS), help='k to evaluate (those <= E)')
     parser.add_argument('--split', choices=['test', 'valid'], default='test')
     parser.add_argument('--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
     parser.add_argument('--data', help='data folder, if not the one recorded in the run')
-    parser.add_argument('--json', help='write the results here (default: RUN/eval_<split>.json)')
+    parser.add_argument('--json', help='write the results here (--run: default RUN/eval_<split>.json; --table: '
+                                       'the table as records of mean, std, n and values per k)')
     parser.add_argument('--cuda', action='store_true', help='evaluate on the GPU')
     parser.add_argument('--thor_inference', choices=THOR_INFERENCE,
                         help="a THOR run's inference, if not the one it was trained with: random (k random experts "
                              'per token) or average (every expert, weight 1/E)')
     import analysis  # here, not at the top: analysis.py builds on this module
     analysis.add_arguments(parser)
+    argv, compare_b = split_compare(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     if analysis.run(args, parser):
         return
-    if not args.run and not args.table:
-        parser.error('give --run RUN_DIR (or --table RUN ..., or an analysis command)')
+    if args.compare and not compare_b:
+        parser.error('--compare needs two lists of runs: --compare RUN_A ... -- RUN_B ...')
+    if not (args.run or args.table or args.compare):
+        parser.error('give --run RUN_DIR (or --table RUN ..., --compare RUN_A ... -- RUN_B ..., or an analysis '
+                     'command)')
     if args.cuda and not torch.cuda.is_available():
         parser.error('--cuda given but no CUDA device is available; drop --cuda to evaluate on the CPU')
     try:
-        if args.table:
-            print(table_of_runs(args.table))
+        if args.compare:
+            print(compare_runs(args.compare, compare_b))
+        elif args.table:
+            show_table(args.table, args.json)
         else:
             evaluate_run(args, parser)
     except (RunError, DataError) as err:

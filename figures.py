@@ -1,9 +1,13 @@
 """The figures of the analyses (matplotlib, file output only): Figures 1, 3 and 4 of the paper, the
-expert-load heat-map and the spectra of the Jacobian's router term. analysis.py computes what they show.
+router entropy, the expert-load heat-map (sorted load profiles over seeds) and the spectra of the Jacobian's
+router term. analysis.py computes what they show; with several seeds a figure draws the mean and ± one
+sample standard deviation (error bars or a band).
 """
 import os
 
 import torch
+
+from seeds import mean_std
 
 YELLOW, GREY = '#f6d55c', '#c8c8c8'
 
@@ -28,21 +32,31 @@ def save(fig, out):
     print(f'wrote {out}')
 
 
-def plot_metric_vs_k(entries, out):
+def plot_metric_vs_k(summaries, out):
     """Figure 1: test metric (log scale) against the k used at inference, one line per method; a dense model
-    is a dashed horizontal line, the corpus floor (when known) a dotted one. entries: {label: results.json entry}."""
+    is a dashed horizontal line, the corpus floor (when known) a dotted one. A method run with several seeds
+    is drawn as its mean with error bars of ± one sample std (a band around a dense model's line).
+    summaries: {label: eval.group_summary record ({'results': {k: {'mean', 'std'}}, 'metric', ...})}."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     all_ks = set()
-    for label, entry in entries.items():
-        res = entry['results']
+    for label, summary in summaries.items():
+        res = summary['results']
         if 'dense' in res:
-            ax.axhline(res['dense'], ls='--', lw=1.2, color='black', label=label)
+            mean, std = res['dense']['mean'], res['dense']['std']
+            ax.axhline(mean, ls='--', lw=1.2, color='black', label=label)
+            if std is not None:
+                ax.axhspan(mean - std, mean + std, color='black', alpha=0.15, lw=0)
             continue
         ks = sorted(int(k) for k in res)
         all_ks.update(ks)
-        ax.plot(ks, [res[str(k)] for k in ks], marker='o', label=label)
-    floor = next((e['bpc_floor'] for e in entries.values() if e.get('bpc_floor')), None)
+        means = [res[str(k)]['mean'] for k in ks]
+        if any(res[str(k)]['std'] is not None for k in ks):
+            ax.errorbar(ks, means, yerr=[res[str(k)]['std'] or 0.0 for k in ks], marker='o', capsize=3,
+                        label=f"{label} (n={summary['n']})")
+        else:
+            ax.plot(ks, means, marker='o', label=label)
+    floor = next((s['bpc_floor'] for s in summaries.values() if s.get('bpc_floor')), None)
     if floor:
         ax.axhline(floor, ls=':', color='grey', label='corpus floor')
     ax.set_xscale('log', base=2)
@@ -52,10 +66,53 @@ def plot_metric_vs_k(entries, out):
     low, high = ax.get_ylim()
     ticks = [low * (high / low) ** (i / 5) for i in range(6)]          # evenly spaced on the log axis
     ax.set_yticks(ticks, [f'{t:.3g}' for t in ticks])
-    metric = next(iter(entries.values()))['metric']
+    metric = next(iter(summaries.values()))['metric']
     ax.set(xlabel='experts used at inference (k)', ylabel=f'test {metric} (log scale)')
     ax.grid(alpha=0.3, which='both')
     ax.legend()
+    save(fig, out)
+
+
+def plot_entropy(values_by_label, out):
+    """Router entropy (nats) per router, a bar per method; several seeds: the mean with ± one sample std.
+    values_by_label: {label: {layer: [mean entropy of each seed's run]}}."""
+    plt = pyplot()
+    labels = list(values_by_label)
+    layers = sorted({i for values in values_by_label.values() for i in values})
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(layers) * len(labels) ** 0.5, 3.4))
+    for n, label in enumerate(labels):
+        stats = [mean_std(values_by_label[label][i]) for i in layers]
+        spread = [std for _, std in stats]
+        ax.bar([i + (n - (len(labels) - 1) / 2) * width for i in range(len(layers))], [m for m, _ in stats], width,
+               yerr=None if all(s is None for s in spread) else [s or 0.0 for s in spread], capsize=3, label=label)
+    ax.set_xticks(range(len(layers)), [f'router {i + 1}' for i in layers])
+    ax.set(ylabel='entropy (nats)', title='router entropy on the test split (mean ± std over seeds)')
+    ax.legend(fontsize=7)
+    save(fig, out)
+
+
+def plot_load_profiles(profiles_by_label, out):
+    """Expert load with several seeds: one panel per method, a line per router of the load of its experts sorted
+    from the most used (expert numbers mean nothing across seeds), the mean with a band of ± one sample std.
+    profiles_by_label: {label: {layer: [[sorted load fractions] of each seed's run]}}."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(profiles_by_label), figsize=(4.5 * len(profiles_by_label), 3), squeeze=False,
+                             sharey=True, layout='constrained')
+    for ax, (label, layers) in zip(axes[0], profiles_by_label.items()):
+        for i, runs in layers.items():
+            ranks = range(1, len(runs[0]) + 1)
+            stats = [mean_std([100 * run[r] for run in runs]) for r in range(len(runs[0]))]
+            mean = [m for m, _ in stats]
+            line, = ax.plot(ranks, mean, marker='.', label=f'router {i + 1}')
+            if len(runs) > 1:
+                ax.fill_between(ranks, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(),
+                                alpha=0.25, lw=0)
+        n_expert = len(next(iter(layers.values()))[0])
+        ax.axhline(100 / n_expert, ls='--', color='grey', lw=1)
+        ax.set(title=f'{label} (n={len(next(iter(layers.values())))})', xlabel='expert, most used first')
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel('% of routed token slots')
     save(fig, out)
 
 

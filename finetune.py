@@ -451,8 +451,8 @@ def results_entry(tuner, results):
     """A results.json entry with the keys of eval.results_entry, plus the pretrained checkpoint's path."""
     info = tuner.pretrained.info
     return {'dataset': tuner.args.task, 'metric': 'accuracy', 'split': tuner.args.eval_split, 'gate': info['gate'],
-            'method': info['method'], 'checkpoint': 'final', 'step': tuner.step, 'results': results,
-            'pretrained': info['path']}
+            'method': info['method'], 'checkpoint': 'final', 'step': tuner.step, 'seed': tuner.args.seed,
+            'results': results, 'pretrained': info['path']}
 
 
 def final_test(tuner):

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Every figure of the README, and the analysis tables, from trained run directories (on the CPU).
 #
-#   Figs/fig1_metric_vs_k.png      Figure 1: test metric vs k, one line per run (from results.json)
+#   Figs/fig1_metric_vs_k.png      Figure 1: test metric vs k, one line per method (from results.json)
 #   Figs/fig3_framework.png        Figure 3: SMoE, SMoE-Dropout and HyperRouter (drawn, no run needed)
 #   Figs/fig4_router_outputs.png   Figure 4: each run's routers' softmax at test token $TOKENS
-#   Figs/expert_load.png           expert load per router, one panel per run
+#   Figs/router_entropy.png        Tables 4 / A5 as bars: entropy of each router's softmax per method
+#   Figs/expert_load.png           expert load per router, one panel per method
 #   Figs/jacobian_spectra.png      Section 3.3: singular values of the router term, checkpoints init..last
 #   Figs/tables.txt                Tables 4/A5 (entropy), A3 (FLOPs), A4 (parameters), load, Jacobian ranks
 #
 # Usage: bash script/figures.sh RUN_DIR [RUN_DIR ...]
-#   e.g. the three run directories that script/demo.sh prints at its end
+#   e.g. the run directories that script/demo.sh prints at its end. Runs that differ only in seed (SEEDS=...)
+#   are one method: Figure 1, the entropy and the load show their mean ± sample std over the seeds (error
+#   bars, bands; the load sorted from the most used expert); Figure 4, the Jacobian, FLOPs and parameters
+#   use the first run of each method.
 #   OUT=Figs  MAX_EVAL_STEPS=100 (test windows for entropy and load; -1: the whole split)  TOKENS=100
 #   MAX_TOKENS=2048 (tokens for the Jacobian)  DATA=path (data folder, if not the runs' own)  PYTHON=python
 #   PAPER=1 also prints Tables A3 and A4 for the paper's small enwik8 model (about a minute)
@@ -33,7 +37,7 @@ mkdir -p "$OUT"
 "${EVAL[@]}" --plot "${RUNS[@]}" --out "$OUT/fig1_metric_vs_k.png"
 {
     echo "## Router entropy (Tables 4 / A5)"
-    "${EVAL[@]}" --entropy "${RUNS[@]}" --max_eval_steps "${MAX_EVAL_STEPS:-100}"
+    "${EVAL[@]}" --entropy "${RUNS[@]}" --max_eval_steps "${MAX_EVAL_STEPS:-100}" --out "$OUT/router_entropy.png"
     echo
     echo "## Expert load"
     "${EVAL[@]}" --load "${RUNS[@]}" --max_eval_steps "${MAX_EVAL_STEPS:-100}" --out "$OUT/expert_load.png"

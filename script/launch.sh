@@ -1,12 +1,28 @@
 # Sourced by the training scripts: work from the repository root, on N_GPU GPUs when asked.
 #   N_GPU=4 bash script/table1/hyper_router_enwik8.sh   -> torchrun with 4 processes (DDP)
+#   SEEDS="1111 1112 1113" bash script/...              -> one run per seed (--seed S after every other flag),
+#                                                          all in the script's <work_dir>-<dataset>/ folder;
+#                                                          without SEEDS: one run with the script's own seed
 #   PYTHON=/path/to/python                              -> another interpreter
 # The GPU is used when torch sees one (--cuda is added); otherwise the run is on the CPU.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
 N_GPU=${N_GPU:-1}
 
-launch() {
+# seed_list: the seeds of $SEEDS, one a line (nothing when SEEDS is unset or empty); an error if one is not an integer
+seed_list() {
+    local seed
+    for seed in ${SEEDS:-}; do
+        if ! [[ "$seed" =~ ^[0-9]+$ ]]; then
+            echo "error: SEEDS must be non-negative integers separated by spaces, such as SEEDS=\"1111 1112 1113\"; got '$seed'" >&2
+            return 2
+        fi
+        echo "$seed"
+    done
+}
+
+# launch_once SCRIPT [flags]: one run, with torchrun when N_GPU > 1
+launch_once() {
     local device=()
     if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
         device=(--cuda)
@@ -16,4 +32,17 @@ launch() {
     else
         "$PYTHON" -u "$@" "${device[@]}"
     fi
+}
+
+# launch SCRIPT [flags]: one run, or one per seed of $SEEDS (the last --seed wins: train.py takes a flag's last value)
+launch() {
+    local seeds seed
+    seeds=$(seed_list) || return
+    if [ -z "$seeds" ]; then
+        launch_once "$@"
+        return
+    fi
+    for seed in $seeds; do
+        launch_once "$@" --seed "$seed" || return
+    done
 }
