@@ -143,15 +143,21 @@ def test_a_router_that_ignores_h_has_no_router_term():
     assert analysis.spectrum(terms[0])['rank'] == 0 and analysis.spectrum(terms[0][:0])['rank'] == 0
 
 
-def test_the_router_term_probe_is_eq_3_and_spans_e_minus_one_dimensions():
-    """The autograd probe and the formula agree; the term lies in the span of the E = 3 router rows, and in
-    fact of their differences (rank E - 1 = 2): the c_i of a token sum to zero (softmax shift invariance)."""
+def random_block_and_inputs(num_expert, k):
+    """An SMoE-Dropout block (d 16) with N(0, 1) parameters, 300 tokens h and an upstream gradient."""
     torch.manual_seed(0)
-    block = MoEPositionwiseFF(16, 8, 0.0, num_expert=3, top_k=2, gate_name='smoe_dropout', backend='torch').eval()
+    block = MoEPositionwiseFF(16, 8, 0.0, num_expert=num_expert, top_k=k, gate_name='smoe_dropout',
+                              backend='torch').eval()
     with torch.no_grad():
         for p in block.parameters():
             p.normal_()
-    h, grad_y = torch.randn(300, 16), torch.randn(300, 16)
+    return block, torch.randn(300, 16), torch.randn(300, 16)
+
+
+def test_the_router_term_probe_is_eq_3_and_spans_e_minus_one_dimensions():
+    """The autograd probe and the formula agree; the term lies in the span of the E = 3 router rows, and in
+    fact of their differences (rank E - 1 = 2): the c_i of a token sum to zero (softmax shift invariance)."""
+    block, h, grad_y = random_block_and_inputs(num_expert=3, k=2)
     with analysis.router_term_probe({0: block}) as deltas:
         (block.moe(h) * grad_y).sum().backward()
     probed = deltas[0][0].grad
@@ -311,12 +317,7 @@ def test_overlap_and_angle_of_spans_at_a_known_angle():
 def test_router_term_rank_at_k_1_is_0_and_otherwise_e_minus_1(k, rank):
     """The scores are a softmax over the k chosen logits: at k = 1 the score is 1 whatever h, so the router
     term vanishes; from k = 2 on, token after token, it fills the E - 1 = 3 directions W_i - W_j."""
-    torch.manual_seed(0)
-    block = MoEPositionwiseFF(16, 8, 0.0, num_expert=4, top_k=k, gate_name='smoe_dropout', backend='torch').eval()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_()
-    h, grad_y = torch.randn(300, 16), torch.randn(300, 16)
+    block, h, grad_y = random_block_and_inputs(num_expert=4, k=k)
     with analysis.router_term_probe({0: block}) as deltas:
         (block.moe(h) * grad_y).sum().backward()
     assert analysis.spectrum(deltas[0][0].grad)['rank'] == rank

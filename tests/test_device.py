@@ -43,18 +43,6 @@ def test_hyper_router_cache_on_the_device_follows_the_embedding(device):
         assert not torch.equal(gate.router()[0], cached)
 
 
-def test_second_segment_with_memory_equals_one_pass_with_context_on_the_device(tokens, device):
-    model = tiny_model(gate_name='hyper_router', mem_len=6, d_inner=16).to(device).eval()
-    data, target = tokens[:-1].to(device), tokens[1:].to(device)
-    with torch.no_grad():
-        model.reset_length(6, 0, 6)
-        first = model(data[:6], target[:6])
-        second = model(data[6:], target[6:], *first[1:])[0]
-        model.reset_length(12, 0, 0)
-        whole = model(data, target)[0]
-    torch.testing.assert_close(second, whole[6:], atol=1e-5, rtol=1e-5)
-
-
 def windows(tokens, device, n=3, length=4):
     tokens = tokens.to(device)
     return [(tokens[i * length:(i + 1) * length], tokens[i * length + 1:(i + 1) * length + 1], length)

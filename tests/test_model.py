@@ -26,10 +26,11 @@ def test_forward_returns_per_token_loss_and_new_mems(tokens):
     assert len(model(tokens[:4], tokens[1:5])) == 1                      # no memory kept
 
 
+@pytest.mark.device
 @pytest.mark.parametrize('gate_name', ['smoe', 'hyper_router'])
-def test_second_segment_with_memory_equals_one_pass_with_context(gate_name, tokens):
-    model = tiny_model(gate_name=gate_name, mem_len=6).eval()
-    data, target = tokens[:-1], tokens[1:]                                # 12 tokens
+def test_second_segment_with_memory_equals_one_pass_with_context(gate_name, tokens, device):
+    model = tiny_model(gate_name=gate_name, mem_len=6).to(device).eval()
+    data, target = tokens[:-1].to(device), tokens[1:].to(device)          # 12 tokens
     with torch.no_grad():
         model.reset_length(6, 0, 6)
         first = model(data[:6], target[:6])

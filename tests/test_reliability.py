@@ -160,20 +160,6 @@ def test_ks_above_the_number_of_experts_are_an_error_and_keep_the_previous_json(
 
 # ----------------------------------------------------------------------------- train.py: errors at start-up
 
-@pytest.mark.parametrize('extra,message', [
-    (['--eval_ks', '1,2,x'], '--eval_ks needs positive integers'),
-    (['--moe', '--moe-num-expert', '4', '--eval_ks', '8,16'], 'no k is at most --moe-num-expert 4'),
-    (['--batch_chunk', '0'], '--batch_chunk must be at least 1'),
-    (['--d_model', '0'], '--d_model must be at least 1'),
-    (['--mem_len', '-1'], '--mem_len must be at least 0'),
-])
-def test_bad_sizes_and_eval_ks_fail_at_parse_time(extra, message, capsys):
-    with pytest.raises(SystemExit) as stop:
-        train.parse_args(extra)
-    assert stop.value.code == 2
-    assert message in capsys.readouterr().err
-
-
 def test_a_split_too_short_for_one_segment_is_an_error_and_leaves_no_run_directory(tmp_path):
     short = write_corpus(tmp_path / 'short', seed=1, n_train=60)      # 15 rows at batch 4 < one segment of 16
     work = tmp_path / 'runs'

@@ -168,6 +168,11 @@ def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(tmp_
     (['--dataset', 'ptb'], "invalid choice: 'ptb'"),
     (['--moe', '--dynamic_moe', '--moe-top-k-min', '9', '--moe-top-k-max', '8'], '--moe-top-k-min (9)'),
     (['--batch_size', '5', '--batch_chunk', '2'], 'must be divisible by --batch_chunk 2'),
+    (['--eval_ks', '1,2,x'], '--eval_ks needs positive integers'),
+    (['--moe', '--moe-num-expert', '4', '--eval_ks', '8,16'], 'no k is at most --moe-num-expert 4'),
+    (['--batch_chunk', '0'], '--batch_chunk must be at least 1'),
+    (['--d_model', '0'], '--d_model must be at least 1'),
+    (['--mem_len', '-1'], '--mem_len must be at least 0'),
 ])
 def test_bad_flags_are_clear_errors(extra, message, capsys):
     with pytest.raises(SystemExit) as stop:
