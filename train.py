@@ -15,6 +15,7 @@ loss; 2 for a bad command line.
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -292,9 +293,11 @@ def make_optimizer(params, args):
     return torch.optim.Adam(params, lr=args.lr)
 
 
+@functools.lru_cache(maxsize=1)
 def data_signature(corpus):
     """{split: [tokens, SHA-1 of the ids]}: saved with checkpoint_last.pt, so a resume can tell that the data
-    files changed, wherever they were moved (a second or so for enwik8's 90M tokens)."""
+    files changed, wherever they were moved (a second or so for enwik8's 90M tokens; cached, as a resume
+    checks it before the trainer saves it)."""
     return {split: [len(ids), hashlib.sha1(ids.contiguous().numpy()).hexdigest()[:16]]
             for split, ids in (('train', corpus.train), ('valid', corpus.valid), ('test', corpus.test))}
 
