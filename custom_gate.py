@@ -2,13 +2,22 @@
 
 Every gate keeps fastmoe's contract, so one gate object serves both MoE backends:
 
-    gate(x [T, d_model]) -> (top_k_idx [T, k] int64, top_k_score [T, k])
+    gate(x [T, d_model], token_ids=None) -> (top_k_idx [T, k] int64, top_k_score [T, k])
 
-with the scores the softmax over the k selected logits (the full softmax renormalised over the top k).
-`BaseGate` owns that shared path; a subclass only says how the logits [T, E] are made. The logits
-and the softmax are computed in fp32 (or wider) whatever the model dtype, and `forward(x, return_logits=True)`
-also returns the full logits so callers can compute entropy, expert load or auxiliary losses.
-A gate that does not pick the k largest logits (THOR's random routing) overrides `choose` as well.
+by default with the scores the softmax over the k selected logits (the full softmax renormalised over
+the top k). `BaseGate` owns that shared path; a subclass says how the logits [T, E] are made (`logits`)
+and, where its method differs, how the k experts are chosen (`choose`: THOR's random routing) and how
+their gate values are computed (`scores`: Switch's full-softmax probability). The logits and scores
+are computed in fp32 (or wider) whatever the model dtype, and `forward(x, return_logits=True)` also
+returns the full logits so callers can compute entropy, expert load or auxiliary losses.
+
+What a gate may declare (class attributes and hooks, all with neutral defaults here):
+- `needs_token_ids`: the MoE block then passes the input token ids [T] and `logits(x, token_ids)` gets them
+  (Hash layers); otherwise `logits(x)`.
+- a slot routed to no expert has index -1 in top_k_idx (its score is ignored): the engine skips it.
+- `default_aux_losses`: {loss name: weight} the method trains with unless a flag says otherwise.
+- `aux_terms()`: the gate's own auxiliary losses of its last forward, {name: scalar tensor}.
+- `set_step(step)`: called by the trainer before every training step (routers with a schedule).
 """
 import torch
 import torch.nn as nn
@@ -17,6 +26,9 @@ import torch.nn.functional as F
 
 class BaseGate(nn.Module):
     """Top-k routing over `num_expert` experts; subclasses implement `logits(x) -> [T, E] fp32`."""
+
+    needs_token_ids = False
+    default_aux_losses = {}
 
     def __init__(self, d_model, num_expert, world_size=1, top_k=2):
         super().__init__()
@@ -45,12 +57,25 @@ class BaseGate(nn.Module):
         """(top_val, top_idx) [T, k]: the selected experts' logits and indices (here the k largest, best first)."""
         return torch.topk(logits, self.top_k, dim=-1)
 
-    def forward(self, x, return_logits=False):
+    def scores(self, logits, top_val, top_idx):
+        """Gate values [T, k] of the chosen experts: here the softmax over the k chosen logits."""
+        return F.softmax(top_val, dim=-1)
+
+    def aux_terms(self):
+        """The gate's own auxiliary losses of its last forward, {name: scalar tensor}; none here."""
+        return {}
+
+    def set_step(self, step):
+        """Told the training step (counted from 0) before each step; a fixed router ignores it."""
+
+    def forward(self, x, token_ids=None, return_logits=False):
+        if self.needs_token_ids and token_ids is None:
+            raise ValueError(f'{type(self).__name__} routes by token id: call it with token_ids [T]')
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.to(torch.promote_types(x.dtype, torch.float32))
-            logits = self.logits(x)                                          # [T, E], >= fp32
+            logits = self.logits(x, token_ids) if self.needs_token_ids else self.logits(x)   # [T, E], >= fp32
             top_val, top_idx = self.choose(logits)                           # [T, k]
-            top_score = F.softmax(top_val, dim=-1)                           # [T, k]
+            top_score = self.scores(logits, top_val, top_idx)                # [T, k]
         if return_logits:
             return top_idx, top_score, logits
         return top_idx, top_score

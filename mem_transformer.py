@@ -134,8 +134,12 @@ class RelPartialLearnableDecoderLayer(nn.Module):
         else:
             self.pos_ff = MoEPositionwiseFF(d_model, d_inner, dropout, pre_lnorm, **moe_kwargs)
 
-    def forward(self, w, r, r_w_bias, r_r_bias, attn_mask, mems=None):
-        return self.pos_ff(self.dec_attn(w, r, r_w_bias, r_r_bias, attn_mask, mems))
+    def forward(self, w, r, r_w_bias, r_r_bias, attn_mask, mems=None, token_ids=None):
+        """token_ids [T, B]: the segment's input tokens, for routers that route by token id (Hash)."""
+        out = self.dec_attn(w, r, r_w_bias, r_r_bias, attn_mask, mems)
+        if isinstance(self.pos_ff, MoEPositionwiseFF):
+            return self.pos_ff(out, token_ids)
+        return self.pos_ff(out)
 
 
 def parse_moe_index(moe_index, n_layer):
@@ -283,7 +287,7 @@ class MemTransformerLM(nn.Module):
         hids = [core_out]
         for i, layer in enumerate(self.layers):
             core_out = layer(core_out, pos_emb, self.r_w_bias, self.r_r_bias, attn_mask,
-                             mems[i] if mems else None)
+                             mems[i] if mems else None, data)
             hids.append(core_out)
         return self.drop(core_out), self._update_mems(hids, mems, qlen, mlen)
 

@@ -399,9 +399,9 @@ class MoEPositionwiseFF(nn.Module):
     def _use_fastmoe(self, x):
         return self.backend == 'fastmoe' or (self.backend == 'auto' and x.is_cuda and fastmoe_available())
 
-    def moe(self, x):
-        """x [T, d] -> [T, d]: route, then mix the outputs of each token's top-k experts."""
-        top_idx, top_score, logits = self.gate(x, return_logits=True)         # [T, k], [T, k], [T, E]
+    def moe(self, x, token_ids=None):
+        """x [T, d], token_ids [T] or None -> [T, d]: route, then mix the outputs of each token's top-k experts."""
+        top_idx, top_score, logits = self.gate(x, token_ids, return_logits=True)   # [T, k], [T, k], [T, E]
         if self.stats is not None:
             self.stats.update(logits, top_idx)
         if self.balance is not None:
@@ -414,10 +414,11 @@ class MoEPositionwiseFF(nn.Module):
             y = y + self.hyper_expert(x, top_idx)                              # HyperMoE: added unweighted
         return y
 
-    def forward(self, inp):
-        """inp [T, B, d] -> [T, B, d]."""
+    def forward(self, inp, token_ids=None):
+        """inp [T, B, d], token_ids [T, B] (the segment's input tokens) or None -> [T, B, d]."""
         x = self.layer_norm(inp) if self.pre_lnorm else inp
-        core_out = self.dropout(self.moe(x.reshape(-1, x.size(-1))).view_as(x))
+        flat_ids = None if token_ids is None else token_ids.reshape(-1)       # [T * B]
+        core_out = self.dropout(self.moe(x.reshape(-1, x.size(-1)), flat_ids).view_as(x))
         return inp + core_out if self.pre_lnorm else self.layer_norm(inp + core_out)
 
 

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 import eval as evaluation
 from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from custom_gate import THOR_INFERENCE
-from hyper_router import TOP_K_SCHEDULES, param_breakdown, set_top_k, top_k_schedule
+from hyper_router import TOP_K_SCHEDULES, moe_gates, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
 from moe import BACKENDS, GATES, MOE_VARIANTS, describe_engine, record_balance_losses, record_router_stats, uses_thor
 from moe_engine import ENGINES, grouped_mm_problem
@@ -540,6 +540,8 @@ class Trainer:
                     self.batch += 1
                     if self.args.moe:
                         set_top_k(self.model, current_top_k(self.step, self.args))
+                        for _, gate in moe_gates(self.model):
+                            gate.set_step(self.step)
                     loss = self.train_step(data, target)
                     self.step += 1
                     progress.update(1)
