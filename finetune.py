@@ -331,6 +331,7 @@ class FineTuner:
         if self.n_expert:
             set_top_k(model, self.n_expert)             # dense fine-tuning: every expert
         self.step, self.epoch, self.batch = 0, 1, 0
+        self.stop_signal = 0            # the signal that stopped the run, if one did
         self.window = fresh_window()
         if ckpt is not None:
             self._load_state(ckpt)
@@ -421,6 +422,7 @@ class FineTuner:
                     progress.update(1)
                     self.log_progress(loss, correct, len(batches[self.batch - 1]))
                     if stop.requested or self.step == self.args.stop_step:
+                        self.stop_signal = stop.signum or 0
                         self.save_last()
                         progress.close()
                         return 'stopped'
@@ -522,6 +524,8 @@ def log_header(tuner, config):
 
 
 def main(argv=None):
+    """Returns the exit status: None (0) when the run finished or stopped at --stop_step, 128 + the signal
+    (130, 143) when Ctrl-C / SIGTERM stopped it after writing its checkpoint, as train.py."""
     args = parse_args(argv)
     try:
         if args.table:
@@ -544,7 +548,8 @@ def main(argv=None):
     else:
         final_test(tuner)
     log.close()
+    return 128 + tuner.stop_signal if tuner.stop_signal else None
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

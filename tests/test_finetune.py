@@ -4,6 +4,7 @@ import csv
 import glob
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,25 @@ def test_resuming_gives_the_same_run_as_never_stopping(pretrained, toy_task, tmp
     with pytest.raises(SystemExit, match='--batch_size 8 .run. vs 4'):
         run_finetune(run, toy_task, tmp_path / 'b', *common, '--restart', '--restart_dir', split, '--batch_size', '4')
 
+
+
+def test_sigterm_saves_the_step_and_exits_143(pretrained, toy_task, tmp_path, monkeypatch):
+    """SIGTERM mid-run: the checkpoint holds the last finished step and main returns 128 + 15, as train.py."""
+    step_once = finetune.FineTuner.train_step
+
+    def step_then_signal(self, indices):
+        out = step_once(self, indices)
+        if self.step == 2:                       # this call is step 3: the signal arrives during it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(finetune.FineTuner, 'train_step', step_then_signal)
+    work = str(tmp_path / 'ft')
+    status = finetune.main(['--pretrained', pretrained('smoe'), '--task', 'toy', '--data', toy_task,
+                            '--work_dir', work, '--batch_size', '8', '--max_step', '10'])
+    assert status == 128 + signal.SIGTERM
+    [run_dir] = glob.glob(f'{work}-toy/*')
+    assert load(os.path.join(run_dir, 'checkpoint_last.pt'))['step'] == 3
+    assert not os.path.exists(os.path.join(run_dir, 'results.json'))
 
 # ----------------------------------------------------------------------------- checkpoints that do not fit
 
