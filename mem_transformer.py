@@ -241,6 +241,9 @@ class MemTransformerLM(nn.Module):
                 m.reset_parameters()
 
     def reset_length(self, tgt_len, ext_len, mem_len):
+        if self.same_length and mem_len <= 0:
+            raise ValueError('same_length needs mem_len > 0: without a memory the first query sees no key '
+                             '(its attention would be all-masked, NaN)')
         self.tgt_len, self.ext_len, self.mem_len = tgt_len, ext_len, mem_len
 
     def init_mems(self):

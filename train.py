@@ -182,6 +182,9 @@ def check_args(args, parser):
                      f'times the number of processes {world_size}')
     if args.adaptive and args.dataset not in ADAPTIVE_CUTOFFS:
         parser.error(f'--adaptive is for word-level data ({", ".join(ADAPTIVE_CUTOFFS)}), not {args.dataset}')
+    if args.same_length and args.mem_len <= 0:
+        parser.error('--same_length gives every query the same number of keys from the memory, so it needs '
+                     '--mem_len > 0 (without a memory the first query would see no key at all)')
     if args.cuda and not torch.cuda.is_available():
         parser.error('--cuda given but no CUDA device is available; drop --cuda to train on the CPU')
     if args.amp and not args.cuda:

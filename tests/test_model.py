@@ -83,6 +83,12 @@ def test_same_length_gives_every_query_the_same_number_of_keys():
     assert (~plain).sum(1).tolist() == [5, 6, 7, 8]
 
 
+def test_same_length_without_a_memory_is_refused():
+    """Without a memory the same_length mask would hide every key of the first query (a NaN loss)."""
+    with pytest.raises(ValueError, match='same_length needs mem_len > 0'):
+        tiny_model(same_length=True, mem_len=0)
+
+
 def test_clamp_len_caps_the_relative_distances(tokens):
     seen = []
     model = tiny_model(clamp_len=2).eval()

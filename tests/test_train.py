@@ -173,6 +173,7 @@ def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(tmp_
     (['--batch_chunk', '0'], '--batch_chunk must be at least 1'),
     (['--d_model', '0'], '--d_model must be at least 1'),
     (['--mem_len', '-1'], '--mem_len must be at least 0'),
+    (['--same_length', '--mem_len', '0'], '--same_length gives every query the same number of keys'),
 ])
 def test_bad_flags_are_clear_errors(extra, message, capsys):
     with pytest.raises(SystemExit) as stop:
