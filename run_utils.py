@@ -212,6 +212,22 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def complete_records(path):
+    """The lines of a JSON-lines file that hold whole records. A process killed while writing leaves its
+    last line cut short (no newline): that one is dropped. Any other unreadable line is a RunError."""
+    with open(path) as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith('\n'):
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunError(f'{path} line {number} is not a JSON record ({err}); fix or delete that line, '
+                           'then resume again') from None
+    return lines
+
+
 class RunLog:
     """Log lines (stdout + train.log), metrics.jsonl and TensorBoard, written by the main rank only.
 
@@ -228,8 +244,7 @@ class RunLog:
         metrics_path = os.path.join(run_dir, 'metrics.jsonl')
         log_path = os.path.join(run_dir, 'train.log')
         if resume_step is not None and os.path.exists(metrics_path):   # drop records past the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)['step'] <= resume_step]
+            kept = [line for line in complete_records(metrics_path) if json.loads(line)['step'] <= resume_step]
             with open(metrics_path, 'w') as f:
                 f.writelines(kept)
         if log_offset is not None and os.path.exists(log_path) and os.path.getsize(log_path) > log_offset:

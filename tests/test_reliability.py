@@ -276,8 +276,21 @@ def test_train_log_has_each_step_once_after_a_hard_kill_and_resume(corpus, tmp_p
             run_train(corpus, tmp_path / 'runs', *common)
     [run_dir] = run_dirs(tmp_path / 'runs')
     assert step_lines(os.path.join(run_dir, 'train.log')) == [1, 2, 3, 4]       # step 4 is after the checkpoint
+    metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+    with open(metrics_path, 'a') as f:
+        f.write('{"step": 5, "split": "tra')                 # the kill cut a record short
     train.main(train_args(corpus, tmp_path / 'runs', *common, '--restart', '--restart_dir', run_dir))
     assert step_lines(os.path.join(run_dir, 'train.log')) == [1, 2, 3, 4, 5, 6]
+    with open(metrics_path) as f:
+        train_steps = [r['step'] for r in map(json.loads, f) if r['split'] == 'train']
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 6
+
+
+def test_an_unreadable_metrics_record_before_the_last_is_a_clear_error(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"step": 1}\n{"step": 2, "spl\n{"step": 3}\n')
+    with pytest.raises(run_utils.RunError, match='metrics.jsonl line 2 is not a JSON record'):
+        run_utils.RunLog(str(tmp_path), True, resume_step=3)
 
 
 def test_a_non_finite_loss_before_any_checkpoint_does_not_name_one(corpus, tmp_path, monkeypatch):
