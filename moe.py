@@ -25,6 +25,7 @@ U distinct expert sets in a batch, b the HyperExpert bottleneck, c its condition
 """
 import contextlib
 import importlib.util
+import math
 
 import torch
 import torch.nn as nn
@@ -110,19 +111,27 @@ class Experts(nn.Module):
             if counts[e]:
                 hidden = self.drop(F.relu(F.linear(chunk, w1[e], b1[e])))   # [S_e, h]
                 outs.append(F.linear(hidden, w2[e], b2[e]))                 # [S_e, d]
-        return torch.cat(outs, 0)
+        return torch.cat(outs, 0) if outs else x_sorted.new_zeros(0, self.h4toh.weight.size(1))
 
     def run_grouped_mm(self, x_sorted, sorted_expert, ends):
-        """The same as run_grouped with two grouped GEMMs: sorted_expert [S] the expert of each row,
-        ends [E] the cumulative row counts; x_sorted's dtype is the compute dtype."""
+        """The same as run_grouped with two grouped GEMMs: sorted_expert [S] the expert of each row, E for a
+        dropped slot (sorted last, past every group: its row gives 0 and passes no gradient), ends [E] the
+        cumulative row counts; x_sorted's dtype is the compute dtype."""
         dtype = x_sorted.dtype
+        num_expert = self.htoh4.weight.size(0)
         w1 = self.htoh4.weight.to(dtype).transpose(1, 2)                       # [E, d, h]
         w2 = self.h4toh.weight.to(dtype).transpose(1, 2)                       # [E, h, d]
+        # grouped_mm leaves the rows past the last group unwritten (garbage, in the forward and in the input
+        # gradient): the dropped rows are zeroed on the way in and out, and their biases are a spare zero row
+        routed = (sorted_expert < num_expert).unsqueeze(1)                    # [S, 1]
+        b1 = F.pad(self.htoh4.bias.to(dtype), (0, 0, 0, 1))                    # [E + 1, h]
+        b2 = F.pad(self.h4toh.bias.to(dtype), (0, 0, 0, 1))                    # [E + 1, d]
         # biases gathered per row and added in place: on CPU the out-of-place add of an index costs a fifth
         # of the GEMM, and the grouped GEMM's backward does not need its output
-        hidden = grouped_mm(x_sorted, w1, ends).add_(self.htoh4.bias.to(dtype).index_select(0, sorted_expert))
+        hidden = grouped_mm(torch.where(routed, x_sorted, 0), w1, ends).add_(b1.index_select(0, sorted_expert))
         hidden = self.drop(F.relu(hidden))                                     # [S, h]
-        return grouped_mm(hidden, w2, ends).add_(self.h4toh.bias.to(dtype).index_select(0, sorted_expert))
+        out = grouped_mm(hidden, w2, ends).add_(b2.index_select(0, sorted_expert))
+        return torch.where(routed, out, 0)                                     # [S, d]
 
     def run_all(self, x, weights):
         """Every expert on every token, mixed by weights [T, E]: one wide FFN of width E * h."""
@@ -137,33 +146,44 @@ class Experts(nn.Module):
 def torch_moe(x, top_idx, top_score, experts, engine='auto'):
     """y [T, d] = sum_j top_score[:, j] * E_{top_idx[:, j]}(x), each token through its k experts only.
 
-    engine (auto|grouped|loop, see choose_engine) computes the experts; the grouped engine never
-    reads a tensor back to the host, the loop needs the per-expert counts there.
+    A slot with index -1 (dropped: over capacity, or routed nowhere by its gate) adds nothing; the loop
+    does not compute it, the grouped engine zeroes its row (it cannot leave it out without reading the
+    count back), k = E gives it weight 0. engine (auto|grouped|loop, see choose_engine) computes the
+    experts; the grouped engine never reads a tensor back to the host, the loop needs the per-expert
+    counts there.
     """
     n_tok, k = top_idx.shape
     num_expert, d_inner, d_model = experts.htoh4.weight.shape
+    routed = top_idx >= 0                                                     # [T, k]
+    score = torch.where(routed, top_score, 0)                                 # a dropped slot's score is 0
+    expert = torch.where(routed, top_idx, num_expert)                         # [T, k], dropped slots: E
     if k == num_expert:
-        score = top_score.to(x.dtype)
-        weights = score.new_zeros(n_tok, num_expert).scatter(1, top_idx, score)   # [T, E]
-        return experts.run_all(x, weights)
-    flat_expert = top_idx.reshape(-1)                                         # [T * k]
-    sorted_expert, order = torch.sort(flat_expert, stable=True)               # slots grouped by expert
-    x_sorted = x.index_select(0, order // k)                                  # [T * k, d]
+        # the dropped slots land in a spare column E, cut off
+        weights = score.to(x.dtype).new_zeros(n_tok, num_expert + 1).scatter(1, expert, score.to(x.dtype))
+        return experts.run_all(x, weights[:, :num_expert].contiguous())      # [T, E] weights
+    flat_expert = expert.reshape(-1)                                          # [T * k]
+    sorted_expert, order = torch.sort(flat_expert, stable=True)               # slots grouped by expert, dropped last
     dtype = compute_dtype(x)
     if choose_engine(engine, x.device, dtype, (d_model, d_inner))[0] == 'grouped':
+        x_sorted = x.index_select(0, order // k)                              # [T * k, d]
         y_sorted = experts.run_grouped_mm(x_sorted.to(dtype), sorted_expert, group_ends(sorted_expert, num_expert))
     else:
-        counts = torch.bincount(flat_expert, minlength=num_expert).tolist()
-        y_sorted = experts.run_grouped(x_sorted, counts)                      # [T * k, d]
+        counts = torch.bincount(flat_expert, minlength=num_expert + 1).tolist()
+        n_dropped = counts.pop()
+        x_sorted = x.index_select(0, order[:n_tok * k - n_dropped] // k)     # [T * k - dropped, d]
+        y_sorted = experts.run_grouped(x_sorted, counts)
+        if n_dropped:
+            y_sorted = torch.cat([y_sorted, y_sorted.new_zeros(n_dropped, d_model)])   # [T * k, d]
     y_slots = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)       # back to [T * k] order
     # a deterministic weighted sum over each token's k slots (no atomic scatter-add on GPU); elementwise,
     # as a [T] batch of [1, k] x [k, d] bmm runs matrix by matrix on CPU, at twice the time
-    score = top_score.to(y_slots.dtype)
+    score = score.to(y_slots.dtype)
     return (y_slots.view(n_tok, k, -1) * score.unsqueeze(-1)).sum(1)          # [T, d]
 
 
 def fastmoe_moe(x, top_idx, top_score, experts):
-    """The same computation through fastmoe's CUDA scatter / grouped GEMM / gather kernels."""
+    """The same computation through fastmoe's CUDA scatter / grouped GEMM / gather kernels. fastmoe skips a
+    slot of index -1 itself (its own capacity-limited gates write -1); its output row is masked here too."""
     from fmoe.layers import _fmoe_general_global_forward
     from fmoe.linear import MOELinear
 
@@ -177,27 +197,37 @@ def fastmoe_moe(x, top_idx, top_score, experts):
 
     num_expert = experts.htoh4.weight.size(0)
     n_tok, k = top_idx.shape
+    routed = top_idx >= 0                                                          # [T, k]
     y_slots = _fmoe_general_global_forward(x, top_idx, expert_fn, num_expert, 1)   # [T * k, d]
-    return torch.bmm(top_score.to(x.dtype).unsqueeze(1), y_slots.view(n_tok, k, -1)).squeeze(1)
+    y_slots = torch.where(routed.view(-1, 1), y_slots, 0)
+    score = torch.where(routed, top_score, 0).to(x.dtype)
+    return torch.bmm(score.unsqueeze(1), y_slots.view(n_tok, k, -1)).squeeze(1)
 
 
 class RouterStats:
-    """Running statistics of one router: entropy of its full softmax per token, and expert load."""
+    """Running statistics of one router: entropy of its full softmax per token, expert load (the (token,
+    slot) pairs its router sent to each expert) and, with a capacity, the pairs each expert dropped."""
 
     def __init__(self, num_expert):
         self.tokens = 0
         self.entropy_sum = 0.0
         self.entropy_sq_sum = 0.0
         self.load = torch.zeros(num_expert, dtype=torch.float64)
+        self.dropped = torch.zeros(num_expert, dtype=torch.float64)
 
     @torch.no_grad()
-    def update(self, logits, top_idx):
+    def update(self, logits, top_idx, kept_idx=None):
+        """top_idx [T, k] the router's choice (-1: routed nowhere, not counted); kept_idx [T, k] what capacity
+        kept of it (None: all)."""
         logp = F.log_softmax(logits.float(), -1)                              # [T, E]
         entropy = -(logp.exp() * logp).sum(-1).double()                        # [T]
         self.tokens += entropy.numel()
         self.entropy_sum += entropy.sum().item()
         self.entropy_sq_sum += entropy.square().sum().item()
-        self.load += torch.bincount(top_idx.reshape(-1), minlength=self.load.numel()).double().cpu()
+        self.load += expert_counts(top_idx, self.load.numel()).double().cpu()
+        if kept_idx is not None:
+            dropped = torch.where(kept_idx < 0, top_idx, -1)                   # [T, k], the dropped pairs' experts
+            self.dropped += expert_counts(dropped, self.load.numel()).double().cpu()
 
     @property
     def mean_entropy(self):
@@ -213,14 +243,146 @@ class RouterStats:
         """Fraction of the routed (token, slot) pairs that went to each expert [E]."""
         return (self.load / self.load.sum().clamp(min=1)).tolist()
 
+    @property
+    def drop_fraction(self):
+        """Fraction of the routed (token, slot) pairs dropped over capacity (0 without a capacity)."""
+        return (self.dropped.sum() / self.load.sum().clamp(min=1)).item()
+
+
+def expert_counts(top_idx, num_expert):
+    """How many slots of top_idx [T, k] went to each expert [E]; -1 slots count nowhere (no host sync)."""
+    flat = torch.where(top_idx >= 0, top_idx, num_expert).reshape(-1)       # [T * k], dropped: a spare bin E
+    return torch.bincount(flat, minlength=num_expert + 1)[:num_expert]
+
+
+# ----------------------------------------------------------------------------- capacity
+
+def expert_capacity(factor, n_tok, k, num_expert):
+    """C = ceil(factor * T * k / E): the slots an expert takes from a batch of T tokens routed to k of E experts
+    (Switch Transformer, Fedus et al. 2022, Sec. 2.2, with its k = 1; GShard's top-2 the same with k = 2)."""
+    return math.ceil(factor * n_tok * k / num_expert)
+
+
+def drop_over_capacity(top_idx, capacity, num_expert):
+    """top_idx [T, k] -> the same with every slot beyond its expert's first `capacity` set to -1.
+
+    Priority: every token's first choice before any second choice, then token order; GShard's
+    Algorithm 1 (Lepikhin et al. 2021: the position of a second choice in its expert's buffer starts
+    after all first choices) and Switch's top-1 in token order (mesh_tensorflow's `_switch_gating`).
+    Slots already -1 stay -1 and take no room. No host sync.
+    """
+    by_priority = top_idx.t().reshape(-1)                                     # [k * T]: choice 1 of all, then 2, ...
+    one_hot = F.one_hot(torch.where(by_priority >= 0, by_priority, num_expert), num_expert + 1)   # [k * T, E + 1]
+    position = (one_hot.cumsum(0) * one_hot).sum(1) - 1                      # [k * T], rank in the expert's queue
+    kept = torch.where((position < capacity) & (by_priority >= 0), by_priority, -1)
+    return kept.view(top_idx.size(1), -1).t()                                 # [T, k]
+
+
+def dropped_fraction(top_idx, kept_idx):
+    """The fraction of the routed (token, slot) pairs of top_idx [T, k] that kept_idx [T, k] dropped (a tensor)."""
+    routed = top_idx >= 0
+    return (routed & (kept_idx < 0)).sum() / routed.sum().clamp(min=1)
+
+
+def set_capacity(model, train_factor=None, eval_factor=None):
+    """Capacity factors of every MoE block of `model` in training and in evaluation (None: dropless)."""
+    for name, factor in (('capacity_factor', train_factor), ('eval_capacity_factor', eval_factor)):
+        if factor is not None and not factor > 0:
+            raise ValueError(f'{name} must be positive (or None for dropless); got {factor}')
+    for block in moe_blocks(model).values():
+        block.capacity_factor = (train_factor, eval_factor)
+
+
+# ----------------------------------------------------------------------------- auxiliary losses
+
+def cv_squared(x):
+    """The squared coefficient of variation var(x) / mean(x)^2 of x [E] (population variance, as
+    tensor2tensor's `cv_squared` of Shazeer et al.'s reference code; 0 for a constant x)."""
+    x = x.float()
+    return x.var(unbiased=False) / (x.mean().square() + 1e-10)
+
 
 def switch_balance_loss(logits, top_idx):
     """Switch Transformer's load-balancing loss E * sum_e f_e P_e (Fedus et al. 2022, Eq. 4): f_e the
-    fraction of routed (token, slot) pairs sent to expert e, P_e the mean router probability; 1 when balanced."""
+    fraction of routed (token, slot) pairs sent to expert e (a -1 slot is routed nowhere and not counted),
+    P_e the mean router probability; 1 when balanced. Computed on the router's choice before capacity, as
+    the reference code does (mesh_tensorflow's `_switch_gating` and GShard's top-2 gating)."""
     num_expert = logits.size(-1)
-    frac = torch.bincount(top_idx.reshape(-1), minlength=num_expert).to(logits.dtype) / top_idx.numel()   # [E]
-    prob = F.softmax(logits.float(), -1).mean(0)                                                        # [E]
+    counts = expert_counts(top_idx, num_expert).to(logits.dtype)                                  # [E]
+    frac = counts / counts.sum().clamp(min=1)                                                     # [E]
+    prob = F.softmax(logits.float(), -1).mean(0)                                                  # [E]
     return num_expert * (frac * prob).sum()
+
+
+def importance_loss(top_idx, top_score, num_expert):
+    """Shazeer et al. 2017's importance loss (Eq. 6, without its weight): cv^2 of Importance_e, the sum over
+    the batch of the gate values of expert e (a -1 slot's value is 0); 0 when every expert weighs the same."""
+    expert = torch.where(top_idx >= 0, top_idx, num_expert)                                       # [T, k]
+    score = torch.where(top_idx >= 0, top_score, 0).float()
+    importance = score.new_zeros(num_expert + 1).index_add(0, expert.reshape(-1), score.reshape(-1))
+    return cv_squared(importance[:num_expert])                                                    # [E] -> scalar
+
+
+def router_z_loss(logits):
+    """Router z-loss (ST-MoE, Zoph et al. 2022, Eq. 5): the mean over tokens of logsumexp(logits)^2; it keeps
+    the router's logits small, which its authors found stabilises training."""
+    return torch.logsumexp(logits.float(), -1).square().mean()
+
+
+AUX_LOSSES = ('balance', 'importance', 'load', 'z')
+ENGINE_AUX_LOSSES = {
+    'balance': lambda logits, top_idx, top_score: switch_balance_loss(logits, top_idx),
+    'importance': lambda logits, top_idx, top_score: importance_loss(top_idx, top_score, logits.size(-1)),
+    'z': lambda logits, top_idx, top_score: router_z_loss(logits),
+}
+
+
+def routers_giving(name):
+    """The router names (keys of GATES) that can give auxiliary loss `name`."""
+    if name in ENGINE_AUX_LOSSES:
+        return list(GATES)
+    return [gate_name for gate_name, cls in GATES.items() if name in cls.own_aux_losses]
+
+
+def aux_losses(gate, names, logits, top_idx, top_score):
+    """{name: scalar} of the requested auxiliary losses of one MoE forward: a loss the gate lists in
+    `own_aux_losses` comes from its `aux_terms()` (e.g. noisy top-k's smooth load), the others are the
+    engine's, computed from the router's logits [T, E], choice top_idx [T, k] and gate values [T, k]."""
+    own = gate.aux_terms() if any(name in gate.own_aux_losses for name in names) else {}
+    losses = {}
+    for name in names:
+        if name in gate.own_aux_losses:
+            losses[name] = own[name]
+        elif name in ENGINE_AUX_LOSSES:
+            losses[name] = ENGINE_AUX_LOSSES[name](logits, top_idx, top_score)
+        else:
+            raise ValueError(f'{type(gate).__name__} cannot give the auxiliary loss {name!r}; routers that can: '
+                             f'{", ".join(routers_giving(name)) or "none"}')
+    return losses
+
+
+class RoutingRecord:
+    """What the MoE blocks report during the forwards of one training step: each forward's requested
+    auxiliary losses (with gradient) and, with a capacity, the fraction of its routed slots it dropped."""
+
+    def __init__(self, loss_names):
+        self.loss_names = tuple(loss_names)
+        self.losses = {name: [] for name in self.loss_names}     # name -> [scalar of each MoE forward]
+        self.dropped = {}                                          # layer -> [fraction of each of its forwards]
+
+    def add(self, layer, losses, dropped=None):
+        for name, value in losses.items():
+            self.losses[name].append(value)
+        if dropped is not None:
+            self.dropped.setdefault(layer, []).append(dropped)
+
+    def loss_sums(self):
+        """{name: the sum over the recorded forwards}, for the losses that were recorded."""
+        return {name: sum(values) for name, values in self.losses.items() if values}
+
+    def dropped_means(self):
+        """{layer: mean dropped fraction over its recorded forwards} (tensors)."""
+        return {layer: sum(values) / len(values) for layer, values in self.dropped.items()}
 
 
 # ----------------------------------------------------------------------------- HyperMoE
@@ -270,7 +432,8 @@ class HyperExpertGenerator(nn.Module):
 
 
 def unique_sets(top_idx):
-    """The distinct expert sets of a batch: (sets [U, k], rows sorted; index of each token's set [T])."""
+    """The distinct expert sets of a batch: (sets [U, k], rows sorted; index of each token's set [T]). A dropped
+    slot (-1) sorts first, so {3, -1} and {-1, 3} are one set: expert 3 alone."""
     return torch.unique(top_idx.sort(-1).values, dim=0, return_inverse=True)
 
 
@@ -349,9 +512,12 @@ class HyperExpert(nn.Module):
         self.mlp[2].reset_parameters()
 
     def unselected_sum(self, sets):
-        """sets [U, k] -> the sum of the embeddings of the E - k experts outside each set [U, c]."""
-        outside = torch.ones(sets.size(0), self.expert_emb.num_embeddings, device=sets.device)
-        outside = outside.scatter(1, sets, 0.0)                                           # [U, E], 1 = unselected
+        """sets [U, k] -> the sum of the embeddings of the experts outside each set [U, c]. A dropped slot (-1)
+        selects nothing: its expert counts as unselected, as if the token had routed to one expert fewer."""
+        num_expert = self.expert_emb.num_embeddings
+        chosen = torch.where(sets >= 0, sets, num_expert)                                 # [U, k], -1 -> spare E
+        outside = torch.ones(sets.size(0), num_expert + 1, device=sets.device)
+        outside = outside.scatter(1, chosen, 0.0)[:, :num_expert]                         # [U, E], 1 = unselected
         return outside.to(self.expert_emb.weight.dtype) @ self.expert_emb.weight          # [U, c]
 
     def forward(self, x, top_idx, per_set=True):
@@ -372,7 +538,11 @@ class MoEPositionwiseFF(nn.Module):
     is added to the experts' mixture, before the block's dropout, residual and LayerNorm.
     `layer_index` (the block's layer) names the layer to the HyperExpert generator and seeds THOR's
     evaluation draws. `engine` (auto|grouped|loop) computes the experts of the torch backend (see
-    choose_engine); it is no part of the checkpoint.
+    choose_engine); it is no part of the checkpoint. `capacity_factor` (training, evaluation), each None
+    (dropless) or F: each expert then takes at most C = ceil(F T k / E) of a batch's T tokens
+    (`drop_over_capacity`), and a token dropped from all its slots passes through the residual alone
+    (its HyperExpert, which has no capacity, still runs, conditioned on the experts that kept it).
+    Set by `set_capacity` from the run's flags, not saved in the model configuration.
     """
 
     def __init__(self, d_model, d_inner, dropout, pre_lnorm=False, num_expert=16, top_k=2,
@@ -393,19 +563,30 @@ class MoEPositionwiseFF(nn.Module):
             self.hyper_expert = None
         self.layer_norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
+        self.layer_index = layer_index
+        self.capacity_factor = (None, None)     # (training, evaluation); None: dropless
         self.stats = None    # a RouterStats while statistics are being recorded
-        self.balance = None  # a list collecting load-balancing losses while they are recorded
+        self.record = None   # a RoutingRecord collecting auxiliary losses and dropped fractions while training
 
     def _use_fastmoe(self, x):
         return self.backend == 'fastmoe' or (self.backend == 'auto' and x.is_cuda and fastmoe_available())
 
     def moe(self, x, token_ids=None):
         """x [T, d], token_ids [T] or None -> [T, d]: route, then mix the outputs of each token's top-k experts."""
-        top_idx, top_score, logits = self.gate(x, token_ids, return_logits=True)   # [T, k], [T, k], [T, E]
+        routed_idx, top_score, logits = self.gate(x, token_ids, return_logits=True)   # [T, k], [T, k], [T, E]
+        factor = self.capacity_factor[0 if self.training else 1]
+        top_idx = routed_idx
+        if factor is not None:
+            num_expert = self.gate.tot_expert
+            capacity = expert_capacity(factor, routed_idx.size(0), routed_idx.size(1), num_expert)
+            top_idx = drop_over_capacity(routed_idx, capacity, num_expert)           # [T, k], -1 past capacity
         if self.stats is not None:
-            self.stats.update(logits, top_idx)
-        if self.balance is not None:
-            self.balance.append(switch_balance_loss(logits, top_idx))
+            self.stats.update(logits, routed_idx, top_idx if factor is not None else None)
+        if self.record is not None:
+            # the losses see the router's own choice, before capacity (as Switch's and GShard's code)
+            losses = aux_losses(self.gate, self.record.loss_names, logits, routed_idx, top_score)
+            dropped = dropped_fraction(routed_idx, top_idx) if factor is not None else None
+            self.record.add(self.layer_index, losses, dropped)
         if self._use_fastmoe(x):
             y = fastmoe_moe(x, top_idx, top_score, self.experts)
         else:
@@ -455,14 +636,15 @@ def record_router_stats(model):
 
 
 @contextlib.contextmanager
-def record_balance_losses(model):
-    """Within the block, every MoE forward appends its `switch_balance_loss` (with gradient) to the yielded list."""
-    losses = []
+def record_routing(model, loss_names=()):
+    """Within the block, every MoE forward adds to the yielded RoutingRecord its auxiliary losses `loss_names`
+    (with gradient) and, when its capacity is on, the fraction of routed slots it dropped."""
+    record = RoutingRecord(loss_names)
     blocks = moe_blocks(model).values()
     for block in blocks:
-        block.balance = losses
+        block.record = record
     try:
-        yield losses
+        yield record
     finally:
         for block in blocks:
-            block.balance = None
+            block.record = None
