@@ -57,7 +57,8 @@ def model_from_checkpoint(ckpt, device='cpu', eval_capacity_factor=None, **confi
     run_args = ckpt['args']           # checkpoints saved before the capacity flags were dropless
     if eval_capacity_factor is None:
         eval_capacity_factor = run_args.get('eval_capacity_factor')
-    set_capacity(model, run_args.get('capacity_factor'), None if eval_capacity_factor == 'none' else eval_capacity_factor)
+    eval_factor = None if eval_capacity_factor == 'none' else eval_capacity_factor
+    set_capacity(model, run_args.get('capacity_factor'), eval_factor)
     return model.to(device).eval()
 
 

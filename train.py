@@ -562,8 +562,8 @@ class Trainer:
         if aux:
             self.log.record(self.step, 'aux', **aux)                   # TensorBoard aux/<name>
         if self.dropped:
-            self.log.record(self.step, 'router', **{f'train_dropped/layer{layer}': w[f'train_dropped/layer{layer}'] /
-                                                    w['steps'] for layer in self.dropped})     # router/train_dropped/...
+            names = [f'train_dropped/layer{layer}' for layer in self.dropped]
+            self.log.record(self.step, 'router', **{name: w[name] / w['steps'] for name in names})   # TensorBoard
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
 
     def validate(self):

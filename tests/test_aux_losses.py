@@ -1,4 +1,4 @@
-"""The auxiliary losses (balance, importance, z, a gate's own) against hand computations, and their weights in training."""
+"""The auxiliary losses (balance, importance, z, a gate's own) by hand, and their weights and logs in training."""
 import glob
 import json
 import math

@@ -317,7 +317,8 @@ def test_thor_with_hypermoe_and_load_balance_trains_logs_its_terms_and_resumes_e
     assert rows['split'] == rows['whole'] and len(rows['whole']) == 4
     assert read_metrics(runs['split'], 'valid') == read_metrics(runs['whole'], 'valid')
     assert all(r['consistency'] > 0 for r in rows['whole'])
-    assert len(read_metrics(runs['whole'], 'aux')) == 4 and all(r['balance'] > 0 for r in read_metrics(runs['whole'], 'aux'))
+    aux = read_metrics(runs['whole'], 'aux')
+    assert len(aux) == 4 and all(r['balance'] > 0 for r in aux)
     with open(os.path.join(runs['whole'], 'train.log')) as f:
         log = f.read()
         assert '| consistency ' in log and '| balance ' in log
