@@ -522,7 +522,7 @@ class HyperExpert(nn.Module):
         num_expert = self.expert_emb.num_embeddings
         chosen = torch.where(sets >= 0, sets, num_expert)                                 # [U, k], -1 -> spare E
         outside = torch.ones(sets.size(0), num_expert + 1, device=sets.device)
-        outside = outside.scatter(1, chosen, 0.0)[:, :num_expert]                         # [U, E], 1 = unselected
+        outside = outside.scatter(1, chosen, 0.0)[:, :num_expert].contiguous()            # [U, E], 1 = unselected
         return outside.to(self.expert_emb.weight.dtype) @ self.expert_emb.weight          # [U, c]
 
     def forward(self, x, top_idx, per_set=True):
