@@ -54,7 +54,7 @@ def model_from_checkpoint(ckpt, device='cpu', eval_capacity_factor=None, **confi
     evaluation one); `config_overrides` change inference-only settings of the model configuration (thor_inference)."""
     model = MemTransformerLM(**dict(ckpt['model_config'], moe_backend='auto', moe_engine='auto', **config_overrides))
     model.load_state_dict(ckpt['model'])
-    run_args = ckpt['args']           # checkpoints saved before the capacity flags were dropless
+    run_args = ckpt.get('args', {})   # finetune.py's have none; those saved before the capacity flags: dropless
     if eval_capacity_factor is None:
         eval_capacity_factor = run_args.get('eval_capacity_factor')
     eval_factor = None if eval_capacity_factor == 'none' else eval_capacity_factor
