@@ -29,7 +29,7 @@ from figures import (entropy_of, plot_entropy, plot_framework, plot_load, plot_l
                      plot_router_outputs, plot_spectra)
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
-from moe import moe_blocks, record_router_stats, uses_thor
+from moe import moe_blocks, record_router_stats, set_capacity, uses_thor
 from run_utils import RunError
 from seeds import group_runs, mean_std, read_config
 
@@ -50,6 +50,7 @@ def load_model(run_dir, checkpoint='best_dense'):
         config = read_config(run_dir)
         torch.manual_seed(config['args']['seed'])
         model = MemTransformerLM(**dict(config['model_config'], moe_backend='auto'))
+        set_capacity(model, config['args'].get('capacity_factor'), config['args'].get('eval_capacity_factor'))
         return dict(config, step=0), model.eval()
     path = os.path.join(run_dir, CHECKPOINT_FILES.get(checkpoint, checkpoint))
     if not os.path.isfile(path) and os.path.isfile(checkpoint):
@@ -117,13 +118,15 @@ def n_experts(stats):
 
 
 def format_load_table(label, stats):
-    """Per layer, the percentage of routed (token, slot) pairs that each expert received, and max / mean."""
+    """Per layer, the percentage of routed (token, slot) pairs that each expert received (the router's choice),
+    max / mean, and the percentage of those pairs dropped over the experts' capacity (0 when dropless)."""
     n_expert = n_experts(stats)
     lines = [f'{label}: expert load (% of routed token slots; uniform = {100 / n_expert:.1f} %)',
-             'layer' + ''.join(f'{f"e{e}":>6}' for e in range(n_expert)) + '  max/mean']
+             'layer' + ''.join(f'{f"e{e}":>6}' for e in range(n_expert)) + '  max/mean  dropped %']
     for i, s in stats.items():
         frac = s.load_fraction
-        lines.append(f'{i + 1:>5}' + ''.join(f'{100 * f:6.1f}' for f in frac) + f'{max(frac) * n_expert:10.2f}')
+        lines.append(f'{i + 1:>5}' + ''.join(f'{100 * f:6.1f}' for f in frac) + f'{max(frac) * n_expert:10.2f}'
+                     + f'{100 * s.drop_fraction:11.1f}')
     return '\n'.join(lines)
 
 
@@ -474,23 +477,26 @@ def load_command(args):
     profiles = {label: {i: [sorted(run[i].load_fraction, reverse=True) for run in runs] for i in runs[0]}
                 for label, runs in stats.items()}
     for label, layers in profiles.items():
-        print(format_load_profile(label, layers))
+        dropped = {i: [run[i].drop_fraction for run in stats[label]] for i in layers}
+        print(format_load_profile(label, layers, dropped))
     if args.out:
         plot_load_profiles(profiles, args.out)
 
 
-def format_load_profile(label, layers):
+def format_load_profile(label, layers, dropped_by_layer):
     """Per layer, the load of the experts sorted from the most used (mean over seeds, %; an expert's number means
-    nothing across seeds), and max / mean as mean ± sample std over seeds."""
+    nothing across seeds), max / mean and the % of routed slots dropped over capacity ({layer: [fraction of each
+    seed's run]}), as mean ± sample std over seeds."""
     n_expert, n_runs = len(next(iter(layers.values()))[0]), len(next(iter(layers.values())))
     lines = [f'{label}: expert load sorted from the most used expert, mean of {n_runs} seeds '
              f'(% of routed token slots; uniform = {100 / n_expert:.1f} %)',
-             'layer' + ''.join(f'{f"#{r + 1}":>6}' for r in range(n_expert)) + f"{'max/mean':>16}"]
+             'layer' + ''.join(f'{f"#{r + 1}":>6}' for r in range(n_expert)) + f"{'max/mean':>16}{'dropped %':>16}"]
     for i, runs in layers.items():
         mean_profile = [mean_std([run[r] for run in runs])[0] for r in range(n_expert)]
         peak, spread = mean_std([run[0] * n_expert for run in runs])
+        dropped, dropped_spread = mean_std([100 * fraction for fraction in dropped_by_layer[i]])
         lines.append(f'{i + 1:>5}' + ''.join(f'{100 * f:6.1f}' for f in mean_profile)
-                     + f'{f"{peak:.2f} ± {spread:.2f}":>16}')
+                     + f'{f"{peak:.2f} ± {spread:.2f}":>16}' + f'{f"{dropped:.1f} ± {dropped_spread:.1f}":>16}')
     return '\n'.join(lines)
 
 

@@ -16,6 +16,10 @@ What a gate may declare (class attributes and hooks, all with neutral defaults h
   (Hash layers); otherwise `logits(x)`.
 - a slot routed to no expert has index -1 in top_k_idx (its score is ignored): the engine skips it.
 - `default_aux_losses`: {loss name: weight} the method trains with unless a flag says otherwise.
+- `own_aux_losses`: the names of the auxiliary losses that only this gate can give (from `aux_terms()`);
+  the engine computes 'balance', 'importance' and 'z' for every gate (moe.py).
+- `default_capacity_factor`: (training, evaluation) expert capacity factors the method uses unless a
+  flag says otherwise; None is dropless (the engine applies capacity, moe.py).
 - `aux_terms()`: the gate's own auxiliary losses of its last forward, {name: scalar tensor}.
 - `set_step(step)`: called by the trainer before every training step (routers with a schedule).
 """
@@ -29,6 +33,8 @@ class BaseGate(nn.Module):
 
     needs_token_ids = False
     default_aux_losses = {}
+    own_aux_losses = ()                      # auxiliary losses only this gate can give, from aux_terms()
+    default_capacity_factor = (None, None)   # (training, evaluation) capacity factors; None: dropless
 
     def __init__(self, d_model, num_expert, world_size=1, top_k=2):
         super().__init__()

@@ -1,7 +1,7 @@
 """Evaluate saved checkpoints at several k, with the reference Transformer-XL protocol.
 
   python eval.py --run RUN_DIR [--ks 1,2,4,8,16] [--split test|valid] [--max_eval_steps N] [--json OUT]
-                 [--thor_inference random|average]
+                 [--thor_inference random|average] [--eval_capacity_factor F|none]
   python eval.py --table RUN_A RUN_B ... [--json OUT]  # the runs' results.json side by side; runs that
                                               # differ only in seed: one column, mean ± std over the seeds
   python eval.py --compare RUN_A ... -- RUN_B ...  # A against B seed by seed: paired t-test at each k
@@ -16,6 +16,7 @@ a CPU-only machine.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -26,7 +27,7 @@ from custom_gate import THOR_INFERENCE
 from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
-from moe import uses_thor
+from moe import set_capacity, uses_thor
 from run_utils import RunError, describe_os_error
 
 EVAL_BATCH_SIZE = 10
@@ -47,12 +48,31 @@ def load_checkpoint(path, device='cpu'):
                        f'({type(err).__name__}: {detail})') from err
 
 
-def model_from_checkpoint(ckpt, device='cpu', **config_overrides):
+def model_from_checkpoint(ckpt, device='cpu', eval_capacity_factor=None, **config_overrides):
     """The checkpoint's model on `device`, in eval mode; the MoE backend and engine are chosen anew for this machine.
-    `config_overrides` change inference-only settings of the model configuration (thor_inference)."""
+    Its capacity factors are the run's (`eval_capacity_factor`, a number or 'none' for dropless, replaces the
+    evaluation one); `config_overrides` change inference-only settings of the model configuration (thor_inference)."""
     model = MemTransformerLM(**dict(ckpt['model_config'], moe_backend='auto', moe_engine='auto', **config_overrides))
     model.load_state_dict(ckpt['model'])
+    run_args = ckpt.get('args', {})   # finetune.py's have none; those saved before the capacity flags: dropless
+    if eval_capacity_factor is None:
+        eval_capacity_factor = run_args.get('eval_capacity_factor')
+    eval_factor = None if eval_capacity_factor == 'none' else eval_capacity_factor
+    set_capacity(model, run_args.get('capacity_factor'), eval_factor)
     return model.to(device).eval()
+
+
+def parse_capacity_factor(text):
+    """'1.25' -> 1.25, 'none' -> 'none' (dropless); anything else is an argparse error."""
+    if text.strip().lower() == 'none':
+        return 'none'
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = math.nan
+    if not factor > 0 or math.isinf(factor):
+        raise argparse.ArgumentTypeError(f'needs a positive number (such as 1.25) or none (dropless); got {text!r}')
+    return factor
 
 
 def method_name(model_config):
@@ -363,6 +383,10 @@ def evaluate_run(args, parser):
             parser.error(f'--thor_inference applies to THOR runs (--gate_name thor); {args.run} used '
                          f'{run_args["gate_name"] if run_args["moe"] else "no MoE"}')
         overrides['thor_inference'] = args.thor_inference
+    if args.eval_capacity_factor is not None:
+        if not run_args['moe']:
+            parser.error(f'--eval_capacity_factor applies to MoE runs; {args.run} has no MoE layers')
+        overrides['eval_capacity_factor'] = args.eval_capacity_factor
     corpus = get_lm_corpus(args.data or run_args['data'], run_args['dataset'])
     problems = []
     entries = test_checkpoints(args.run, corpus, args.split, args.ks, args.max_eval_steps,
@@ -395,6 +419,10 @@ def main(argv=None):
     parser.add_argument('--thor_inference', choices=THOR_INFERENCE,
                         help="a THOR run's inference, if not the one it was trained with: random (k random experts "
                              'per token) or average (every expert, weight 1/E)')
+    parser.add_argument('--eval_capacity_factor', type=parse_capacity_factor,
+                        help='expert capacity factor F of evaluation (each expert takes at most ceil(F * T * k / E) '
+                             'of a batch\'s T tokens), or none (dropless); default: the run\'s own (its '
+                             '--eval_capacity_factor), so a checkpoint is evaluated as trained')
     import analysis  # here, not at the top: analysis.py builds on this module
     analysis.add_arguments(parser)
     argv, compare_b = split_compare(sys.argv[1:] if argv is None else list(argv))

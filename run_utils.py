@@ -280,6 +280,7 @@ class RunLog:
             return
         for layer, s in stats.items():
             self.tb.add_scalar(f'router/entropy/layer{layer}', s.mean_entropy, step)
+            self.tb.add_scalar(f'router/dropped/layer{layer}', s.drop_fraction, step)   # over capacity; 0 dropless
             counts = s.load.tolist()
             n_expert = len(counts)
             self.tb.add_histogram_raw(

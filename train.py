@@ -31,7 +31,8 @@ from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from custom_gate import THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES, moe_gates, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
-from moe import BACKENDS, GATES, MOE_VARIANTS, describe_engine, record_balance_losses, record_router_stats, uses_thor
+from moe import (AUX_LOSSES, BACKENDS, GATES, MOE_VARIANTS, describe_engine, record_router_stats, record_routing,
+                 routers_giving, set_capacity, uses_thor)
 from moe_engine import ENGINES, grouped_mm_problem
 from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, git_commit,
                        make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
@@ -62,11 +63,31 @@ def add(parser, *names, **kwargs):
     parser.add_argument(*spellings, **kwargs)
 
 
+def add_routing_args(p):
+    """Auxiliary losses and expert capacity: options of the MoE engine, with any router."""
+    aux = p.add_argument_group('auxiliary losses (any router; each summed over MoE layers, default: the router\'s '
+                               'own default_aux_losses, else 0)')
+    add(aux, '--balance_loss', '--load_balance', type=float, default=None,
+        help='weight of the Switch Transformer load-balancing loss E * sum_e f_e P_e (Fedus et al. 2022)')
+    add(aux, '--importance_loss', type=float, default=None,
+        help='weight of the importance loss cv^2(sum of gate values per expert) (Shazeer et al. 2017)')
+    add(aux, '--load_loss', type=float, default=None,
+        help='weight of the smooth load loss cv^2(load) of Shazeer et al. 2017 (only routers with noise give it)')
+    add(aux, '--z_loss', type=float, default=None,
+        help='weight of the router z-loss mean(logsumexp(logits)^2) (Zoph et al. 2022)')
+    cap = p.add_argument_group('expert capacity (any router; default: the router\'s default_capacity_factor, '
+                               'else dropless)')
+    add(cap, '--capacity_factor', type=evaluation.parse_capacity_factor, default=None,
+        help='F in training: each expert takes at most ceil(F * T * k / E) of a batch\'s T tokens, first choices '
+             'first, then in token order; the others skip it (a token dropped by all its experts passes through '
+             'the residual); none: dropless')
+    add(cap, '--eval_capacity_factor', type=evaluation.parse_capacity_factor, default=None,
+        help='F in evaluation (validation, the final test, and eval.py unless told otherwise); none: dropless')
+
+
 def add_method_args(p):
-    """Flags of the routing methods beyond the paper's: THOR, HyperMoE, the load-balancing loss."""
-    group = p.add_argument_group('auxiliary load balancing (any router)')
-    add(group, '--load_balance', type=float, default=0.0,
-        help='weight of the Switch Transformer load-balancing loss, summed over MoE layers (0: off)')
+    """Flags of the routing methods beyond the paper's: THOR, HyperMoE, auxiliary losses and capacity."""
+    add_routing_args(p)
     thor = p.add_argument_group('THOR (--gate_name thor): random routing, two passes, consistency loss')
     add(thor, '--thor_alpha', type=float, default=5.0,
         help='weight alpha of the consistency term: loss = (CE1 + CE2 + alpha * CR(p1, p2)) / 2, CR the symmetric '
@@ -194,13 +215,15 @@ def check_args(args, parser):
                                      torch.bfloat16 if args.amp else torch.float32, (args.d_model, args.d_inner))
         if problem:
             parser.error(f'--moe_engine grouped cannot run: {problem}; use --moe_engine auto or loop')
-    if args.thor_alpha < 0 or args.load_balance < 0:
-        parser.error('--thor_alpha and --load_balance must be non-negative')
-    if not args.moe and (args.moe_variant != 'plain' or args.load_balance > 0):
-        parser.error('--moe_variant hypermoe and --load_balance need --moe')
-    if args.multi_gpu and (args.moe_variant == 'hypermoe' or args.load_balance > 0):
-        parser.error('--moe_variant hypermoe and --load_balance do not support --multi_gpu (DataParallel); '
-                     'use torchrun')
+    if args.thor_alpha < 0:
+        parser.error(f'--thor_alpha must be non-negative; got {args.thor_alpha}')
+    check_routing_args(args, parser)
+    if not args.moe and args.moe_variant != 'plain':
+        parser.error('--moe_variant hypermoe needs --moe')
+    recording = any(aux_weights(args).values()) or args.capacity_factor is not None
+    if args.multi_gpu and (args.moe_variant == 'hypermoe' or recording):
+        parser.error('--moe_variant hypermoe, the auxiliary losses and --capacity_factor do not support --multi_gpu '
+                     '(DataParallel); use torchrun')
     if args.restart and not os.path.isfile(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT)):
         parser.error(f'--restart needs --restart_dir RUN holding {evaluation.LAST_CHECKPOINT}; '
                      f'none in {args.restart_dir!r}')
@@ -208,6 +231,36 @@ def check_args(args, parser):
         args.data = DEFAULT_DATA[args.dataset]
     if args.dynamic_overall_steps <= 0:
         args.dynamic_overall_steps = args.max_step
+
+
+def check_routing_args(args, parser):
+    """Resolve the auxiliary-loss weights and capacity factors (flag, else the router's default) and check them."""
+    gate_cls = GATES[args.gate_name]
+    for name in AUX_LOSSES:
+        flag = f'{name}_loss'
+        weight = getattr(args, flag)
+        if weight is not None and weight < 0:
+            parser.error(f'--{flag} must be non-negative; got {weight}')
+        if weight is not None and weight > 0 and not args.moe:
+            parser.error(f'--{flag} needs --moe (an auxiliary loss of the routers)')
+        if weight is None:
+            weight = gate_cls.default_aux_losses.get(name, 0.0) if args.moe else 0.0
+        if weight > 0 and args.gate_name not in routers_giving(name):
+            parser.error(f'--{flag}: the router {args.gate_name} cannot give the {name} loss; routers that can: '
+                         f'{", ".join(routers_giving(name)) or "none yet"}')
+        setattr(args, flag, float(weight))
+    for flag, default in zip(('capacity_factor', 'eval_capacity_factor'), gate_cls.default_capacity_factor):
+        value = getattr(args, flag)
+        if value is not None and not args.moe:
+            parser.error(f'--{flag} needs --moe (a capacity of the experts)')
+        if value is None:
+            value = default if args.moe else None
+        setattr(args, flag, None if value == 'none' else value)
+
+
+def aux_weights(args):
+    """{loss name: weight} of the auxiliary losses, as resolved by check_routing_args."""
+    return {name: getattr(args, f'{name}_loss') for name in AUX_LOSSES}
 
 
 def check_eval_ks(args, parser):
@@ -348,6 +401,8 @@ class Trainer:
         self.config = model_config(args, len(corpus.vocab))
         torch.manual_seed(args.seed)
         self.model = MemTransformerLM(**self.config).to(ddp.device)
+        set_capacity(self.model, args.capacity_factor, args.eval_capacity_factor)
+        self.aux_weights = {name: weight for name, weight in aux_weights(args).items() if weight > 0}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, args)
         self.thor = uses_thor(args.moe, args.gate_name)
@@ -363,7 +418,8 @@ class Trainer:
         self.best = {'best': math.inf, 'best_dense': math.inf}
         self.mems = self._fresh_mems()
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
-        self.terms = {}     # the last step's extra loss terms (THOR consistency, load balance), for the log
+        self.terms = {}     # the last step's extra loss terms (THOR consistency, auxiliary losses), for the log
+        self.dropped = {}   # the last step's fraction of routed slots dropped over capacity, per MoE layer
         self.saved_step = None          # step of checkpoint_last.pt, once there is one
         self.stop_signal = 0            # the signal that stopped the run, if one did
         if ckpt is not None:
@@ -432,22 +488,25 @@ class Trainer:
     def train_step(self, data, target):
         """One optimiser update on the global batch; returns its mean NLL over all ranks.
 
-        The objective adds THOR's consistency term and the load-balancing loss when they are on; their
-        batch means go to self.terms, for the log.
+        The objective adds THOR's consistency term and the auxiliary losses that are on; their batch means
+        go to self.terms, and the fractions of routed slots dropped over capacity to self.dropped, for the log.
         """
         data, target = self._local_columns(data), self._local_columns(target)
         chunks = list(zip(data.chunk(self.args.batch_chunk, 1), target.chunk(self.args.batch_chunk, 1)))
         self.optimizer.zero_grad(set_to_none=True)
-        total, terms = 0.0, {}
+        total, terms, dropped = 0.0, {}, {}
         for i, (data_i, target_i) in enumerate(chunks):
-            nll, extra = self._chunk_forward(i, data_i, target_i)
+            nll, extra, dropped_i = self._chunk_forward(i, data_i, target_i)
             objective = nll + sum(weight * value for value, weight in extra.values())
             (objective / len(chunks)).backward()
             total += nll.item() / len(chunks)
             for name, (value, _) in extra.items():
                 terms[name] = terms.get(name, 0.0) + value.item() / len(chunks)
+            for layer, value in dropped_i.items():
+                dropped[layer] = dropped.get(layer, 0.0) + value.item() / len(chunks)
         total = self.ddp.mean(total)
         self.terms = {name: self.ddp.mean(value) for name, value in terms.items()}
+        self.dropped = {layer: self.ddp.mean(value) for layer, value in dropped.items()}
         if not all(math.isfinite(v) for v in (total, *self.terms.values())):
             detail = ''.join(f', {name} {value}' for name, value in self.terms.items())
             raise NonFiniteLoss(f'non-finite training loss ({total}{detail}) at step {self.step + 1}')
@@ -458,19 +517,25 @@ class Trainer:
         return total
 
     def _chunk_forward(self, i, data, target):
-        """Forward of batch chunk i, its memory updated: (mean NLL, {extra term: (mean value, weight)})."""
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.args.amp), self._balance() as balance:
+        """Forward of batch chunk i, its memory updated: (mean NLL, {extra term: (mean value, weight)},
+        {MoE layer: fraction of its routed slots dropped over capacity})."""
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.args.amp), self._recording() as record:
             out = self.para_model(data, target, *self.mems[i])
-        extra = {}
+        extra, dropped = {}, {}
         if self.thor:                       # ThorObjective: [nll, consistency, *mems]
             extra['consistency'] = (out.pop(1).float().mean(), 0.5 * self.args.thor_alpha)
-        if balance:                         # one loss per MoE layer and pass; THOR makes two passes
-            extra['balance'] = (sum(balance) / (2 if self.thor else 1), self.args.load_balance)
+        if record is not None:              # one loss per MoE layer and pass, summed; THOR's two passes averaged
+            passes = 2 if self.thor else 1
+            extra.update({name: (value / passes, self.aux_weights[name]) for name, value in record.loss_sums().items()})
+            dropped = record.dropped_means()
         self.mems[i] = tuple(out[1:])
-        return out[0].float().mean(), extra
+        return out[0].float().mean(), extra, dropped
 
-    def _balance(self):
-        return record_balance_losses(self.model) if self.args.load_balance > 0 else contextlib.nullcontext()
+    def _recording(self):
+        """Record the auxiliary losses (and the dropped fractions) when some are on, else nothing at all."""
+        if self.aux_weights or self.args.capacity_factor is not None:
+            return record_routing(self.model, tuple(self.aux_weights))
+        return contextlib.nullcontext()
 
     def log_progress(self, loss, n_tokens):
         w = self.window
@@ -479,6 +544,8 @@ class Trainer:
         w['tokens'] += n_tokens
         for name, value in self.terms.items():
             w[name] = w.get(name, 0.0) + value
+        for layer, value in self.dropped.items():
+            w[f'train_dropped/layer{layer}'] = w.get(f'train_dropped/layer{layer}', 0.0) + value
         if self.step % self.args.log_interval:
             return
         elapsed = time.time() - w['start']
@@ -486,14 +553,20 @@ class Trainer:
         lr = self.optimizer.param_groups[0]['lr']
         k = current_top_k(self.step - 1, self.args) if self.args.moe else None
         terms = {name: w[name] / w['steps'] for name in self.terms}
+        aux = {name: terms.pop(name) for name in AUX_LOSSES if name in terms}
         self.log(f'| epoch {self.epoch:3d} step {self.step:>8d} | {self.batch:>6d} batches | lr {lr:.3g} '
                  f'| ms/batch {elapsed * 1000 / w["steps"]:5.2f} | loss {mean:5.2f} '
                  f'| {self.metric} {loss_to_metric(mean, self.args.dataset):9.5f}' + (f' | k {k}' if k else '')
-                 + ''.join(f' | {name} {value:.4g}' for name, value in terms.items()))
+                 + ''.join(f' | {name} {value:.4g}' for name, value in {**terms, **aux}.items()))
         memory = {'peak_mem_gib': torch.cuda.max_memory_allocated(self.ddp.device) / 2 ** 30} if self.args.cuda else {}
         self.log.record(self.step, 'train', loss=mean, lr=lr, top_k=k,
                         tokens_per_s=w['tokens'] / max(elapsed, 1e-9), **memory,
                         **{self.metric: loss_to_metric(mean, self.args.dataset)}, **terms)
+        if aux:
+            self.log.record(self.step, 'aux', **aux)                   # TensorBoard aux/<name>
+        if self.dropped:
+            names = [f'train_dropped/layer{layer}' for layer in self.dropped]
+            self.log.record(self.step, 'router', **{name: w[name] / w['steps'] for name in names})   # TensorBoard
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
 
     def validate(self):

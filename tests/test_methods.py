@@ -12,7 +12,7 @@ import train
 from custom_gate import RandomGate
 from hyper_router import param_breakdown
 from mem_transformer import ThorObjective, symmetric_kl
-from moe import (HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, record_balance_losses, switch_balance_loss,
+from moe import (HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, record_routing, switch_balance_loss,
                  unique_sets)
 from tests.conftest import TINY, tiny_model
 
@@ -277,12 +277,13 @@ def test_balance_loss_is_one_for_a_balanced_uniform_router_and_e_when_collapsed(
 
 def test_recorded_balance_losses_train_the_router(tokens):
     model = tiny_model(gate_name='smoe')
-    with record_balance_losses(model) as losses:
+    with record_routing(model, ('balance',)) as record:
         model(tokens[:-1], tokens[1:])
+    losses = record.losses['balance']
     assert len(losses) == len(model.moe_layers) and all(loss.requires_grad for loss in losses)
-    sum(losses).backward()
+    record.loss_sums()['balance'].backward()
     assert all(block.gate.gate.weight.grad.abs().sum() > 0 for block in model.moe_layers)
-    assert all(block.balance is None for block in model.moe_layers)     # recording stops with the block
+    assert all(block.record is None for block in model.moe_layers)      # recording stops with the block
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -315,9 +316,12 @@ def test_thor_with_hypermoe_and_load_balance_trains_logs_its_terms_and_resumes_e
             for name, run_dir in runs.items()}
     assert rows['split'] == rows['whole'] and len(rows['whole']) == 4
     assert read_metrics(runs['split'], 'valid') == read_metrics(runs['whole'], 'valid')
-    assert all(r['consistency'] > 0 and r['balance'] > 0 for r in rows['whole'])
+    assert all(r['consistency'] > 0 for r in rows['whole'])
+    aux = read_metrics(runs['whole'], 'aux')
+    assert len(aux) == 4 and all(r['balance'] > 0 for r in aux)
     with open(os.path.join(runs['whole'], 'train.log')) as f:
-        assert '| consistency ' in f.read()
+        log = f.read()
+        assert '| consistency ' in log and '| balance ' in log
     final = [torch.load(os.path.join(d, 'checkpoint_last.pt'), weights_only=True)['model'] for d in runs.values()]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
     with open(os.path.join(runs['whole'], 'results.json')) as f:
@@ -376,7 +380,8 @@ def test_method_names(config, name):
 
 
 @pytest.mark.parametrize('extra,message', [
-    (['--moe_variant', 'hypermoe'], '--moe_variant hypermoe and --load_balance need --moe'),
+    (['--moe_variant', 'hypermoe'], '--moe_variant hypermoe needs --moe'),
+    (['--load_balance', '0.01'], '--balance_loss needs --moe'),
     (['--moe', '--load_balance', '-1'], 'must be non-negative'),
     (['--moe', '--gate_name', 'thor', '--thor_inference', 'mean'], "invalid choice: 'mean'"),
 ])

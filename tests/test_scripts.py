@@ -71,7 +71,7 @@ RECIPE = dict(d_model=256, n_head=8, d_head=64, dropatt=0.0, optim='adam', lr=2.
 # k grows linearly from 8 to 16 over the whole run, as in the published scripts (the paper text says from 2)
 DYNAMIC_K = dict(dynamic_moe=True, dynamic_moe_mode='linear_increase', moe_top_k_min=8, moe_top_k_max=16)
 FIXED_K = dict(dynamic_moe=False)
-MOE = dict(moe=True, d_inner=512, moe_num_expert=16, moe_top_k=2, load_balance=0.0)
+MOE = dict(moe=True, d_inner=512, moe_num_expert=16, moe_top_k=2, balance_loss=0.0)
 HYPERMOE = dict(moe_variant='hypermoe', hypermoe_emb_dim=128, hypermoe_hidden=128, hypermoe_layer_emb_dim=10,
                 hypermoe_adapter_dim=64)
 METHOD_FLAGS = {

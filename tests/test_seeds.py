@@ -230,8 +230,9 @@ def test_entropy_bars_over_seeds_have_one_std_error_bars(drawn):
 def test_load_over_seeds_is_averaged_after_sorting_the_experts():
     # seed 1 loads experts 0, 1 most; seed 2 experts 1, 3: unsorted means would be 37.5 / 37.5 / 12.5 / 12.5 %
     profiles = {0: [sorted([0.5, 0.25, 0.25, 0.0], reverse=True), sorted([0.25, 0.5, 0.0, 0.25], reverse=True)]}
-    _, header, row = analysis.format_load_profile('SMoE', profiles).splitlines()
-    assert row.split() == ['1', '50.0', '25.0', '25.0', '0.0', '2.00', '±', '0.00']   # max/mean = 0.5 * 4
+    _, header, row = analysis.format_load_profile('SMoE', profiles, {0: [0.1, 0.2]}).splitlines()
+    # max/mean = 0.5 * 4; dropped over capacity 10 % and 20 %: 15 ± 7.1 (sample std sqrt(50))
+    assert row.split() == ['1', '50.0', '25.0', '25.0', '0.0', '2.00', '±', '0.00', '15.0', '±', '7.1']
 
 
 # ----------------------------------------------------------------------------- SEEDS in the scripts

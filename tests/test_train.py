@@ -73,9 +73,17 @@ def test_a_run_writes_config_logs_events_checkpoints_and_results(tmp_path, synth
         assert [e['results'] for e in json.load(f)] == [e['results'] for e in results]
 
 
-def test_resuming_gives_the_same_run_as_never_stopping(tmp_path, synthetic_dir):
-    common = [*MOE_ARGS, '--gate_name', 'HyperRouterGate', '--dynamic_moe', '--moe-top-k-min', '1',
-              '--moe-top-k-max', '4', '--max_step', '8', '--eval-interval', '3', '--log-interval', '1',
+RESUMED_CONFIGS = {
+    'hyper_router_dynamic_k': ['--gate_name', 'HyperRouterGate', '--dynamic_moe', '--moe-top-k-min', '1',
+                               '--moe-top-k-max', '4'],
+    'capacity_and_aux_losses': ['--gate_name', 'smoe', '--capacity_factor', '0.75', '--eval_capacity_factor', '1.0',
+                                '--balance_loss', '0.01', '--importance_loss', '0.01', '--z_loss', '0.001'],
+}
+
+
+@pytest.mark.parametrize('config', RESUMED_CONFIGS)
+def test_resuming_gives_the_same_run_as_never_stopping(config, tmp_path, synthetic_dir):
+    common = [*MOE_ARGS, *RESUMED_CONFIGS[config], '--max_step', '8', '--eval-interval', '3', '--log-interval', '1',
               '--batch_chunk', '2']
     whole = run_train(tmp_path / 'a', synthetic_dir, *common)
     split = run_train(tmp_path / 'b', synthetic_dir, *common, '--stop_step', '4')
@@ -85,7 +93,10 @@ def test_resuming_gives_the_same_run_as_never_stopping(tmp_path, synthetic_dir):
                 '--restart', '--restart_dir', split])
     drop_speed = lambda rows: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rows]  # noqa: E731
     assert drop_speed(read_metrics(split)) == drop_speed(read_metrics(whole))
-    assert read_metrics(split, 'valid') == read_metrics(whole, 'valid')
+    for other in ('valid', 'aux', 'router'):              # the auxiliary losses and the dropped fractions too
+        assert read_metrics(split, other) == read_metrics(whole, other)
+    if config == 'capacity_and_aux_losses':
+        assert len(read_metrics(whole, 'aux')) == len(read_metrics(whole, 'router')) == 8
     final = [torch.load(os.path.join(d, 'checkpoint_last.pt'), weights_only=True)['model'] for d in (whole, split)]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
