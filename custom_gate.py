@@ -227,6 +227,19 @@ def cv_squared(values):
     return values.var(unbiased=False) / (values.mean().square() + 1e-10)
 
 
+def prob_in_top_k(clean, noisy, noise_std, k):
+    """P(x, i) [T, E] of the smooth load estimator (Shazeer et al. 2017, Appendix A): the probability that
+    expert i is among the k largest of the noisy logits `noisy` [T, E] under a new draw of its own noise
+    alone, Phi((clean_i - kth_excluding(noisy, k, i)) / noise_std_i). With k = E every expert is chosen: 1."""
+    if k >= noisy.size(1):
+        return torch.ones_like(noisy)
+    top_val, top_idx = torch.topk(noisy, k + 1, dim=-1)                              # [T, k + 1]
+    chosen = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, top_idx[:, :k], True)     # [T, E]
+    # the k-th largest without i: the (k + 1)-th if i is among the k, else the k-th
+    threshold = torch.where(chosen, top_val[:, k:], top_val[:, k - 1:k])              # [T, E]
+    return torch.special.ndtr((clean - threshold) / noise_std)
+
+
 class NoisyTopKGate(BaseGate):
     """Noisily gated top-k (Shazeer et al. 2017, Eqs. 3-5): H(x) = x W_g + N(0, 1) * softplus(x W_noise) in
     training, x W_g in evaluation; the k largest of H, gates the softmax over those k (the default scores).
@@ -237,11 +250,9 @@ class NoisyTopKGate(BaseGate):
     noise_epsilon), keeping the load estimator's division away from zero. `logits` returns H, so the
     routing statistics see what routed.
 
-    Own auxiliary loss `load`: the paper's smooth load estimator (Appendix A), computed in each training
-    forward: P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / noise_i), the probability that expert i
-    stays in the top k under a new draw of its own noise, Load_i the sum of P over the batch, and the loss
-    cv^2(Load). With k = E every expert is always chosen (P = 1, loss 0). Defaults: w_importance =
-    w_load = 0.1, the paper's.
+    Own auxiliary loss `load`, computed in each training forward: cv^2 of Load_i = sum over the batch of
+    P(x, i) (`prob_in_top_k`), the paper's smooth load estimator, differentiable in W_g and W_noise.
+    Defaults: w_importance = w_load = 0.1, the paper's.
     """
 
     own_aux_losses = ('load',)
@@ -252,7 +263,6 @@ class NoisyTopKGate(BaseGate):
         super().__init__(d_model, num_expert, world_size, top_k)
         self.w_gate = nn.Parameter(torch.zeros(d_model, self.tot_expert))
         self.w_noise = nn.Parameter(torch.zeros(d_model, self.tot_expert))
-        self._clean = self._noise_std = None     # of the current training forward, for the load estimator
         self._aux = {}
 
     def noise_std(self, x):
@@ -262,30 +272,12 @@ class NoisyTopKGate(BaseGate):
     def logits(self, x):
         clean = x @ self.w_gate.to(x.dtype)                                          # [T, E]
         if not self.training:
-            self._clean = self._noise_std = None
+            self._aux = {}
             return clean
-        self._clean, self._noise_std = clean, self.noise_std(x)
-        return clean + torch.randn_like(clean) * self._noise_std                     # [T, E], H(x)
-
-    def choose(self, logits):
-        n_top = min(self.top_k + 1, self.tot_expert)
-        top_val, top_idx = torch.topk(logits, n_top, dim=-1)                         # [T, k (+ 1)]
-        top_val, top_idx, next_val = top_val[:, :self.top_k], top_idx[:, :self.top_k], top_val[:, self.top_k:]
-        self._aux = {}
-        if self._clean is not None:
-            self._aux['load'] = cv_squared(self.smooth_load(logits, top_val, top_idx, next_val))
-            self._clean = self._noise_std = None         # the graph is kept by the loss alone
-        return top_val, top_idx
-
-    def smooth_load(self, noisy, top_val, top_idx, next_val):
-        """Load_i = sum over tokens of P(x, i) [E]: noisy [T, E] the training logits, top_val / top_idx [T, k]
-        the k chosen, next_val [T, 1] the (k + 1)-th largest (empty at k = E)."""
-        if next_val.size(1) == 0:
-            return torch.full((noisy.size(1),), float(noisy.size(0)), device=noisy.device)
-        chosen = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, top_idx, True)     # [T, E]
-        # the k-th largest of H without i: the (k + 1)-th if i is among the k, else the k-th
-        threshold = torch.where(chosen, next_val, top_val[:, -1:])                   # [T, E]
-        return torch.special.ndtr((self._clean - threshold) / self._noise_std).sum(0)
+        noise_std = self.noise_std(x)                                                # [T, E]
+        noisy = clean + torch.randn_like(clean) * noise_std                          # [T, E], H(x)
+        self._aux = {'load': cv_squared(prob_in_top_k(clean, noisy, noise_std, self.top_k).sum(0))}
+        return noisy
 
     def aux_terms(self):
         return dict(self._aux)
