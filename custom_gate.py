@@ -160,3 +160,130 @@ class RandomGate(BaseGate):
             noise = torch.rand(logits.shape, generator=self._generator(logits.device), device=logits.device)
             top_idx = noise.topk(self.top_k, dim=-1).indices                 # [T, k], k distinct uniform draws
         return logits.gather(1, top_idx), top_idx
+
+
+# ---- Switch, GShard, noisy top-k
+
+class SwitchGate(BaseGate):
+    """Switch Transformer's router (Fedus et al. 2022): top-1 of a linear router W_r x, no bias.
+
+    The gate value of a chosen expert is its probability under the softmax over all E experts, not
+    renormalised over the chosen (the softmax over one chosen logit is 1 and gives the router no
+    gradient). In training the router reads x * U(1 - jitter, 1 + jitter), elementwise multiplicative
+    noise drawn from the global RNG (which checkpoints save, so a resumed run draws the same); the
+    experts still read x. Defaults from the paper and its Mesh TensorFlow code: jitter 1e-2, the
+    balance loss with weight 1e-2, capacity factor 1.25 in training and 2.0 in evaluation.
+    """
+
+    default_aux_losses = {'balance': 0.01}
+    default_capacity_factor = (1.25, 2.0)
+
+    def __init__(self, d_model, num_expert, world_size=1, top_k=1, jitter=0.01):
+        super().__init__(d_model, num_expert, world_size, top_k)
+        if not 0 <= jitter < 1:
+            raise ValueError(f'the Switch jitter must be in [0, 1) (the router input is scaled by U(1 - jitter, '
+                             f'1 + jitter)); got {jitter}')
+        self.jitter = jitter
+        self.gate = nn.Linear(d_model, self.tot_expert, bias=False)
+
+    def logits(self, x):
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)   # [T, d]
+        return F.linear(x, self.gate.weight.to(x.dtype))                             # [T, E]
+
+    def scores(self, logits, top_val, top_idx):
+        return F.softmax(logits, dim=-1).gather(1, top_idx)                          # [T, k]
+
+
+class GShardGate(BaseGate):
+    """GShard's top-2 router (Lepikhin et al. 2021, Algorithm 1): a linear router W_g x, no bias, its two
+    best experts with gates g1, g2 normalised over the two (the default scores).
+
+    Random routing, in training only: the second expert is kept with probability min(1, 2 g2), g2 the
+    second gate normalised over the top two (at most 1/2), else its slot is -1 (routed nowhere; the first
+    keeps its gate g1). The draw uses the global RNG. At k > 2 only the second slot is subject to it.
+    Defaults: balance loss weight 1e-2 (the coefficient of the reference Mesh TensorFlow code, whose
+    E^2-scaled loss is our `balance`), capacity factor 1.0 in training (the paper's C = 2N/E for two
+    experts per token) and 2.0 in evaluation.
+    """
+
+    default_aux_losses = {'balance': 0.01}
+    default_capacity_factor = (1.0, 2.0)
+
+    def __init__(self, d_model, num_expert, world_size=1, top_k=2):
+        super().__init__(d_model, num_expert, world_size, top_k)
+        self.gate = nn.Linear(d_model, self.tot_expert, bias=False)
+
+    def logits(self, x):
+        return F.linear(x, self.gate.weight.to(x.dtype))                             # [T, E]
+
+    def choose(self, logits):
+        top_val, top_idx = torch.topk(logits, self.top_k, dim=-1)                    # [T, k]
+        if self.training and self.top_k >= 2:
+            g2 = torch.sigmoid(top_val[:, 1] - top_val[:, 0])                        # [T], p2 / (p1 + p2)
+            dropped = torch.rand_like(g2) >= 2 * g2                                  # kept with prob. 2 g2
+            top_idx = top_idx.clone()
+            top_idx[:, 1] = top_idx[:, 1].masked_fill(dropped, -1)
+        return top_val, top_idx
+
+
+def cv_squared(values):
+    """Squared coefficient of variation var / mean^2 of a vector (population variance, as the paper's code;
+    the epsilon keeps an all-zero vector at 0)."""
+    return values.var(unbiased=False) / (values.mean().square() + 1e-10)
+
+
+def prob_in_top_k(clean, noisy, noise_std, k):
+    """P(x, i) [T, E] of the smooth load estimator (Shazeer et al. 2017, Appendix A): the probability that
+    expert i is among the k largest of the noisy logits `noisy` [T, E] under a new draw of its own noise
+    alone, Phi((clean_i - kth_excluding(noisy, k, i)) / noise_std_i). With k = E every expert is chosen: 1."""
+    if k >= noisy.size(1):
+        return torch.ones_like(noisy)
+    top_val, top_idx = torch.topk(noisy, k + 1, dim=-1)                              # [T, k + 1]
+    chosen = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, top_idx[:, :k], True)     # [T, E]
+    # the k-th largest without i: the (k + 1)-th if i is among the k, else the k-th
+    threshold = torch.where(chosen, top_val[:, k:], top_val[:, k - 1:k])              # [T, E]
+    return torch.special.ndtr((clean - threshold) / noise_std)
+
+
+class NoisyTopKGate(BaseGate):
+    """Noisily gated top-k (Shazeer et al. 2017, Eqs. 3-5): H(x) = x W_g + N(0, 1) * softplus(x W_noise) in
+    training, x W_g in evaluation; the k largest of H, gates the softmax over those k (the default scores).
+
+    W_g and W_noise [d, E] start at zero, as the paper (Appendix A: no signal and some noise) and its
+    code; they are plain parameters, so the model's N(0, 0.02) initialisation of Linear layers leaves them
+    so. The noise scale is softplus(x W_noise) + 1e-2: the epsilon is the paper's code's (tensor2tensor's
+    noise_epsilon), keeping the load estimator's division away from zero. `logits` returns H, so the
+    routing statistics see what routed.
+
+    Own auxiliary loss `load`, computed in each training forward: cv^2 of Load_i = sum over the batch of
+    P(x, i) (`prob_in_top_k`), the paper's smooth load estimator, differentiable in W_g and W_noise.
+    Defaults: w_importance = w_load = 0.1, the paper's.
+    """
+
+    own_aux_losses = ('load',)
+    default_aux_losses = {'importance': 0.1, 'load': 0.1}
+    noise_epsilon = 1e-2
+
+    def __init__(self, d_model, num_expert, world_size=1, top_k=2):
+        super().__init__(d_model, num_expert, world_size, top_k)
+        self.w_gate = nn.Parameter(torch.zeros(d_model, self.tot_expert))
+        self.w_noise = nn.Parameter(torch.zeros(d_model, self.tot_expert))
+        self._aux = {}
+
+    def noise_std(self, x):
+        """The per-token, per-expert noise scale [T, E] of the training logits."""
+        return F.softplus(x @ self.w_noise.to(x.dtype)) + self.noise_epsilon
+
+    def logits(self, x):
+        clean = x @ self.w_gate.to(x.dtype)                                          # [T, E]
+        if not self.training:
+            self._aux = {}
+            return clean
+        noise_std = self.noise_std(x)                                                # [T, E]
+        noisy = clean + torch.randn_like(clean) * noise_std                          # [T, E], H(x)
+        self._aux = {'load': cv_squared(prob_in_top_k(clean, noisy, noise_std, self.top_k).sum(0))}
+        return noisy
+
+    def aux_terms(self):
+        return dict(self._aux)

@@ -163,7 +163,8 @@ class MemTransformerLM(nn.Module):
                  moe=False, moe_num_expert=16, moe_top_k=2, gate_name='smoe', moe_index=None,
                  hyper_size=256, moe_backend='auto', init='normal', init_range=0.1, init_std=0.02,
                  proj_init_std=0.01, thor_inference='random', moe_variant='plain', hypermoe_emb_dim=128,
-                 hypermoe_hidden=128, hypermoe_layer_emb_dim=10, hypermoe_adapter_dim=64, moe_engine='auto'):
+                 hypermoe_hidden=128, hypermoe_layer_emb_dim=10, hypermoe_adapter_dim=64, moe_engine='auto',
+                 switch_jitter=0.01):
         super().__init__()
         d_embed = d_model if d_embed is None or d_embed < 0 else d_embed
         cutoffs = list(cutoffs)
@@ -190,7 +191,7 @@ class MemTransformerLM(nn.Module):
         ) if moe and moe_variant == 'hypermoe' else None
         moe_kwargs = dict(num_expert=moe_num_expert, top_k=moe_top_k, gate_name=gate_name, hyper_size=hyper_size,
                           backend=moe_backend, engine=moe_engine, thor_inference=thor_inference,
-                          hyper_expert_generator=self.hyper_expert_generator)
+                          hyper_expert_generator=self.hyper_expert_generator, switch_jitter=switch_jitter)
         self.layers = nn.ModuleList(
             RelPartialLearnableDecoderLayer(n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm,
                                             dict(moe_kwargs, layer_index=i) if i in self.moe_index else None)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from custom_gate import FrozenNaiveGate, NaiveGate, RandomGate
+from custom_gate import FrozenNaiveGate, GShardGate, NaiveGate, NoisyTopKGate, RandomGate, SwitchGate
 from hyper_router import HyperRouterGate
 from moe_engine import ENGINES, choose_engine, compute_dtype, group_ends, grouped_mm
 
@@ -49,6 +49,9 @@ GATES = {
     'HyperRouterGate': HyperRouterGate,
     'thor': RandomGate,
     'RandomGate': RandomGate,
+    'switch': SwitchGate,
+    'gshard': GShardGate,
+    'noisy_topk': NoisyTopKGate,
 }
 BACKENDS = ('auto', 'torch', 'fastmoe')
 MOE_VARIANTS = ('plain', 'hypermoe')
@@ -60,7 +63,8 @@ def uses_thor(moe, gate_name):
     return bool(moe) and issubclass(GATES[gate_name], RandomGate)
 
 
-def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_inference='random', layer_index=0):
+def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_inference='random', layer_index=0,
+               switch_jitter=0.01):
     if gate_name not in GATES:
         raise ValueError(f'unknown gate_name {gate_name!r}; choose one of {", ".join(GATES)}')
     gate_cls = GATES[gate_name]
@@ -69,6 +73,8 @@ def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_infer
         extra = {'hyper_size': hyper_size}
     elif issubclass(gate_cls, RandomGate):
         extra = {'inference': thor_inference, 'eval_seed': layer_index}
+    elif issubclass(gate_cls, SwitchGate):
+        extra = {'jitter': switch_jitter}
     return gate_cls(d_model, num_expert, 1, top_k, **extra)
 
 
@@ -552,7 +558,7 @@ class MoEPositionwiseFF(nn.Module):
 
     def __init__(self, d_model, d_inner, dropout, pre_lnorm=False, num_expert=16, top_k=2,
                  gate_name='smoe', hyper_size=256, backend='auto', thor_inference='random', layer_index=0,
-                 hyper_expert_generator=None, engine='auto'):
+                 hyper_expert_generator=None, engine='auto', switch_jitter=0.01):
         super().__init__()
         check_backend(backend)
         if engine not in ENGINES:
@@ -560,7 +566,8 @@ class MoEPositionwiseFF(nn.Module):
         self.pre_lnorm = pre_lnorm
         self.backend = backend
         self.engine = engine
-        self.gate = build_gate(gate_name, d_model, num_expert, top_k, hyper_size, thor_inference, layer_index)
+        self.gate = build_gate(gate_name, d_model, num_expert, top_k, hyper_size, thor_inference, layer_index,
+                               switch_jitter)
         self.experts = Experts(num_expert, d_model, d_inner, dropout)
         if hyper_expert_generator is not None:
             self.hyper_expert = HyperExpert(num_expert, hyper_expert_generator, layer_index, engine)

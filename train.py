@@ -96,6 +96,9 @@ def add_method_args(p):
     add(thor, '--thor_inference', default='random', choices=THOR_INFERENCE,
         help='random: k random experts per token at inference too (THOR\'s token-level inference); average: every '
              'expert with weight 1/E, whatever k (the expectation of the random choice; costs k = E)')
+    switch = p.add_argument_group('Switch Transformer (--gate_name switch)')
+    add(switch, '--switch_jitter', type=float, default=0.01,
+        help='in training the router reads x * U(1 - eps, 1 + eps), eps this value (the paper\'s 1e-2; 0: off)')
     hmoe = p.add_argument_group('HyperMoE (--moe_variant hypermoe): HyperExpert generated from the unselected experts')
     add(hmoe, '--moe_variant', default='plain', choices=MOE_VARIANTS,
         help='hypermoe: add to every MoE block the HyperExpert of HyperMoE (Zhao et al. 2024); works with any router')
@@ -215,6 +218,9 @@ def check_args(args, parser):
                                      torch.bfloat16 if args.amp else torch.float32, (args.d_model, args.d_inner))
         if problem:
             parser.error(f'--moe_engine grouped cannot run: {problem}; use --moe_engine auto or loop')
+    if not 0 <= args.switch_jitter < 1:
+        parser.error(f'--switch_jitter must be in [0, 1) (the router input is scaled by U(1 - eps, 1 + eps)); '
+                     f'got {args.switch_jitter}')
     if args.thor_alpha < 0:
         parser.error(f'--thor_alpha must be non-negative; got {args.thor_alpha}')
     check_routing_args(args, parser)
@@ -301,7 +307,8 @@ def model_config(args, n_token):
                 init_range=args.init_range, init_std=args.init_std, proj_init_std=args.proj_init_std,
                 thor_inference=args.thor_inference, moe_variant=args.moe_variant,
                 hypermoe_emb_dim=args.hypermoe_emb_dim, hypermoe_hidden=args.hypermoe_hidden,
-                hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim)
+                hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim,
+                switch_jitter=args.switch_jitter)
 
 
 def learning_rate(step, args):

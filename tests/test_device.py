@@ -22,14 +22,17 @@ pytestmark = pytest.mark.device
 @pytest.mark.parametrize('gate_name', sorted(GATES))
 def test_every_gate_keeps_the_contract_on_the_device_with_fp32_routing_under_autocast(gate_name, device):
     torch.manual_seed(0)
-    gate = tiny_model(gate_name=gate_name, moe_num_expert=4, moe_top_k=2).to(device).moe_layers[0].gate
+    model = tiny_model(gate_name=gate_name, moe_num_expert=4, moe_top_k=2).to(device).eval()   # no dropped slots
+    gate = model.moe_layers[0].gate
     x = torch.randn(50, 16, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         top_idx, top_score, logits = gate(x, return_logits=True)
     assert top_idx.shape == top_score.shape == (50, 2) and top_idx.device.type == device.type
     assert logits.dtype == top_score.dtype == torch.float32                # the router stays in fp32
     assert ((top_idx >= 0) & (top_idx < 4)).all() and (top_idx[:, 0] != top_idx[:, 1]).all()
-    torch.testing.assert_close(top_score.sum(-1), torch.ones(50, device=device))
+    chosen = torch.softmax(logits, -1).gather(1, top_idx)                  # Switch: the full-softmax probabilities
+    expected_sum = chosen.sum(-1) if gate_name == 'switch' else torch.ones(50, device=device)
+    torch.testing.assert_close(top_score.sum(-1), expected_sum)
 
 
 def test_hyper_router_cache_on_the_device_follows_the_embedding(device):

@@ -374,6 +374,8 @@ def test_the_weight_of_each_extra_term_enters_the_update(gate_name, flag, tmp_pa
     (dict(moe=True, gate_name='HyperRouterGate', moe_variant='hypermoe'), 'HyperRouter+HyperMoE'),
     (dict(moe=True, gate_name='smoe_dropout', moe_variant='plain'), 'SMoE-Dropout'),
     (dict(moe=True, gate_name='smoe'), 'SMoE'),                            # configs saved before moe_variant
+    (dict(moe=True, gate_name='switch'), 'Switch'), (dict(moe=True, gate_name='gshard'), 'GShard'),
+    (dict(moe=True, gate_name='noisy_topk'), 'Noisy-top-k'),
 ])
 def test_method_names(config, name):
     assert evaluation.method_name(dict(config, dropout=0.1)) == name

@@ -30,7 +30,7 @@ SHRINK = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', '--n_he
 # the results' method column of each script, by the longest matching prefix of its name
 METHODS = {'hyper_router_hypermoe': 'HyperRouter+HyperMoE', 'hyper_router': 'HyperRouter', 'hypermoe': 'HyperMoE',
            'smoe_dropout': 'SMoE-Dropout', 'smoe': 'SMoE', 'thor': 'THOR', 'directly_dense_dropout': 'Dense+Dropout',
-           'directly_dense': 'Dense'}
+           'directly_dense': 'Dense', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy-top-k'}
 
 
 def expected_method(script):
@@ -57,7 +57,9 @@ def test_the_scripts_of_the_original_readme_exist():
 
 
 def test_the_scripts_of_the_other_methods_exist():
-    for name in ('thor_enwik8', 'thor_wiki103', 'hypermoe_enwik8', 'hypermoe_wiki103', 'hyper_router_hypermoe_enwik8'):
+    for name in ('thor_enwik8', 'thor_wiki103', 'hypermoe_enwik8', 'hypermoe_wiki103', 'hyper_router_hypermoe_enwik8',
+                 'switch_enwik8', 'switch_wiki103', 'gshard_enwik8', 'gshard_wiki103', 'noisy_topk_enwik8',
+                 'noisy_topk_wiki103'):
         assert f'script/table1/{name}.sh' in SCRIPTS
 
 
@@ -84,6 +86,10 @@ METHOD_FLAGS = {
     'HyperMoE': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=False, **HYPERMOE, **FIXED_K),
     'HyperRouter+HyperMoE': dict(MOE, gate_name='HyperRouterGate', hyper_size=256, freeze_gate=False, **HYPERMOE,
                                  **DYNAMIC_K),
+    # the method's aux-loss weights and capacity factors are the gate class's defaults (no flag)
+    'Switch': dict(MOE, gate_name='switch', moe_top_k=1, switch_jitter=0.01, moe_variant='plain', **FIXED_K),
+    'GShard': dict(MOE, gate_name='gshard', moe_top_k=2, moe_variant='plain', **FIXED_K),
+    'Noisy-top-k': dict(MOE, gate_name='noisy_topk', moe_top_k=2, moe_variant='plain', **FIXED_K),
     'Dense': dict(moe=False, d_inner=8192),             # one FFN as wide as the 16 experts of 512
     'Dense+Dropout': dict(moe=False, d_inner=8192),
 }
@@ -100,6 +106,12 @@ TABLE = {
     'table1/thor_enwik8.sh': ('enwik8', 4, 400_000, 'THOR', 0.1, {}),
     'table1/hypermoe_enwik8.sh': ('enwik8', 4, 400_000, 'HyperMoE', 0.1, {}),
     'table1/hyper_router_hypermoe_enwik8.sh': ('enwik8', 4, 400_000, 'HyperRouter+HyperMoE', 0.1, {}),
+    'table1/switch_enwik8.sh': ('enwik8', 4, 400_000, 'Switch', 0.1, {}),
+    'table1/gshard_enwik8.sh': ('enwik8', 4, 400_000, 'GShard', 0.1, {}),
+    'table1/noisy_topk_enwik8.sh': ('enwik8', 4, 400_000, 'Noisy-top-k', 0.1, {}),
+    'table1/switch_wiki103.sh': ('wt103', 4, 400_000, 'Switch', 0.1, {}),
+    'table1/gshard_wiki103.sh': ('wt103', 4, 400_000, 'GShard', 0.1, {}),
+    'table1/noisy_topk_wiki103.sh': ('wt103', 4, 400_000, 'Noisy-top-k', 0.1, {}),
     'table1/hyper_router_wiki103.sh': ('wt103', 4, 400_000, 'HyperRouter', 0.1, {}),
     'table1/smoe_dropout_wiki103.sh': ('wt103', 4, 400_000, 'SMoE-Dropout', 0.1, {}),
     'table1/smoe_wiki103.sh': ('wt103', 4, 400_000, 'SMoE', SMOE_DROPOUT, {}),
@@ -122,6 +134,7 @@ DEVIATIONS = {
     'HyperRouter': ['--hyper_size', 'never reached', 'the paper text says from 2'],
     'SMoE-Dropout': ['the paper text says from 2'],
     'SMoE': ['--freeze_gate'],
+    'Noisy-top-k': ['k = 2 as the SMoE column', 'k = 4'],
     'LargeScale': ['layers 0-3 MoE', '18 layers, batch 44 and 50k steps'],
 }
 # Departures of one script alone
@@ -179,7 +192,12 @@ def test_script_header_documents_its_departures_from_the_published_scripts(scrip
     assert [phrase for phrase in wanted if phrase not in header] == []
 
 
-@pytest.mark.parametrize('script', SCRIPTS)
+# GShard routes its randomly dropped second experts to slot -1, which the engine of issue 13 skips
+NEEDS_DROPPED_SLOTS = {'script/table1/gshard_enwik8.sh', 'script/table1/gshard_wiki103.sh'}
+
+
+@pytest.mark.parametrize('script', [pytest.param(s, marks=pytest.mark.xfail(
+    strict=True, reason='needs the engine of issue 13 (slot -1)')) if s in NEEDS_DROPPED_SLOTS else s for s in SCRIPTS])
 def test_script_runs_its_pipeline(script, synthetic_dir, tmp_path):
     work = str(tmp_path / 'runs')
     result = subprocess.run(['bash', script, *SHRINK, '--work_dir', work], cwd=REPO, env=script_env(synthetic_dir),
