@@ -87,9 +87,12 @@ METHOD_FLAGS = {
     'HyperRouter+HyperMoE': dict(MOE, gate_name='HyperRouterGate', hyper_size=256, freeze_gate=False, **HYPERMOE,
                                  **DYNAMIC_K),
     # the method's aux-loss weights and capacity factors are the gate class's defaults (no flag)
-    'Switch': dict(MOE, gate_name='switch', moe_top_k=1, switch_jitter=0.01, moe_variant='plain', **FIXED_K),
-    'GShard': dict(MOE, gate_name='gshard', moe_top_k=2, moe_variant='plain', **FIXED_K),
-    'Noisy-top-k': dict(MOE, gate_name='noisy_topk', moe_top_k=2, moe_variant='plain', **FIXED_K),
+    'Switch': dict(MOE, gate_name='switch', moe_top_k=1, switch_jitter=0.01, moe_variant='plain', balance_loss=0.01,
+                   capacity_factor=1.25, eval_capacity_factor=2.0, **FIXED_K),
+    'GShard': dict(MOE, gate_name='gshard', moe_top_k=2, moe_variant='plain', balance_loss=0.01, capacity_factor=1.0,
+                   eval_capacity_factor=2.0, **FIXED_K),
+    'Noisy-top-k': dict(MOE, gate_name='noisy_topk', moe_top_k=2, moe_variant='plain', importance_loss=0.1,
+                        load_loss=0.1, **FIXED_K),
     'Dense': dict(moe=False, d_inner=8192),             # one FFN as wide as the 16 experts of 512
     'Dense+Dropout': dict(moe=False, d_inner=8192),
 }
@@ -192,12 +195,7 @@ def test_script_header_documents_its_departures_from_the_published_scripts(scrip
     assert [phrase for phrase in wanted if phrase not in header] == []
 
 
-# GShard routes its randomly dropped second experts to slot -1, which the engine of issue 13 skips
-NEEDS_DROPPED_SLOTS = {'script/table1/gshard_enwik8.sh', 'script/table1/gshard_wiki103.sh'}
-
-
-@pytest.mark.parametrize('script', [pytest.param(s, marks=pytest.mark.xfail(
-    strict=True, reason='needs the engine of issue 13 (slot -1)')) if s in NEEDS_DROPPED_SLOTS else s for s in SCRIPTS])
+@pytest.mark.parametrize('script', SCRIPTS)
 def test_script_runs_its_pipeline(script, synthetic_dir, tmp_path):
     work = str(tmp_path / 'runs')
     result = subprocess.run(['bash', script, *SHRINK, '--work_dir', work], cwd=REPO, env=script_env(synthetic_dir),
