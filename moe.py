@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from custom_gate import FrozenNaiveGate, NaiveGate, RandomGate
+from custom_gate import DTSGate, FrozenNaiveGate, HashGate, NaiveGate, RandomGate, XMoEGate
 from hyper_router import HyperRouterGate
 from moe_engine import ENGINES, choose_engine, compute_dtype, group_ends, grouped_mm
 
@@ -43,6 +43,9 @@ GATES = {
     'HyperRouterGate': HyperRouterGate,
     'thor': RandomGate,
     'RandomGate': RandomGate,
+    'hash': HashGate,
+    'xmoe': XMoEGate,
+    'dts': DTSGate,
 }
 BACKENDS = ('auto', 'torch', 'fastmoe')
 MOE_VARIANTS = ('plain', 'hypermoe')
@@ -54,15 +57,30 @@ def uses_thor(moe, gate_name):
     return bool(moe) and issubclass(GATES[gate_name], RandomGate)
 
 
-def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_inference='random', layer_index=0):
+# the router_options each gate class takes: {option name (train.py flag): the gate's argument}
+ROUTER_OPTIONS = {
+    HashGate: {'n_token': 'n_token', 'hash_seed': 'seed'},
+    XMoEGate: {'xmoe_dim': 'dim', 'xmoe_temperature': 'temperature'},
+    DTSGate: {'dts_max_temp': 'max_temp', 'dts_min_temp': 'min_temp', 'dts_anneal_steps': 'anneal_steps',
+              'dts_threshold': 'threshold'},
+}
+
+
+def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_inference='random', layer_index=0,
+               router_options=None):
+    """The gate `gate_name` of MoE layer `layer_index`. router_options: {name: value} of the method settings
+    in ROUTER_OPTIONS (the model passes them all; each gate takes its own, the others keep their defaults)."""
     if gate_name not in GATES:
         raise ValueError(f'unknown gate_name {gate_name!r}; choose one of {", ".join(GATES)}')
     gate_cls = GATES[gate_name]
-    extra = {}
+    options = router_options or {}
+    extra = {arg: options[name] for name, arg in ROUTER_OPTIONS.get(gate_cls, {}).items() if name in options}
     if issubclass(gate_cls, HyperRouterGate):
         extra = {'hyper_size': hyper_size}
     elif issubclass(gate_cls, RandomGate):
         extra = {'inference': thor_inference, 'eval_seed': layer_index}
+    elif issubclass(gate_cls, HashGate):
+        extra['layer_index'] = layer_index
     return gate_cls(d_model, num_expert, 1, top_k, **extra)
 
 
@@ -371,13 +389,14 @@ class MoEPositionwiseFF(nn.Module):
     Given the model's `hyper_expert_generator` (HyperMoE) the block has a `HyperExpert` whose output
     is added to the experts' mixture, before the block's dropout, residual and LayerNorm.
     `layer_index` (the block's layer) names the layer to the HyperExpert generator and seeds THOR's
-    evaluation draws. `engine` (auto|grouped|loop) computes the experts of the torch backend (see
-    choose_engine); it is no part of the checkpoint.
+    evaluation draws and the hash table of Hash layers. `router_options`: see build_gate. `engine`
+    (auto|grouped|loop) computes the experts of the torch backend (see choose_engine); it is no part of the
+    checkpoint.
     """
 
     def __init__(self, d_model, d_inner, dropout, pre_lnorm=False, num_expert=16, top_k=2,
                  gate_name='smoe', hyper_size=256, backend='auto', thor_inference='random', layer_index=0,
-                 hyper_expert_generator=None, engine='auto'):
+                 hyper_expert_generator=None, engine='auto', router_options=None):
         super().__init__()
         check_backend(backend)
         if engine not in ENGINES:
@@ -385,7 +404,8 @@ class MoEPositionwiseFF(nn.Module):
         self.pre_lnorm = pre_lnorm
         self.backend = backend
         self.engine = engine
-        self.gate = build_gate(gate_name, d_model, num_expert, top_k, hyper_size, thor_inference, layer_index)
+        self.gate = build_gate(gate_name, d_model, num_expert, top_k, hyper_size, thor_inference, layer_index,
+                               router_options)
         self.experts = Experts(num_expert, d_model, d_inner, dropout)
         if hyper_expert_generator is not None:
             self.hyper_expert = HyperExpert(num_expert, hyper_expert_generator, layer_index, engine)

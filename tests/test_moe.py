@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from custom_gate import BaseGate
 from hyper_router import HyperRouterGate, get_top_k, set_top_k
 from moe import GATES, MoEPositionwiseFF, RouterStats, fastmoe_available, torch_moe
 from moe_engine import grouped_mm_problem
@@ -143,20 +144,24 @@ def test_sparse_moe_runs_each_token_only_through_its_experts():
 @pytest.mark.parametrize('gate_name', GATE_NAMES)
 def test_gate_contract(gate_name):
     torch.manual_seed(0)
-    block = MoEPositionwiseFF(D, H, 0.0, num_expert=E, top_k=2, gate_name=gate_name)
-    x = torch.randn(50, D)
+    block = MoEPositionwiseFF(D, H, 0.0, num_expert=E, top_k=2, gate_name=gate_name, router_options={'n_token': 37})
+    block.gate.set_step(10 ** 9)               # a router with a schedule (DTS-Gate) at its end: top-k routing
+    x, token_ids = torch.randn(50, D), torch.randint(37, (50,))
+    renormalised = type(block.gate).scores is BaseGate.scores    # the default gate values
     for k in (1, 2, 3, E):
         block.gate.top_k = k
-        top_idx, top_score = block.gate(x)
+        top_idx, top_score = block.gate(x, token_ids)
         assert top_idx.shape == top_score.shape == (50, k)
         assert top_idx.dtype == torch.int64 and top_score.dtype == torch.float32
         assert ((top_idx >= 0) & (top_idx < E)).all()
         assert all(len(set(row)) == k for row in top_idx.tolist())
-        torch.testing.assert_close(top_score.sum(-1), torch.ones(50))
         assert (top_score[:, :-1] >= top_score[:, 1:]).all()           # best expert first
-        _, _, logits = block.gate(x, return_logits=True)
-        torch.testing.assert_close(top_score, F.softmax(logits, -1).gather(1, top_idx)
-                                   / F.softmax(logits, -1).gather(1, top_idx).sum(-1, keepdim=True))
+        assert ((top_score > 0) & (top_score <= 1 + 1e-6)).all()
+        if renormalised:
+            torch.testing.assert_close(top_score.sum(-1), torch.ones(50))
+            _, _, logits = block.gate(x, token_ids, return_logits=True)
+            torch.testing.assert_close(top_score, F.softmax(logits, -1).gather(1, top_idx)
+                                       / F.softmax(logits, -1).gather(1, top_idx).sum(-1, keepdim=True))
 
 
 @pytest.mark.parametrize('bad_k', [0, E + 1])
