@@ -83,10 +83,10 @@ def add_method_args(p):
     add(hmoe, '--hypermoe_hidden', type=int, default=128, help='hidden size of the shared hypernetwork')
     add(hmoe, '--hypermoe_layer_emb_dim', type=int, default=10, help='layer embedding size')
     add(hmoe, '--hypermoe_adapter_dim', type=int, default=64, help='bottleneck of the HyperExpert adapter')
-    add_router_b_args(p)
+    add_hash_xmoe_dts_args(p)
 
 
-def add_router_b_args(p):
+def add_hash_xmoe_dts_args(p):
     """Flags of Hash layers, X-MoE and DTS-Gate (each read only by its own router)."""
     hash_group = p.add_argument_group('Hash layers (--gate_name hash): each token id to a fixed expert')
     add(hash_group, '--hash_seed', type=int, default=0,
@@ -219,7 +219,7 @@ def check_args(args, parser):
     if args.multi_gpu and (args.moe_variant == 'hypermoe' or args.load_balance > 0):
         parser.error('--moe_variant hypermoe and --load_balance do not support --multi_gpu (DataParallel); '
                      'use torchrun')
-    check_router_b_args(args, parser)
+    check_hash_xmoe_dts_args(args, parser)
     if args.restart and not os.path.isfile(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT)):
         parser.error(f'--restart needs --restart_dir RUN holding {evaluation.LAST_CHECKPOINT}; '
                      f'none in {args.restart_dir!r}')
@@ -240,7 +240,7 @@ def check_eval_ks(args, parser):
                      f'nothing would be tested; give k from 1 to {args.moe_num_expert}')
 
 
-def check_router_b_args(args, parser):
+def check_hash_xmoe_dts_args(args, parser):
     if args.xmoe_dim < 1:
         parser.error(f'--xmoe_dim must be at least 1; got {args.xmoe_dim}')
     if args.xmoe_temperature <= 0:
