@@ -287,3 +287,143 @@ class NoisyTopKGate(BaseGate):
 
     def aux_terms(self):
         return dict(self._aux)
+# ---- Hash layers, X-MoE, DTS-Gate
+
+def balanced_hash_order(n_token, num_expert, seed, layer_index=0):
+    """[V, E] int16: row v is a fixed random ordering of the E experts for token id v, its first column a
+    balanced random hash (a random permutation of the vocabulary dealt round-robin to the experts, so every
+    expert gets floor or ceil(V / E) ids). Drawn on the CPU from `seed` and the layer, so layers hash apart."""
+    if num_expert > torch.iinfo(torch.int16).max:
+        raise ValueError(f'hash routing stores expert ids as int16: at most {torch.iinfo(torch.int16).max} experts')
+    gen = torch.Generator().manual_seed(seed * 1000 + layer_index)
+    first = torch.empty(n_token, dtype=torch.long)
+    first[torch.randperm(n_token, generator=gen)] = torch.arange(n_token) % num_expert    # [V], balanced
+    rank_noise = torch.rand(n_token, num_expert, generator=gen)                           # [V, E]
+    rank_noise.scatter_(1, first.unsqueeze(1), 2.0)                                       # the hash ranks first
+    return rank_noise.argsort(dim=1, descending=True).to(torch.int16)                     # [V, E]
+
+
+class HashGate(BaseGate):
+    """Hash layers (Roller et al. 2021): no router; token id v always goes to expert hash(v), with gate value 1.
+
+    The hash is a balanced random assignment of the vocabulary (every expert gets floor / ceil(V / E) ids),
+    drawn at construction from `seed` and the layer index, and kept as a persistent buffer `expert_order`
+    [V, E], so a checkpoint carries its table whatever seed a later command gives. Roller et al. define
+    k = 1 only; for k > 1 (evaluation at k = 1..E) each token id has a fixed random ordering of all E experts
+    whose first entry is its hash, and goes to the first k with gate values 1/k each.
+    The logits are 0 at the chosen experts and the most negative float elsewhere (exact zeros after a
+    softmax, with no NaN from 0 * log 0), so the routing distribution is uniform over the chosen k: entropy
+    log k, load the count of the hash table.
+    """
+
+    needs_token_ids = True
+
+    def __init__(self, d_model, num_expert, world_size=1, top_k=1, n_token=None, seed=0, layer_index=0):
+        super().__init__(d_model, num_expert, world_size, top_k)
+        if n_token is None or n_token < 1:
+            raise ValueError('hash routing needs the vocabulary size: build the gate with n_token')
+        self.register_buffer('expert_order', balanced_hash_order(n_token, self.tot_expert, seed, layer_index))
+
+    def logits(self, x, token_ids):
+        chosen = self.expert_order.index_select(0, token_ids)[:, :self.top_k].long()        # [T, k]
+        logits = x.new_full((x.size(0), self.tot_expert), torch.finfo(x.dtype).min)        # [T, E]
+        return logits.scatter(1, chosen, 0.0)
+
+
+class XMoEGate(BaseGate):
+    """X-MoE router (Chi et al. 2022): s_i = cos(W h, e_i) / tau, routing in a low-dimensional hypersphere.
+
+    W [r, d] (no bias) projects the token to r = `dim` dimensions; the expert embeddings e [E, r] start
+    orthogonal with gain 0.32 (as the reference code). Both the projected token and the embeddings are
+    L2-normalised (the paper; the released code normalises only the embeddings), so the scores lie in
+    [-1 / tau, 1 / tau] and do not depend on the token's norm. tau is a learnable scalar, initialised at
+    `temperature` and floored at 1e-4 (the reference code's floor). Gate values: the softmax renormalised
+    over the top k for k >= 2 (the reference LM recipe, --moe-normalize-gate-prob-before-dropping), the
+    full-softmax probability at k = 1 (its top-1 gating; renormalising one expert would give the router no
+    gradient). Trained with the balance loss at 0.01 as the reference recipe (--moe-gate-loss-wt 0.01).
+    """
+
+    default_aux_losses = {'balance': 0.01}
+
+    def __init__(self, d_model, num_expert, world_size=1, top_k=2, dim=16, temperature=0.07):
+        super().__init__(d_model, num_expert, world_size, top_k)
+        self.project = nn.Linear(d_model, dim, bias=False)
+        self.expert_emb = nn.Parameter(nn.init.orthogonal_(torch.empty(self.tot_expert, dim), gain=0.32))
+        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+
+    def logits(self, x):
+        token = F.normalize(F.linear(x, self.project.weight.to(x.dtype)), dim=-1, eps=1e-4)   # [T, r]
+        experts = F.normalize(self.expert_emb.to(x.dtype), dim=-1, eps=1e-4)                  # [E, r]
+        return token @ experts.t() / self.temperature.to(x.dtype).clamp(min=1e-4)             # [T, E]
+
+    def scores(self, logits, top_val, top_idx):
+        if self.top_k == 1:
+            return F.softmax(logits, dim=-1).gather(1, top_idx)                               # [T, 1]
+        return F.softmax(top_val, dim=-1)
+
+
+def dts_temperature(step, max_temp, min_temp, anneal_steps):
+    """DTS-Gate's Gumbel temperature at `step`: exponential decay from max_temp to min_temp over anneal_steps
+    (EvoMoE's 'Exp' scheduler), then min_temp."""
+    frac = min(step, anneal_steps) / anneal_steps
+    return max_temp * (min_temp / max_temp) ** frac
+
+
+class DTSGate(BaseGate):
+    """DTS-Gate (Nie et al. 2021, EvoMoE): dense-to-sparse routing by an annealed Gumbel softmax.
+
+    Logits: a linear router without bias (as EvoMoE's). In training, up to `anneal_steps`, the weights are
+    w = softmax((logits + g) / tau), g Gumbel noise and tau decaying from max_temp to min_temp (see
+    dts_temperature); a token goes to every expert whose weight exceeds `threshold` (EvoMoE's content-based
+    selection, 0.001), with gate value w: at tau = 2 that is practically every expert (dense), and fewer as
+    tau falls. The gate returns E columns in that phase, best first, the unselected slots -1. From
+    anneal_steps on, the gate is sparse: the top k of logits + g, gate values w at min_temp (not
+    renormalised, as EvoMoE's hard phase keeps the Gumbel weight). Evaluation uses that final sparse state
+    without noise, whatever the checkpoint's step: the top k of the logits, gate values
+    softmax(logits / min_temp) of the chosen. The step comes from the trainer's set_step before every step
+    (also the first after a resume), and the noise from the global RNG, which checkpoints save.
+    """
+
+    def __init__(self, d_model, num_expert, world_size=1, top_k=1, max_temp=2.0, min_temp=0.3,
+                 anneal_steps=200_000, threshold=0.001):
+        super().__init__(d_model, num_expert, world_size, top_k)
+        if not 0 < min_temp <= max_temp:
+            raise ValueError(f'DTS-Gate needs 0 < min_temp <= max_temp; got {min_temp}, {max_temp}')
+        if anneal_steps < 1:
+            raise ValueError(f'DTS-Gate anneal_steps must be at least 1; got {anneal_steps}')
+        self.gate = nn.Linear(d_model, self.tot_expert, bias=False)
+        self.max_temp, self.min_temp, self.anneal_steps, self.threshold = max_temp, min_temp, anneal_steps, threshold
+        self.step = 0
+
+    def set_step(self, step):
+        self.step = step
+
+    @property
+    def dense(self):
+        """Whether a training forward now routes by threshold (the dense-to-sparse phase)."""
+        return self.step < self.anneal_steps
+
+    @property
+    def temperature(self):
+        """The Gumbel temperature of a training forward now."""
+        return dts_temperature(self.step, self.max_temp, self.min_temp, self.anneal_steps)
+
+    def logits(self, x):
+        return F.linear(x, self.gate.weight.to(x.dtype))
+
+    def choose(self, logits):
+        """In training the values returned are the Gumbel weights w of the chosen experts, not their logits."""
+        if not self.training:
+            return torch.topk(logits, self.top_k, dim=-1)
+        uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)          # (0, 1): no log(0)
+        gumbel = -(-uniform.log()).log()                                                     # [T, E], Gumbel(0, 1)
+        weights = F.softmax((logits + gumbel) / self.temperature, dim=-1)                    # [T, E]
+        if not self.dense:
+            return torch.topk(weights, self.top_k, dim=-1)                                   # [T, k]
+        top_w, top_idx = torch.sort(weights, dim=-1, descending=True)                        # [T, E]
+        return top_w, top_idx.masked_fill(top_w <= self.threshold, -1)
+
+    def scores(self, logits, top_val, top_idx):
+        if self.training:
+            return top_val * (top_idx >= 0)                                                  # the Gumbel weights
+        return F.softmax(logits / self.min_temp, dim=-1).gather(1, top_idx)

@@ -81,7 +81,8 @@ def method_name(model_config):
         return 'Dense+Dropout' if model_config['dropout'] > 0 else 'Dense'
     name = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
             'thor': 'THOR', 'RandomGate': 'THOR',
-            'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy-top-k'}.get(model_config['gate_name'], 'SMoE')
+            'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy-top-k', 'hash': 'Hash', 'xmoe': 'X-MoE',
+            'dts': 'DTS-Gate'}.get(model_config['gate_name'], 'SMoE')
     if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE as published sits on the SMoE router
         return 'HyperMoE' if name == 'SMoE' else f'{name}+HyperMoE'
     return name

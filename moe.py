@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from custom_gate import FrozenNaiveGate, GShardGate, NaiveGate, NoisyTopKGate, RandomGate, SwitchGate
+from custom_gate import (DTSGate, FrozenNaiveGate, GShardGate, HashGate, NaiveGate, NoisyTopKGate, RandomGate,
+                         SwitchGate, XMoEGate)
 from hyper_router import HyperRouterGate
 from moe_engine import ENGINES, choose_engine, compute_dtype, group_ends, grouped_mm
 
@@ -52,6 +53,9 @@ GATES = {
     'switch': SwitchGate,
     'gshard': GShardGate,
     'noisy_topk': NoisyTopKGate,
+    'hash': HashGate,
+    'xmoe': XMoEGate,
+    'dts': DTSGate,
 }
 BACKENDS = ('auto', 'torch', 'fastmoe')
 MOE_VARIANTS = ('plain', 'hypermoe')
@@ -63,18 +67,31 @@ def uses_thor(moe, gate_name):
     return bool(moe) and issubclass(GATES[gate_name], RandomGate)
 
 
+# the router_options each gate class takes: {option name (train.py flag): the gate's argument}
+ROUTER_OPTIONS = {
+    SwitchGate: {'switch_jitter': 'jitter'},
+    HashGate: {'n_token': 'n_token', 'hash_seed': 'seed'},
+    XMoEGate: {'xmoe_dim': 'dim', 'xmoe_temperature': 'temperature'},
+    DTSGate: {'dts_max_temp': 'max_temp', 'dts_min_temp': 'min_temp', 'dts_anneal_steps': 'anneal_steps',
+              'dts_threshold': 'threshold'},
+}
+
+
 def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_inference='random', layer_index=0,
-               switch_jitter=0.01):
+               router_options=None):
+    """The gate `gate_name` of MoE layer `layer_index`. router_options: {name: value} of the method settings
+    in ROUTER_OPTIONS (the model passes them all; each gate takes its own, the others keep their defaults)."""
     if gate_name not in GATES:
         raise ValueError(f'unknown gate_name {gate_name!r}; choose one of {", ".join(GATES)}')
     gate_cls = GATES[gate_name]
-    extra = {}
+    options = router_options or {}
+    extra = {arg: options[name] for name, arg in ROUTER_OPTIONS.get(gate_cls, {}).items() if name in options}
     if issubclass(gate_cls, HyperRouterGate):
         extra = {'hyper_size': hyper_size}
     elif issubclass(gate_cls, RandomGate):
         extra = {'inference': thor_inference, 'eval_seed': layer_index}
-    elif issubclass(gate_cls, SwitchGate):
-        extra = {'jitter': switch_jitter}
+    elif issubclass(gate_cls, HashGate):
+        extra['layer_index'] = layer_index
     return gate_cls(d_model, num_expert, 1, top_k, **extra)
 
 
@@ -548,8 +565,9 @@ class MoEPositionwiseFF(nn.Module):
     Given the model's `hyper_expert_generator` (HyperMoE) the block has a `HyperExpert` whose output
     is added to the experts' mixture, before the block's dropout, residual and LayerNorm.
     `layer_index` (the block's layer) names the layer to the HyperExpert generator and seeds THOR's
-    evaluation draws. `engine` (auto|grouped|loop) computes the experts of the torch backend (see
-    choose_engine); it is no part of the checkpoint. `capacity_factor` (training, evaluation), each None
+    evaluation draws and the hash table of Hash layers. `router_options`: see build_gate. `engine`
+    (auto|grouped|loop) computes the experts of the torch backend (see choose_engine); it is no part of the
+    checkpoint. `capacity_factor` (training, evaluation), each None
     (dropless) or F: each expert then takes at most C = ceil(F T k / E) of a batch's T tokens
     (`drop_over_capacity`), and a token dropped from all its slots passes through the residual alone
     (its HyperExpert, which has no capacity, still runs, conditioned on the experts that kept it).
@@ -558,7 +576,7 @@ class MoEPositionwiseFF(nn.Module):
 
     def __init__(self, d_model, d_inner, dropout, pre_lnorm=False, num_expert=16, top_k=2,
                  gate_name='smoe', hyper_size=256, backend='auto', thor_inference='random', layer_index=0,
-                 hyper_expert_generator=None, engine='auto', switch_jitter=0.01):
+                 hyper_expert_generator=None, engine='auto', router_options=None):
         super().__init__()
         check_backend(backend)
         if engine not in ENGINES:
@@ -567,7 +585,7 @@ class MoEPositionwiseFF(nn.Module):
         self.backend = backend
         self.engine = engine
         self.gate = build_gate(gate_name, d_model, num_expert, top_k, hyper_size, thor_inference, layer_index,
-                               switch_jitter)
+                               router_options)
         self.experts = Experts(num_expert, d_model, d_inner, dropout)
         if hyper_expert_generator is not None:
             self.hyper_expert = HyperExpert(num_expert, hyper_expert_generator, layer_index, engine)

@@ -45,7 +45,8 @@ ADAPTIVE_CUTOFFS = {'wt103': [20000, 40000, 200000], 'wt2': [5000, 10000, 20000]
 ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inner', 'div_val', 'pre_lnorm',
                      'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'hyper_size', 'adaptive', 'not_tied',
                      'moe_variant', 'hypermoe_emb_dim', 'hypermoe_hidden', 'hypermoe_layer_emb_dim',
-                     'hypermoe_adapter_dim')
+                     'hypermoe_adapter_dim', 'hash_seed', 'xmoe_dim', 'xmoe_temperature', 'dts_max_temp',
+                     'dts_min_temp', 'dts_anneal_steps', 'dts_threshold')
 # How the data is cut into training windows: a resume with others would read other data than the checkpoint's.
 DATA_LAYOUT_ARGS = ('dataset', 'batch_size', 'tgt_len', 'ext_len', 'batch_chunk')
 POSITIVE_ARGS = ('max_step', 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'batch_size', 'batch_chunk',
@@ -106,6 +107,26 @@ def add_method_args(p):
     add(hmoe, '--hypermoe_hidden', type=int, default=128, help='hidden size of the shared hypernetwork')
     add(hmoe, '--hypermoe_layer_emb_dim', type=int, default=10, help='layer embedding size')
     add(hmoe, '--hypermoe_adapter_dim', type=int, default=64, help='bottleneck of the HyperExpert adapter')
+    add_hash_xmoe_dts_args(p)
+
+
+def add_hash_xmoe_dts_args(p):
+    """Flags of Hash layers, X-MoE and DTS-Gate (each read only by its own router)."""
+    hash_group = p.add_argument_group('Hash layers (--gate_name hash): each token id to a fixed expert')
+    add(hash_group, '--hash_seed', type=int, default=0,
+        help='seed of the balanced random hash of the vocabulary (drawn once at model construction and saved in '
+             'the checkpoint, so evaluation and resume use the saved table)')
+    xmoe = p.add_argument_group('X-MoE (--gate_name xmoe): cosine routing in a low-dimensional space')
+    add(xmoe, '--xmoe_dim', type=int, default=16, help='dimension of the routing space (the paper\'s 16)')
+    add(xmoe, '--xmoe_temperature', type=float, default=0.07, help='initial value of the learnable temperature')
+    dts = p.add_argument_group('DTS-Gate (--gate_name dts): Gumbel softmax annealed from dense to top-k routing')
+    add(dts, '--dts_max_temp', type=float, default=2.0, help='Gumbel temperature at step 0')
+    add(dts, '--dts_min_temp', type=float, default=0.3, help='Gumbel temperature at the end of the annealing')
+    add(dts, '--dts_anneal_steps', type=int, default=-1,
+        help='steps of the dense-to-sparse phase (exponential decay of the temperature, experts kept by '
+             '--dts_threshold); top-k routing after it (default: half of max_step)')
+    add(dts, '--dts_threshold', type=float, default=0.001,
+        help='in the dense-to-sparse phase a token goes to every expert whose Gumbel weight exceeds this')
 
 
 def build_parser():
@@ -230,6 +251,7 @@ def check_args(args, parser):
     if args.multi_gpu and (args.moe_variant == 'hypermoe' or recording):
         parser.error('--moe_variant hypermoe, the auxiliary losses and --capacity_factor do not support --multi_gpu '
                      '(DataParallel); use torchrun')
+    check_hash_xmoe_dts_args(args, parser)
     if args.restart and not os.path.isfile(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT)):
         parser.error(f'--restart needs --restart_dir RUN holding {evaluation.LAST_CHECKPOINT}; '
                      f'none in {args.restart_dir!r}')
@@ -280,6 +302,24 @@ def check_eval_ks(args, parser):
                      f'nothing would be tested; give k from 1 to {args.moe_num_expert}')
 
 
+def check_hash_xmoe_dts_args(args, parser):
+    if args.xmoe_dim < 1:
+        parser.error(f'--xmoe_dim must be at least 1; got {args.xmoe_dim}')
+    if args.xmoe_temperature <= 0:
+        parser.error(f'--xmoe_temperature must be positive; got {args.xmoe_temperature}')
+    if not 0 < args.dts_min_temp <= args.dts_max_temp:
+        parser.error(f'need 0 < --dts_min_temp ({args.dts_min_temp}) <= --dts_max_temp ({args.dts_max_temp})')
+    if not 0 <= args.dts_threshold < 1:
+        parser.error(f'--dts_threshold must be in [0, 1); got {args.dts_threshold}')
+    if args.dts_anneal_steps == 0 or args.dts_anneal_steps < -1:
+        parser.error(f'--dts_anneal_steps must be positive (or -1: half of --max_step); got {args.dts_anneal_steps}')
+
+
+def dts_anneal_steps(args):
+    """--dts_anneal_steps, -1 resolved to half of max_step (at least 1)."""
+    return args.dts_anneal_steps if args.dts_anneal_steps > 0 else max(1, args.max_step // 2)
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -308,7 +348,9 @@ def model_config(args, n_token):
                 thor_inference=args.thor_inference, moe_variant=args.moe_variant,
                 hypermoe_emb_dim=args.hypermoe_emb_dim, hypermoe_hidden=args.hypermoe_hidden,
                 hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim,
-                switch_jitter=args.switch_jitter)
+                switch_jitter=args.switch_jitter, hash_seed=args.hash_seed, xmoe_dim=args.xmoe_dim,
+                xmoe_temperature=args.xmoe_temperature, dts_max_temp=args.dts_max_temp, dts_min_temp=args.dts_min_temp,
+                dts_anneal_steps=dts_anneal_steps(args), dts_threshold=args.dts_threshold)
 
 
 def learning_rate(step, args):
@@ -385,6 +427,11 @@ def check_resume(ckpt, args, corpus):
     saved = {name: ckpt['args'].get(name, defaults.get_default(name)) for name in ARCHITECTURE_ARGS + DATA_LAYOUT_ARGS}
     diffs = [f'--{name} {saved[name]!r} (checkpoint) vs {getattr(args, name)!r}'
              for name in saved if saved[name] != getattr(args, name)]
+    saved_anneal = ckpt['model_config'].get('dts_anneal_steps')
+    if args.moe and args.gate_name == 'dts' and saved_anneal != dts_anneal_steps(args):
+        diffs.append(f'DTS-Gate anneals over {saved_anneal} steps in the checkpoint, {dts_anneal_steps(args)} here '
+                     f'(--dts_anneal_steps -1 is half of --max_step: give the run\'s --max_step or its '
+                     f'--dts_anneal_steps {saved_anneal})')
     signature = data_signature(corpus)
     saved_signature = ckpt['train_state'].get('data_signature', signature)     # older checkpoints have none
     changed = [split for split in signature if saved_signature[split] != signature[split]]

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 import eval as evaluation
 import train
+from custom_gate import BaseGate
 from hyper_router import HyperRouterGate
 from moe import GATES
 from moe_engine import grouped_mm_problem
-from tests.conftest import tiny_model
+from tests.conftest import TINY, tiny_model
 
 pytestmark = pytest.mark.device
 
@@ -24,15 +25,18 @@ def test_every_gate_keeps_the_contract_on_the_device_with_fp32_routing_under_aut
     torch.manual_seed(0)
     model = tiny_model(gate_name=gate_name, moe_num_expert=4, moe_top_k=2).to(device).eval()   # no dropped slots
     gate = model.moe_layers[0].gate
-    x = torch.randn(50, 16, device=device)
+    gate.set_step(10 ** 9)                     # a router with a schedule (DTS-Gate) at its end: top-k routing
+    x, token_ids = torch.randn(50, 16, device=device), torch.randint(TINY['n_token'], (50,), device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        top_idx, top_score, logits = gate(x, return_logits=True)
+        top_idx, top_score, logits = gate(x, token_ids, return_logits=True)
     assert top_idx.shape == top_score.shape == (50, 2) and top_idx.device.type == device.type
     assert logits.dtype == top_score.dtype == torch.float32                # the router stays in fp32
     assert ((top_idx >= 0) & (top_idx < 4)).all() and (top_idx[:, 0] != top_idx[:, 1]).all()
-    chosen = torch.softmax(logits, -1).gather(1, top_idx)                  # Switch: the full-softmax probabilities
-    expected_sum = chosen.sum(-1) if gate_name == 'switch' else torch.ones(50, device=device)
-    torch.testing.assert_close(top_score.sum(-1), expected_sum)
+    if type(gate).scores is BaseGate.scores:                               # the default: renormalised over the k
+        torch.testing.assert_close(top_score.sum(-1), torch.ones(50, device=device))
+    if gate_name == 'switch':                                              # Switch: the full-softmax probabilities
+        torch.testing.assert_close(top_score, torch.softmax(logits, -1).gather(1, top_idx))
+    assert ((top_score > 0) & (top_score <= 1 + 1e-6)).all()
 
 
 def test_hyper_router_cache_on_the_device_follows_the_embedding(device):

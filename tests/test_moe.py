@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from custom_gate import BaseGate
 from hyper_router import HyperRouterGate, get_top_k, set_top_k
 from moe import GATES, MoEPositionwiseFF, RouterStats, fastmoe_available, torch_moe
 from moe_engine import grouped_mm_problem
@@ -146,11 +147,14 @@ def test_sparse_moe_runs_each_token_only_through_its_experts():
 @pytest.mark.parametrize('training', [True, False])
 def test_gate_contract(gate_name, training):
     torch.manual_seed(0)
-    block = MoEPositionwiseFF(D, H, 0.0, num_expert=E, top_k=2, gate_name=gate_name).train(training)
-    x = torch.randn(50, D)
+    block = MoEPositionwiseFF(D, H, 0.0, num_expert=E, top_k=2, gate_name=gate_name,
+                              router_options={'n_token': 37}).train(training)
+    block.gate.set_step(10 ** 9)               # a router with a schedule (DTS-Gate) at its end: top-k routing
+    x, token_ids = torch.randn(50, D), torch.randint(37, (50,))
+    renormalised = type(block.gate).scores is BaseGate.scores    # the default gate values
     for k in (1, 2, 3, E):
         block.gate.top_k = k
-        top_idx, top_score, logits = block.gate(x, return_logits=True)
+        top_idx, top_score, logits = block.gate(x, token_ids, return_logits=True)
         assert top_idx.shape == top_score.shape == (50, k)
         assert top_idx.dtype == torch.int64 and top_score.dtype == torch.float32
         routed = top_idx >= 0                  # -1: a slot routed nowhere (GShard's dropped second expert)
@@ -158,11 +162,14 @@ def test_gate_contract(gate_name, training):
         assert routed[:, 0].all() and (top_idx < E).all() and (top_idx >= -1).all()
         assert all(len(set(row) - {-1}) == len([e for e in row if e >= 0]) for row in top_idx.tolist())
         assert (top_score[:, :-1] >= top_score[:, 1:]).all()           # best expert first
+        assert ((top_score[routed] > 0) & (top_score[routed] <= 1 + 1e-6)).all()
         probs = F.softmax(logits, -1)                                                 # [T, E]
         chosen = probs.gather(1, top_idx.clamp(min=0))                                # [T, k]
-        # renormalised over the k best, a dropped slot's expert included
-        expected = chosen if gate_name in FULL_SOFTMAX_SCORES else chosen / probs.topk(k).values.sum(-1, keepdim=True)
-        torch.testing.assert_close(top_score[routed], expected[routed])
+        if gate_name in FULL_SOFTMAX_SCORES:
+            torch.testing.assert_close(top_score[routed], chosen[routed])
+        elif renormalised:                     # over the k best, a dropped slot's expert included
+            expected = chosen / probs.topk(k).values.sum(-1, keepdim=True)
+            torch.testing.assert_close(top_score[routed], expected[routed])
 
 
 @pytest.mark.parametrize('bad_k', [0, E + 1])

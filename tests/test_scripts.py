@@ -30,7 +30,8 @@ SHRINK = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', '--n_he
 # the results' method column of each script, by the longest matching prefix of its name
 METHODS = {'hyper_router_hypermoe': 'HyperRouter+HyperMoE', 'hyper_router': 'HyperRouter', 'hypermoe': 'HyperMoE',
            'smoe_dropout': 'SMoE-Dropout', 'smoe': 'SMoE', 'thor': 'THOR', 'directly_dense_dropout': 'Dense+Dropout',
-           'directly_dense': 'Dense', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy-top-k'}
+           'directly_dense': 'Dense', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy-top-k',
+           'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}
 
 
 def expected_method(script):
@@ -61,6 +62,9 @@ def test_the_scripts_of_the_other_methods_exist():
                  'switch_enwik8', 'switch_wiki103', 'gshard_enwik8', 'gshard_wiki103', 'noisy_topk_enwik8',
                  'noisy_topk_wiki103'):
         assert f'script/table1/{name}.sh' in SCRIPTS
+    for method in ('hash', 'xmoe', 'dts'):
+        for data in ('enwik8', 'wiki103'):
+            assert f'script/table1/{method}_{data}.sh' in SCRIPTS
 
 
 # ----------------------------------------------------------------------------- the paper's settings, read statically
@@ -93,6 +97,14 @@ METHOD_FLAGS = {
                    eval_capacity_factor=2.0, **FIXED_K),
     'Noisy-top-k': dict(MOE, gate_name='noisy_topk', moe_top_k=2, moe_variant='plain', importance_loss=0.1,
                         load_loss=0.1, **FIXED_K),
+    # Hash layers: k = 1, no router and no auxiliary loss (Roller et al. 2021)
+    'Hash': dict(MOE, gate_name='hash', moe_top_k=1, hash_seed=0, moe_variant='plain', **FIXED_K),
+    # X-MoE: the reference GPT recipe's top-2 and balance loss 0.01; routing dimension 16, temperature 0.07
+    'X-MoE': dict(MOE, gate_name='xmoe', xmoe_dim=16, xmoe_temperature=0.07, load_balance=0.01, moe_variant='plain',
+                  **FIXED_K),
+    # DTS-Gate: Gumbel temperature 2.0 -> 0.3 over half the run, threshold 0.001, then top-1
+    'DTS-Gate': dict(MOE, gate_name='dts', moe_top_k=1, dts_max_temp=2.0, dts_min_temp=0.3, dts_anneal_steps=200_000,
+                     dts_threshold=0.001, moe_variant='plain', **FIXED_K),
     'Dense': dict(moe=False, d_inner=8192),             # one FFN as wide as the 16 experts of 512
     'Dense+Dropout': dict(moe=False, d_inner=8192),
 }
@@ -124,6 +136,12 @@ TABLE = {
     # two chunks of 11 columns: the same batch of 22, half the memory of the [tokens, 267,735] distributions
     'table1/thor_wiki103.sh': ('wt103', 4, 400_000, 'THOR', 0.1, {'batch_chunk': 2}),
     'table1/hypermoe_wiki103.sh': ('wt103', 4, 400_000, 'HyperMoE', 0.1, {}),
+    'table1/hash_enwik8.sh': ('enwik8', 4, 400_000, 'Hash', 0.1, {}),
+    'table1/hash_wiki103.sh': ('wt103', 4, 400_000, 'Hash', 0.1, {}),
+    'table1/xmoe_enwik8.sh': ('enwik8', 4, 400_000, 'X-MoE', 0.1, {}),
+    'table1/xmoe_wiki103.sh': ('wt103', 4, 400_000, 'X-MoE', 0.1, {}),
+    'table1/dts_enwik8.sh': ('enwik8', 4, 400_000, 'DTS-Gate', 0.1, {}),
+    'table1/dts_wiki103.sh': ('wt103', 4, 400_000, 'DTS-Gate', 0.1, {}),
     'LargeScale/hyper_router_medium_enwik8.sh': ('enwik8', 8, 400_000, 'HyperRouter', 0.1, {}),
     'LargeScale/smoe_dropout_medium_enwik8.sh': ('enwik8', 8, 400_000, 'SMoE-Dropout', 0.1, {}),
     'LargeScale/smoe_medium_enwik8.sh': ('enwik8', 8, 400_000, 'SMoE', SMOE_DROPOUT, {}),
@@ -139,6 +157,9 @@ DEVIATIONS = {
     'SMoE': ['--freeze_gate'],
     'Noisy-top-k': ['k = 2 as the SMoE column', 'k = 4'],
     'LargeScale': ['layers 0-3 MoE', '18 layers, batch 44 and 50k steps'],
+    'Hash': ['our extension'],
+    'X-MoE': ['second expert', 'capacity'],
+    'DTS-Gate': ['expert-diversify phase', "its code's flag defaults are 1.0 and 0.5"],
 }
 # Departures of one script alone
 SCRIPT_DEVIATIONS = {'table1/directly_dense_dropout_wiki103.sh': ['batch 66', '134,000 steps']}

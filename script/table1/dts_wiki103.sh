@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# WikiText-103, column DTS-Gate (beyond the paper): test perplexity at k = 1, 2, 4, 8, 16
+#
+# DTS-Gate (Nie et al. 2021, EvoMoE): a linear router whose Gumbel-softmax weights, at a temperature
+# decaying exponentially from 2.0 to 0.3 over the first 200k steps (half the run; 2.0 and 0.3 as we read
+# the EvoMoE paper, its code's flag defaults are 1.0 and 0.5), send each token to every expert with
+# weight above 0.001 (its code's threshold; dense at first, sparser as the temperature falls), then to
+# its top-1 expert (EvoMoE's final sparse gate) for the last 200k steps; evaluation routes by the
+# top k of the logits without noise. No auxiliary loss, as EvoMoE's released LM command (its
+# criterion is cross_entropy). EvoMoE's expert-diversify phase (one expert trained, then copied)
+# is not part of this script: every run here starts from 16 random experts.
+# Small Transformer-XL (4 layers, d_model 256), 400k steps of batch 22 (paper Table A1), dropout 0.1
+# (paper C.1).
+#
+# Usage (from anywhere): bash script/table1/dts_wiki103.sh [more train.py flags, which win]
+#   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+set -euo pipefail
+source "$(dirname "$0")/../launch.sh"
+launch train.py \
+    --data "${DATA:-data/wikitext-103/}" \
+    --dataset wt103 \
+    --n_layer 4 \
+    --d_model 256 \
+    --n_head 8 \
+    --d_head 64 \
+    --d_inner 512 \
+    --dropout 0.1 \
+    --dropatt 0.0 \
+    --optim adam \
+    --lr 0.00025 \
+    --warmup_step 0 \
+    --max_step 400000 \
+    --tgt_len 512 \
+    --mem_len 512 \
+    --eval_tgt_len 128 \
+    --batch_size 22 \
+    --eval-interval 4000 \
+    --seed 1111 \
+    --moe --moe-num-expert 16 --moe-top-k 1 \
+    --gate_name dts \
+    --dts_max_temp 2.0 \
+    --dts_min_temp 0.3 \
+    --dts_anneal_steps 200000 \
+    --dts_threshold 0.001 \
+    --moe_index 0,1,2,3 \
+    --work_dir DTSGate-Wiki103 \
+    "$@"
