@@ -14,6 +14,7 @@ import torch
 import eval as evaluation
 import train
 from hyper_router import top_k_schedule
+from moe import ROUTERS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ['--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8', '--d_inner', '16',
@@ -73,10 +74,15 @@ def test_a_run_writes_config_logs_events_checkpoints_and_results(tmp_path, synth
         assert [e['results'] for e in json.load(f)] == [e['results'] for e in results]
 
 
-def test_resuming_gives_the_same_run_as_never_stopping(tmp_path, synthetic_dir):
-    common = [*MOE_ARGS, '--gate_name', 'HyperRouterGate', '--dynamic_moe', '--moe-top-k-min', '1',
-              '--moe-top-k-max', '4', '--max_step', '8', '--eval-interval', '3', '--log-interval', '1',
-              '--batch_chunk', '2']
+# each router with its method's k: a dynamic k for the methods trained so, else MOE_ARGS's fixed k = 2
+DYNAMIC_K_ROUTERS = ('hyper_router', 'smoe_dropout')
+
+
+@pytest.mark.parametrize('gate_name', ROUTERS)
+def test_resuming_gives_the_same_run_as_never_stopping(gate_name, tmp_path, synthetic_dir):
+    dynamic_k = ['--dynamic_moe', '--moe-top-k-min', '1', '--moe-top-k-max', '4']
+    common = [*MOE_ARGS, '--gate_name', gate_name, *(dynamic_k if gate_name in DYNAMIC_K_ROUTERS else []),
+              '--max_step', '8', '--eval-interval', '3', '--log-interval', '1', '--batch_chunk', '2']
     whole = run_train(tmp_path / 'a', synthetic_dir, *common)
     split = run_train(tmp_path / 'b', synthetic_dir, *common, '--stop_step', '4')
     assert not os.path.exists(os.path.join(split, 'results.json'))
