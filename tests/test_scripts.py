@@ -81,7 +81,9 @@ METHOD_FLAGS = {
     'SMoE': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=False, moe_variant='plain', **FIXED_K),
     'THOR': dict(MOE, gate_name='thor', moe_top_k=1, thor_alpha=5.0, thor_inference='random', moe_variant='plain',
                  **FIXED_K),
-    'HyperMoE': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=False, **HYPERMOE, **FIXED_K),
+    # HyperMoE's published LM code: its noisy top-k router and 0.01 x (cv^2 importance + cv^2 load)
+    'HyperMoE': dict(MOE, gate_name='noisy_topk', importance_loss=0.01, load_loss=0.01, freeze_gate=False,
+                     **HYPERMOE, **FIXED_K),
     'HyperRouter+HyperMoE': dict(MOE, gate_name='HyperRouterGate', hyper_size=256, freeze_gate=False, **HYPERMOE,
                                  **DYNAMIC_K),
     'Dense': dict(moe=False, d_inner=8192),             # one FFN as wide as the 16 experts of 512
@@ -122,6 +124,9 @@ DEVIATIONS = {
     'HyperRouter': ['--hyper_size', 'never reached', 'the paper text says from 2'],
     'SMoE-Dropout': ['the paper text says from 2'],
     'SMoE': ['--freeze_gate'],
+    'HyperMoE': ['k = 1 of 8 experts', "--importance_loss 0.01  cv^2 of the per-expert sum of gate values (HyperMoE's",
+                 "--load_loss 0.01        cv^2 of the noisy router's smooth load estimate (HyperMoE's"],
+    'HyperRouter+HyperMoE': ['No auxiliary loss'],
     'LargeScale': ['layers 0-3 MoE', '18 layers, batch 44 and 50k steps'],
 }
 # Departures of one script alone
