@@ -5,7 +5,9 @@
 # paper's recipe (SMoE-Dropout and HyperRouter grow k from 8 to 16 during training, SMoE keeps
 # k = 2), then THOR (random routing, k = 1, two passes with a consistency loss) and HyperMoE (the
 # SMoE router plus the HyperExpert), tests each at k = 1, 2, 4, 8, 16 and prints the bits per
-# character side by side with the corpus's exact floor (its entropy rate).
+# character side by side with the corpus's exact floor (its entropy rate). Each run is shown from the
+# checkpoint validated at the k it trained at: all experts for HyperRouter and SMoE-Dropout (k grows to
+# 16), k = 2 for SMoE and HyperMoE, k = 1 for THOR (eval.py --table_checkpoint training_k).
 # With SEEDS="1111 1112 1113" every method is trained once per seed and the table gives mean ± std.
 #
 # Usage: bash script/demo.sh [more train.py flags for every run]
@@ -46,7 +48,7 @@ runs+=("$(train hypermoe --gate_name CustomNaiveGate --moe_variant hypermoe)")
 mapfile -t runs < <(printf '%s\n' "${runs[@]}")        # one element per run directory
 
 echo
-echo "Test bits per character on the synthetic corpus (checkpoint with the best all-expert validation):"
-"$PYTHON" eval.py --table "${runs[@]}"
+echo "Test bits per character on the synthetic corpus (each run's checkpoint validated at its training k):"
+"$PYTHON" eval.py --table_checkpoint training_k --table "${runs[@]}"
 echo "Run directories: ${runs[*]}"
 echo "wall time: $SECONDS s"
