@@ -63,9 +63,10 @@ def method_name(model_config):
     if not model_config['moe']:
         return 'Dense+Dropout' if model_config['dropout'] > 0 else 'Dense'
     name = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
-            'thor': 'THOR', 'RandomGate': 'THOR'}.get(model_config['gate_name'], 'SMoE')
-    if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE as published sits on the SMoE router
-        return 'HyperMoE' if name == 'SMoE' else f'{name}+HyperMoE'
+            'thor': 'THOR', 'RandomGate': 'THOR', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy top-k',
+            'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}.get(model_config['gate_name'], 'SMoE')
+    if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE's published router: noisy top-k (the demo: SMoE's)
+        return 'HyperMoE' if name in ('SMoE', 'Noisy top-k') else f'{name}+HyperMoE'
     return name
 
 
@@ -243,6 +244,12 @@ def run_checkpoint(kind, config):
     return 'best' if args.get('moe') and not args.get('dynamic_moe') else 'best_dense'
 
 
+def fixed_training_k(config):
+    """The k a run trained at, for a run trained at one fixed k (its `best` checkpoint validated there), else None."""
+    args = config['args']
+    return args.get('moe_top_k') if run_checkpoint('training_k', config) == 'best' else None
+
+
 def read_runs(run_dirs, kind='best_dense'):
     """[(label, [(seed, run_dir, results.json entry)])]: the runs grouped by configuration (those that differ
     only in seed form one group, seeds.group_runs), labelled with the method's name; `kind` (TABLE_CHECKPOINTS)
@@ -269,12 +276,27 @@ def group_summary(label, runs):
 def table_of_runs(run_dirs, kind='best_dense'):
     """(text, records): the runs' results.json side by side (the `kind` checkpoint of each); runs that differ
     only in seed make one column, mean ± sample std, with the seeds of each column under the table."""
-    summaries = [group_summary(label, runs) for label, runs in read_runs(run_dirs, kind)]
+    groups = read_runs(run_dirs, kind)
+    summaries = [group_summary(label, runs) for label, runs in groups]
     columns = {s['method']: {k: seeds.format_cell(stats, s['n']) for k, stats in s['results'].items()}
                for s in summaries}
+    notes = seed_notes(summaries)
+    if kind == 'training_k':
+        trained = {s['method']: fixed_training_k(seeds.read_config(runs[0][1])) for s, (_, runs) in zip(summaries, groups)}
+        columns = {name: mark_training_k(cells, trained[name]) for name, cells in columns.items()}
+        notes += checkpoint_notes(summaries)
+        if any(k is not None for k in trained.values()):
+            notes.append('* the k a fixed-k run was trained at')
     floor = next((s['bpc_floor'] for s in summaries if 'bpc_floor' in s), None)
-    notes = seed_notes(summaries) + (checkpoint_notes(summaries) if kind == 'training_k' else [])
     return '\n'.join([format_table(columns, summaries[-1]['metric'], floor), *notes]), summaries
+
+
+def mark_training_k(cells, k):
+    """A column's cells {k: number or text} with the cell of the training k (None: no mark) marked with '*'."""
+    if k is None or str(k) not in cells:
+        return cells
+    value = cells[str(k)]
+    return dict(cells, **{str(k): (value if isinstance(value, str) else f'{value:.3f}') + '*'})
 
 
 def checkpoint_notes(summaries):

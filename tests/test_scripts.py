@@ -214,3 +214,30 @@ def test_demo_prints_the_side_by_side_table(synthetic_dir, tmp_path):
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (['1'], ['2'], ['16'])]
     assert [r[0] for r in rows] == ['1', '2', '16'] and all(len(r) == 6 for r in rows)
     assert 'corpus floor (bpc)' in result.stdout
+
+
+def test_demo_routers_prints_one_table_with_each_fixed_k_method_marked_at_its_k(synthetic_dir, tmp_path):
+    """Shortened: 2 steps, three of the routers (a dynamic-k one, a top-1 one, one at k = 2)."""
+    env = dict(script_env(synthetic_dir), WORK=str(tmp_path / 'demo'), STEPS='2', METHODS='smoe_dropout thor hypermoe')
+    result = subprocess.run(['bash', 'script/demo_routers.sh', '--max_eval_steps', '2', '--eval-interval', '2'],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.strip().startswith('k '))
+    assert header.split() == ['k', 'SMoE-Dropout', 'THOR', 'HyperMoE']
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.split()[:1] in (['1'], ['2'], ['4'], ['16'])}
+    assert list(rows) == ['1', '2', '4', '16'] and all(len(r) == 3 for r in rows.values())
+    marked = {(k, column) for k, row in rows.items() for column, cell in zip(header.split()[1:], row) if '*' in cell}
+    assert marked == {('1', 'THOR'), ('2', 'HyperMoE')}
+    assert 'corpus floor (bpc)' in result.stdout and 'wall time:' in result.stdout
+
+
+@pytest.mark.parametrize('methods,message', [
+    ('smoe nosuch', "error: unknown method 'nosuch' in METHODS; choose from: smoe smoe_dropout hyper_router"),
+])
+def test_demo_routers_refuses_an_unknown_method_before_training(methods, message, synthetic_dir, tmp_path):
+    env = dict(script_env(synthetic_dir), WORK=str(tmp_path / 'demo'), METHODS=methods)
+    result = subprocess.run(['bash', 'script/demo_routers.sh'], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().startswith(message)
+    assert 'training' not in result.stderr and not os.listdir(tmp_path / 'demo')
