@@ -14,7 +14,9 @@ returns the full logits so callers can compute entropy, expert load or auxiliary
 What a gate may declare (class attributes and hooks, all with neutral defaults here):
 - `needs_token_ids`: the MoE block then passes the input token ids [T] and `logits(x, token_ids)` gets them
   (Hash layers); otherwise `logits(x)`.
-- a slot routed to no expert has index -1 in top_k_idx (its score is ignored): the engine skips it.
+- a slot routed to no expert has index -1 in top_k_idx (its score is ignored): the engine skips it. A gate may
+  return more than k columns where its method routes to more experts (DTS-Gate's dense phase: E, the
+  unselected -1).
 - `default_aux_losses`: {loss name: weight} the method trains with unless a flag says otherwise.
 - `own_aux_losses`: the names of the auxiliary losses that only this gate can give (from `aux_terms()`);
   the engine computes 'balance', 'importance' and 'z' for every gate (moe.py).

@@ -33,6 +33,9 @@ from run_utils import RunError, describe_os_error
 EVAL_BATCH_SIZE = 10
 DEFAULT_KS = (1, 2, 4, 8, 16)
 CHECKPOINTS = {'best': 'model_best.pt', 'best_dense': 'model_best_dense.pt'}
+# which kept checkpoint --table and --compare show: one kind for every run, or `training_k`, a rule per run
+TABLE_CHECKPOINTS = ('best_dense', 'best', 'training_k')
+CHECKPOINT_WORDS = {'best': 'best validation at the training k', 'best_dense': 'best validation with all experts'}
 LAST_CHECKPOINT = 'checkpoint_last.pt'
 
 
@@ -80,11 +83,10 @@ def method_name(model_config):
     if not model_config['moe']:
         return 'Dense+Dropout' if model_config['dropout'] > 0 else 'Dense'
     name = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
-            'thor': 'THOR', 'RandomGate': 'THOR',
-            'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy-top-k', 'hash': 'Hash', 'xmoe': 'X-MoE',
-            'dts': 'DTS-Gate'}.get(model_config['gate_name'], 'SMoE')
-    if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE as published sits on the SMoE router
-        return 'HyperMoE' if name == 'SMoE' else f'{name}+HyperMoE'
+            'thor': 'THOR', 'RandomGate': 'THOR', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy top-k',
+            'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}.get(model_config['gate_name'], 'SMoE')
+    if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE's published router: noisy top-k (the demo: SMoE's)
+        return 'HyperMoE' if name in ('SMoE', 'Noisy top-k') else f'{name}+HyperMoE'
     return name
 
 
@@ -251,11 +253,29 @@ def read_results(run_dir, kind='best_dense'):
     return next((e for e in entries if e['checkpoint'] == kind), entries[0])
 
 
+def run_checkpoint(kind, config):
+    """The kept checkpoint (`best` or `best_dense`) to show of a run with this config.json: `kind` itself, or
+    for `training_k` the one validated at the k the run trained at. A run trained at one fixed k (SMoE, THOR,
+    HyperMoE) is shown from `best`, validated at that k; a dynamic-k run, whose k grows to all experts (the
+    scripts' 8 -> 16), and a dense run from `best_dense`."""
+    if kind != 'training_k':
+        return kind
+    args = config['args']
+    return 'best' if args.get('moe') and not args.get('dynamic_moe') else 'best_dense'
+
+
+def fixed_training_k(config):
+    """The k a run trained at, for a run trained at one fixed k (its `best` checkpoint validated there), else None."""
+    args = config['args']
+    return args.get('moe_top_k') if run_checkpoint('training_k', config) == 'best' else None
+
+
 def read_runs(run_dirs, kind='best_dense'):
     """[(label, [(seed, run_dir, results.json entry)])]: the runs grouped by configuration (those that differ
-    only in seed form one group, seeds.group_runs), labelled with the method's name."""
+    only in seed form one group, seeds.group_runs), labelled with the method's name; `kind` (TABLE_CHECKPOINTS)
+    says which checkpoint's entry."""
     configs = [seeds.read_config(d) for d in run_dirs]
-    entries = [read_results(d, kind) for d in run_dirs]
+    entries = [read_results(d, run_checkpoint(kind, c)) for d, c in zip(run_dirs, configs)]
     groups = seeds.group_runs(configs, [e['method'] for e in entries])
     run_seeds = [e['seed'] if 'seed' in e else seeds.run_seed(c) for e, c in zip(entries, configs)]  # older runs
     return [(label, [(run_seeds[i], run_dirs[i], entries[i]) for i in members]) for label, members in groups]
@@ -276,11 +296,36 @@ def group_summary(label, runs):
 def table_of_runs(run_dirs, kind='best_dense'):
     """(text, records): the runs' results.json side by side (the `kind` checkpoint of each); runs that differ
     only in seed make one column, mean ± sample std, with the seeds of each column under the table."""
-    summaries = [group_summary(label, runs) for label, runs in read_runs(run_dirs, kind)]
+    groups = read_runs(run_dirs, kind)
+    summaries = [group_summary(label, runs) for label, runs in groups]
     columns = {s['method']: {k: seeds.format_cell(stats, s['n']) for k, stats in s['results'].items()}
                for s in summaries}
+    notes = seed_notes(summaries)
+    if kind == 'training_k':
+        trained = {s['method']: fixed_training_k(seeds.read_config(runs[0][1])) for s, (_, runs) in zip(summaries, groups)}
+        columns = {name: mark_training_k(cells, trained[name]) for name, cells in columns.items()}
+        notes += checkpoint_notes(summaries)
+        if any(k is not None for k in trained.values()):
+            notes.append('* the k a fixed-k run was trained at')
     floor = next((s['bpc_floor'] for s in summaries if 'bpc_floor' in s), None)
-    return '\n'.join([format_table(columns, summaries[-1]['metric'], floor), *seed_notes(summaries)]), summaries
+    return '\n'.join([format_table(columns, summaries[-1]['metric'], floor), *notes]), summaries
+
+
+def mark_training_k(cells, k):
+    """A column's cells {k: number or text} with the cell of the training k (None: no mark) marked with '*'."""
+    if k is None or str(k) not in cells:
+        return cells
+    value = cells[str(k)]
+    return dict(cells, **{str(k): (value if isinstance(value, str) else f'{value:.3f}') + '*'})
+
+
+def checkpoint_notes(summaries):
+    """The line under a table whose columns come from different checkpoints: which column from which."""
+    by_kind = {}
+    for s in summaries:
+        by_kind.setdefault(s['checkpoint'], []).append(s['method'])
+    return ['checkpoint: ' + '; '.join(f"{CHECKPOINT_WORDS.get(kind, kind)}: {', '.join(methods)}"
+                                       for kind, methods in by_kind.items())]
 
 
 def seed_notes(summaries):
@@ -339,9 +384,9 @@ def split_compare(argv):
     return argv[:cut] + argv[end:], argv[cut + 1:end]
 
 
-def show_table(run_dirs, json_out=None):
-    """Print the --table of `run_dirs`; with `json_out`, write its records there too."""
-    text, summaries = table_of_runs(run_dirs)
+def show_table(run_dirs, json_out=None, kind='best_dense'):
+    """Print the --table of `run_dirs` (`kind`: TABLE_CHECKPOINTS); with `json_out`, write its records there too."""
+    text, summaries = table_of_runs(run_dirs, kind)
     print(text)
     if json_out:
         write_json(json_out, summaries)
@@ -411,6 +456,10 @@ def main(argv=None):
                              'matched by seed): at each k the mean of A - B and a two-sided paired t-test '
                              '(Student t, n - 1 degrees of freedom); p < 0.05 is called beyond the seed-to-seed '
                              'spread')
+    parser.add_argument('--table_checkpoint', choices=TABLE_CHECKPOINTS, default='best_dense',
+                        help='which kept checkpoint --table and --compare show: best_dense (best validation with all '
+                             'experts, default), best (best validation at --moe-top-k) or training_k (per run: best '
+                             'for a run trained at one fixed k, best_dense for a dynamic-k or dense run)')
     parser.add_argument('--ks', type=parse_ks, default=list(DEFAULT_KS), help='k to evaluate (those <= E)')
     parser.add_argument('--split', choices=['test', 'valid'], default='test')
     parser.add_argument('--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
@@ -440,9 +489,9 @@ def main(argv=None):
         parser.error('--cuda given but no CUDA device is available; drop --cuda to evaluate on the CPU')
     try:
         if args.compare:
-            print(compare_runs(args.compare, compare_b))
+            print(compare_runs(args.compare, compare_b, args.table_checkpoint))
         elif args.table:
-            show_table(args.table, args.json)
+            show_table(args.table, args.json, args.table_checkpoint)
         else:
             evaluate_run(args, parser)
     except (RunError, DataError) as err:

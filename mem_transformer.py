@@ -215,8 +215,8 @@ class MemTransformerLM(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, init, init_range, init_std, proj_init_std):
-        """The reference initialisation (REFERENCE.md); HyperRouter embeddings keep their N(0, 1) and
-        HyperMoE's modules get their own (see moe.HyperExpertGenerator)."""
+        """The reference initialisation (REFERENCE.md); HyperRouter embeddings keep their N(0, 1). HyperMoE's
+        modules get it too, embeddings included, as in its published LM path (README, HyperMoE)."""
         def init_weight(w):
             if init == 'uniform':
                 w.uniform_(-init_range, init_range)
@@ -243,8 +243,10 @@ class MemTransformerLM(nn.Module):
         init_weight(self.r_w_bias)
         init_weight(self.r_r_bias)
         for m in self.modules():
-            if isinstance(m, (HyperExpert, HyperExpertGenerator)):
-                m.reset_parameters()
+            if isinstance(m, HyperExpert):
+                init_weight(m.expert_emb.weight)
+            elif isinstance(m, HyperExpertGenerator):
+                init_weight(m.layer_emb.weight)
 
     def reset_length(self, tgt_len, ext_len, mem_len):
         if self.same_length and mem_len <= 0:

@@ -57,6 +57,9 @@ GATES = {
     'xmoe': XMoEGate,
     'dts': DTSGate,
 }
+# every router once, by the name a user passes to --gate_name (GATES also holds the original code's class
+# names); the cross-router tests run over this tuple
+ROUTERS = ('smoe', 'smoe_dropout', 'hyper_router', 'thor', 'switch', 'gshard', 'noisy_topk', 'hash', 'xmoe', 'dts')
 BACKENDS = ('auto', 'torch', 'fastmoe')
 MOE_VARIANTS = ('plain', 'hypermoe')
 GROUPED_MAX_SETS = 256   # HyperExpert: tokens grouped by expert set up to this many sets, else gathered
@@ -421,9 +424,9 @@ class HyperExpertGenerator(nn.Module):
     Input: the condition c [U, cond_dim] of each expert set and the index of the layer asking. The
     layer's embedding (one table for all layers) is appended, Linear(cond_dim + layer_emb_dim, hidden)
     -> ReLU, then four linear heads generate each set's adapter W_down [d, b], b_down [b], W_up [b, d]
-    and b_up [d]. Initialisation: PyTorch's defaults for the layer embedding and the first layer; the
-    heads "hyperfan-in" (Chang et al. 2020) scaled by 1e-3, so every adapter starts near zero and the
-    model starts close to its plain MoE twin. state_dict keys (at the model, `hyper_expert_generator.`):
+    and b_up [d]. Initialisation: the model's own (every Linear and Embedding N(0, 0.02), zero biases), as
+    in HyperMoE's published LM path, whose backbone init re-initialises these modules; the adapters then
+    start near zero. state_dict keys (at the model, `hyper_expert_generator.`):
     layer_emb.weight, body.0.{weight,bias}, {w_down,b_down,w_up,b_up}.{weight,bias}.
     """
 
@@ -436,19 +439,6 @@ class HyperExpertGenerator(nn.Module):
         self.b_down = nn.Linear(hidden, adapter_dim)
         self.w_up = nn.Linear(hidden, adapter_dim * d_model)
         self.b_up = nn.Linear(hidden, d_model)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self):
-        self.layer_emb.reset_parameters()
-        self.body[0].reset_parameters()
-        hidden = self.body[0].out_features
-        # U(+-1e-3 sqrt(3 / (hidden * fan_in))), fan_in that of the generated layer: d, b, 1 for the biases
-        for head, fan_in in ((self.w_down, self.d_model), (self.w_up, self.adapter_dim), (self.b_down, 1),
-                             (self.b_up, 1)):
-            bound = 1e-3 * (3 / (hidden * fan_in)) ** 0.5
-            head.weight.uniform_(-bound, bound)
-            head.bias.zero_()
 
     def forward(self, cond, layer_index):
         """cond [U, c] -> (W_down [U, d, b], b_down [U, b], W_up [U, b, d], b_up [U, d])."""
@@ -532,13 +522,6 @@ class HyperExpert(nn.Module):
     def generator(self):
         return self._generator[0]
 
-    @torch.no_grad()
-    def reset_parameters(self):
-        """PyTorch's default initialisation (the model's N(0, 0.02) init does not apply here)."""
-        self.expert_emb.reset_parameters()
-        self.mlp[0].reset_parameters()
-        self.mlp[2].reset_parameters()
-
     def unselected_sum(self, sets):
         """sets [U, k] -> the sum of the embeddings of the experts outside each set [U, c]. A dropped slot (-1)
         selects nothing: its expert counts as unselected, as if the token had routed to one expert fewer."""
@@ -563,7 +546,8 @@ class MoEPositionwiseFF(nn.Module):
     """Transformer-XL feed-forward block with the FFN split into E top-k routed experts.
 
     Given the model's `hyper_expert_generator` (HyperMoE) the block has a `HyperExpert` whose output
-    is added to the experts' mixture, before the block's dropout, residual and LayerNorm.
+    is added to the experts' mixture after the block's dropout, before the residual and LayerNorm: the
+    published LM code drops the experts' outputs only, never the HyperExpert's.
     `layer_index` (the block's layer) names the layer to the HyperExpert generator and seeds THOR's
     evaluation draws and the hash table of Hash layers. `router_options`: see build_gate. `engine`
     (auto|grouped|loop) computes the experts of the torch backend (see choose_engine); it is no part of the
@@ -602,7 +586,8 @@ class MoEPositionwiseFF(nn.Module):
         return self.backend == 'fastmoe' or (self.backend == 'auto' and x.is_cuda and fastmoe_available())
 
     def moe(self, x, token_ids=None):
-        """x [T, d], token_ids [T] or None -> [T, d]: route, then mix the outputs of each token's top-k experts."""
+        """x [T, d], token_ids [T] or None -> [T, d]: route (dropping slots past capacity), mix the outputs of each
+        token's top-k experts, drop (the block's dropout), then add the HyperExpert if any."""
         routed_idx, top_score, logits = self.gate(x, token_ids, return_logits=True)   # [T, k], [T, k], [T, E]
         factor = self.capacity_factor[0 if self.training else 1]
         top_idx = routed_idx
@@ -621,15 +606,16 @@ class MoEPositionwiseFF(nn.Module):
             y = fastmoe_moe(x, top_idx, top_score, self.experts)
         else:
             y = torch_moe(x, top_idx, top_score, self.experts, self.engine)
+        y = self.dropout(y)
         if self.hyper_expert is not None:
-            y = y + self.hyper_expert(x, top_idx)                              # HyperMoE: added unweighted
+            y = y + self.hyper_expert(x, top_idx)                              # HyperMoE: added unweighted, undropped
         return y
 
     def forward(self, inp, token_ids=None):
         """inp [T, B, d], token_ids [T, B] (the segment's input tokens) or None -> [T, B, d]."""
         x = self.layer_norm(inp) if self.pre_lnorm else inp
         flat_ids = None if token_ids is None else token_ids.reshape(-1)       # [T * B]
-        core_out = self.dropout(self.moe(x.reshape(-1, x.size(-1)), flat_ids).view_as(x))
+        core_out = self.moe(x.reshape(-1, x.size(-1)), flat_ids).view_as(x)
         return inp + core_out if self.pre_lnorm else self.layer_norm(inp + core_out)
 
 

@@ -112,7 +112,7 @@ def test_a_requested_load_loss_names_the_routers_that_can(monkeypatch, capsys):
     assert train.parse_args(['--moe', '--gate_name', 'noisy_like', '--load_loss', '0.01']).load_loss == 0.01
     with pytest.raises(SystemExit):
         train.parse_args(['--moe', '--load_loss', '0.01'])
-    assert 'routers that can: noisy_like' in capsys.readouterr().err
+    assert 'routers that can: noisy_topk, noisy_like' in capsys.readouterr().err
 
 
 def read_split(run_dir, split):

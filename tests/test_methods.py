@@ -217,7 +217,41 @@ def test_a_fresh_hypermoe_model_starts_near_its_plain_twin(tokens):
     plain.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
         diff = model(tokens[:-1], tokens[1:])[0] - plain(tokens[:-1], tokens[1:])[0]
-    assert 0 < diff.abs().max() < 1e-3                                    # hyperfan-in heads scaled by 1e-3
+    assert 0 < diff.abs().max() < 1e-3                                    # N(0, 0.02) weights, zero biases
+
+
+def test_hypermoe_modules_take_the_backbones_init_as_in_the_published_lm_path():
+    """HyperMoE's GPT-2 LM code re-initialises its modules with GPT-2's init: every Linear and Embedding
+    N(0, initializer_range = 0.02), biases zero (its adapter code's hyperfan-in is overwritten)."""
+    model = tiny_model(moe_variant='hypermoe', hypermoe_emb_dim=64, hypermoe_hidden=64, hypermoe_layer_emb_dim=32,
+                       hypermoe_adapter_dim=16, moe_num_expert=E)
+    hyper = {n: p for n, p in model.named_parameters() if 'hyper_expert' in n}
+    weights = [n for n in hyper if n.endswith('weight')]
+    assert len(weights) == 6 + 3 * TINY['n_layer']          # layer_emb, body, 4 heads; per layer expert_emb, 2 mlp
+    for name in weights:
+        assert hyper[name].mean().abs() < 0.005 and abs(hyper[name].std().item() - 0.02) < 0.004, name
+    assert all(hyper[n].abs().max() == 0 for n in hyper if n.endswith('bias'))
+
+
+def test_block_dropout_drops_the_experts_mixture_but_not_the_hyper_expert():
+    """With dropout p = 1 in training, the block is LayerNorm(input + HyperExpert(input)), computed here by
+    hand: the SMoE router's top 2 by sorting its logits, the HyperExpert token by token from its definition."""
+    module, generator = hyper_expert()
+    block = MoEPositionwiseFF(D, H, dropout=1.0, num_expert=E, top_k=2, gate_name='smoe',
+                              layer_index=module.layer_index, hyper_expert_generator=generator).double().train()
+    spread(block.gate), spread(block.experts)
+    block.hyper_expert.load_state_dict(module.state_dict())
+    inp = torch.randn(5, 3, D, dtype=torch.double)                       # [T, B, d]
+    x = inp.reshape(-1, D)
+    logits = x @ block.gate.gate.weight.T + block.gate.gate.bias
+    top_idx = torch.tensor([sorted(range(E), key=lambda e: -row[e].item())[:2] for row in logits])
+    v = x + per_token_reference(module, x, top_idx)
+    expected = (v - v.mean(-1, keepdim=True)) / (v.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    expected = expected * block.layer_norm.weight + block.layer_norm.bias
+    with torch.no_grad():
+        torch.testing.assert_close(block(inp).reshape(-1, D), expected)
+        plain = spread(MoEPositionwiseFF(D, H, dropout=1.0, num_expert=E, top_k=2, gate_name='smoe')).double()
+        assert torch.equal(plain(inp), plain.layer_norm(inp))            # without it, the input alone
 
 
 def test_the_generator_is_one_module_shared_by_every_layer_and_saved_once():
@@ -375,7 +409,7 @@ def test_the_weight_of_each_extra_term_enters_the_update(gate_name, flag, tmp_pa
     (dict(moe=True, gate_name='smoe_dropout', moe_variant='plain'), 'SMoE-Dropout'),
     (dict(moe=True, gate_name='smoe'), 'SMoE'),                            # configs saved before moe_variant
     (dict(moe=True, gate_name='switch'), 'Switch'), (dict(moe=True, gate_name='gshard'), 'GShard'),
-    (dict(moe=True, gate_name='noisy_topk'), 'Noisy-top-k'),
+    (dict(moe=True, gate_name='noisy_topk'), 'Noisy top-k'),
 ])
 def test_method_names(config, name):
     assert evaluation.method_name(dict(config, dropout=0.1)) == name

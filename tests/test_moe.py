@@ -5,22 +5,22 @@ import torch.nn.functional as F
 
 from custom_gate import BaseGate
 from hyper_router import HyperRouterGate, get_top_k, set_top_k
-from moe import GATES, MoEPositionwiseFF, RouterStats, fastmoe_available, torch_moe
+from moe import ROUTERS, RouterStats, fastmoe_available, torch_moe
 from moe_engine import grouped_mm_problem
-from tests.conftest import tiny_model
+from tests.conftest import TINY, tiny_model
 
 E, D, H = 4, 16, 16                            # widths of 16 bf16 rows are 32 bytes, as grouped_mm needs
-GATE_NAMES = sorted(GATES)
 FULL_SOFTMAX_SCORES = ('switch',)              # gate value: the full softmax of the chosen, not renormalised
-RANDOMLY_DROPPED = ('gshard',)                 # in training a second expert may be dropped (slot -1)
+AUX_LOSSES = {'balance', 'importance', 'load', 'z'}     # the auxiliary-loss names of the gate contract
+NAIVE_ROUTERS = ('smoe', 'smoe_dropout', 'hyper_router')   # routers naive_router computes by hand
 # (engine, dtype of the experts): the reference is the float64 brute force
 ENGINE_CASES = [('loop', torch.float64), ('loop', torch.float32), ('grouped', torch.float32), ('grouped', torch.bfloat16)]
 
 
 def make_block(gate_name, k, seed=0, engine='auto'):
-    torch.manual_seed(seed)
-    block = MoEPositionwiseFF(D, H, dropout=0.0, num_expert=E, top_k=k, gate_name=gate_name, backend='torch',
-                              engine=engine)
+    """The first MoE block of a tiny model (built by the model, so a router gets whatever it needs from it)."""
+    block = tiny_model(seed, gate_name=gate_name, moe_num_expert=E, moe_top_k=k, d_inner=H, moe_backend='torch',
+                       moe_engine=engine).moe_layers[0]
     for p in block.parameters():               # well-spread values so ties in top-k never happen
         p.data.normal_(0, 0.5)
     return block.double()
@@ -72,6 +72,24 @@ def naive_moe(params, prefix, x, k):
     return torch.stack(outputs)
 
 
+def naive_mixture(params, prefix, x, top_idx, top_score):
+    """y [T, d]: per token, sum over its routed slots (index >= 0) of score * expert(x), one by one."""
+    return torch.stack([sum((score * naive_expert(params, prefix, e, x_t)
+                             for e, score in zip(idx.tolist(), scores) if e >= 0), torch.zeros_like(x_t))
+                        for x_t, idx, scores in zip(x, top_idx, top_score)])
+
+
+def token_ids(n_tok, seed=0):
+    """[T] input token ids of the tiny model's vocabulary, for the routers that read them."""
+    return torch.randint(0, TINY['n_token'], (n_tok,), generator=torch.Generator().manual_seed(seed))
+
+
+def seeded_routing(gate, x, ids):
+    """gate(x) with the global RNG reset first: a router that draws (THOR, noise) draws the same each call."""
+    torch.manual_seed(5)
+    return gate(x, ids)
+
+
 def skip_unless_engine_runs(engine, device, dtype):
     if engine == 'grouped' and grouped_mm_problem(device, dtype, (D, H)):
         pytest.skip(grouped_mm_problem(device, dtype, (D, H)))
@@ -101,9 +119,11 @@ def assert_close_in(dtype, actual, expected, name):
 
 @pytest.mark.device
 @pytest.mark.parametrize('engine,dtype', ENGINE_CASES)
-@pytest.mark.parametrize('gate_name', ['smoe', 'smoe_dropout', 'hyper_router'])
+@pytest.mark.parametrize('gate_name', ROUTERS)
 @pytest.mark.parametrize('k', [1, 2, E])
 def test_sparse_moe_matches_brute_force_forward_and_backward(gate_name, k, engine, dtype, device):
+    """The routers naive_router knows are routed by hand too; any other router's decisions (top_idx, scores,
+    drawn from the same RNG state on both sides) are the input of both, and the experts' mixture is checked."""
     skip_unless_engine_runs(engine, device, dtype)
     block = make_block(gate_name, k, engine=engine).to(device)
     x_scale = 1.0
@@ -114,11 +134,17 @@ def test_sparse_moe_matches_brute_force_forward_and_backward(gate_name, k, engin
     block.experts.to(dtype).double()           # the weights, rounded to dtype, are the reference's too
     x = (x_scale * torch.randn(29, D, device=device)).to(dtype).double().requires_grad_()
     grad_out = torch.randn(29, D, device=device).to(dtype).double()
-    y_ref, gx_ref, g_ref = moe_outputs_and_grads(block, lambda inp: naive_moe(block.state_dict(keep_vars=True), '', inp, k), x, grad_out)
+    ids = token_ids(29).to(device)
+    params = block.state_dict(keep_vars=True)
+    if gate_name in NAIVE_ROUTERS:
+        reference = lambda inp: naive_moe(params, '', inp, k)                                    # noqa: E731
+    else:
+        reference = lambda inp: naive_mixture(params, '', inp, *seeded_routing(block.gate, inp, ids))  # noqa: E731
+    y_ref, gx_ref, g_ref = moe_outputs_and_grads(block, reference, x, grad_out)
     # the router sees the same fp64 input on both sides, so both route alike; the experts run in dtype
     block.experts.to(dtype)
-    y, gx, g = moe_outputs_and_grads(block, lambda inp: torch_moe(inp.to(dtype), *block.gate(inp), block.experts,
-                                                                  engine), x, grad_out)
+    y, gx, g = moe_outputs_and_grads(block, lambda inp: torch_moe(inp.to(dtype), *seeded_routing(block.gate, inp, ids),
+                                                                  block.experts, engine), x, grad_out)
     assert_close_in(dtype, y, y_ref, 'output')
     assert_close_in(dtype, gx, gx_ref, 'input gradient')
     assert g.keys() == g_ref.keys()
@@ -143,33 +169,40 @@ def test_sparse_moe_runs_each_token_only_through_its_experts():
     assert sum(seen[0]) == x.size(0)           # k = 1: one expert row per token, not E
 
 
-@pytest.mark.parametrize('gate_name', GATE_NAMES)
-@pytest.mark.parametrize('training', [True, False])
-def test_gate_contract(gate_name, training):
-    torch.manual_seed(0)
-    block = MoEPositionwiseFF(D, H, 0.0, num_expert=E, top_k=2, gate_name=gate_name,
-                              router_options={'n_token': 37}).train(training)
-    block.gate.set_step(10 ** 9)               # a router with a schedule (DTS-Gate) at its end: top-k routing
-    x, token_ids = torch.randn(50, D), torch.randint(37, (50,))
-    renormalised = type(block.gate).scores is BaseGate.scores    # the default gate values
-    for k in (1, 2, 3, E):
-        block.gate.top_k = k
-        top_idx, top_score, logits = block.gate(x, token_ids, return_logits=True)
-        assert top_idx.shape == top_score.shape == (50, k)
-        assert top_idx.dtype == torch.int64 and top_score.dtype == torch.float32
-        routed = top_idx >= 0                  # -1: a slot routed nowhere (GShard's dropped second expert)
-        assert routed.all() or (training and gate_name in RANDOMLY_DROPPED)
-        assert routed[:, 0].all() and (top_idx < E).all() and (top_idx >= -1).all()
-        assert all(len(set(row) - {-1}) == len([e for e in row if e >= 0]) for row in top_idx.tolist())
-        assert (top_score[:, :-1] >= top_score[:, 1:]).all()           # best expert first
-        assert ((top_score[routed] > 0) & (top_score[routed] <= 1 + 1e-6)).all()
-        probs = F.softmax(logits, -1)                                                 # [T, E]
-        chosen = probs.gather(1, top_idx.clamp(min=0))                                # [T, k]
-        if gate_name in FULL_SOFTMAX_SCORES:
-            torch.testing.assert_close(top_score[routed], chosen[routed])
-        elif renormalised:                     # over the k best, a dropped slot's expert included
-            expected = chosen / probs.topk(k).values.sum(-1, keepdim=True)
-            torch.testing.assert_close(top_score[routed], expected[routed])
+@pytest.mark.parametrize('gate_name', ROUTERS)
+def test_gate_contract(gate_name):
+    """What every router returns (custom_gate.py): top_idx [T, k] int64 of distinct experts or -1 (a slot routed
+    to no expert), fp32 scores, full logits [T, E], auxiliary terms named as the contract names them; a router
+    with the default scores gives the softmax over its k chosen logits."""
+    gate = tiny_model(gate_name=gate_name, moe_num_expert=E, moe_top_k=2).moe_layers[0].gate
+    x, ids = torch.randn(50, D), token_ids(50)
+    assert set(gate.default_aux_losses) <= AUX_LOSSES and all(w >= 0 for w in gate.default_aux_losses.values())
+    for training in (True, False):
+        gate.train(training)
+        for k in (1, 2, 3, E):
+            gate.top_k = k
+            gate.set_step(0)
+            top_idx, top_score, logits = gate(x, ids, return_logits=True)
+            width = E if training and getattr(gate, 'dense', False) else k   # DTS-Gate's dense phase: E columns
+            assert top_idx.shape == top_score.shape == (50, width) and logits.shape == (50, E)
+            assert top_idx.dtype == torch.int64 and top_score.dtype == logits.dtype == torch.float32
+            routed = top_idx >= 0
+            assert ((top_idx >= -1) & (top_idx < E)).all() and routed.any(-1).all()
+            assert all(len(set(row) - {-1}) == len([e for e in row if e >= 0]) for row in top_idx.tolist())
+            assert torch.isfinite(top_score[routed]).all() and (top_score[routed] >= 0).all()
+            terms = gate.aux_terms()
+            assert set(terms) <= AUX_LOSSES and all(t.dim() == 0 and torch.isfinite(t) for t in terms.values())
+            if type(gate).scores is BaseGate.scores and routed.all():
+                chosen = F.softmax(logits, -1).gather(1, top_idx)
+                torch.testing.assert_close(top_score, chosen / chosen.sum(-1, keepdim=True))
+            if gate_name in FULL_SOFTMAX_SCORES:
+                chosen = F.softmax(logits, -1).gather(1, top_idx.clamp(min=0))
+                torch.testing.assert_close(top_score[routed], chosen[routed])
+            if type(gate).choose is BaseGate.choose:
+                assert (top_score[:, :-1] >= top_score[:, 1:]).all()            # best expert first
+    if gate.needs_token_ids:
+        with pytest.raises(ValueError, match='token'):
+            gate(x)
 
 
 @pytest.mark.parametrize('bad_k', [0, E + 1])
@@ -192,21 +225,22 @@ def backward_once(model, tokens):
     loss.backward()
 
 
-def test_smoe_router_is_trained(tokens):
-    model = tiny_model(gate_name='smoe')
-    backward_once(model, tokens)
-    for ff in model.moe_layers:
-        assert ff.gate.gate.weight.requires_grad and ff.gate.gate.weight.grad.abs().sum() > 0
+# the gate parameters each method keeps frozen (name prefixes within the gate); every other one trains
+FROZEN_IN_GATE = {'smoe_dropout': ('gate.',), 'hyper_router': ('hypernet.',)}
 
 
-def test_smoe_dropout_router_stays_frozen(tokens):
-    model = tiny_model(gate_name='smoe_dropout')
+@pytest.mark.parametrize('gate_name', ROUTERS)
+def test_which_router_parameters_train(gate_name, tokens):
+    """After one training backward at k = 2, a frozen gate parameter has no gradient and is not trainable;
+    every other gate parameter is trainable and has a nonzero gradient."""
+    model = tiny_model(gate_name=gate_name)
     backward_once(model, tokens)
     for ff in model.moe_layers:
-        for p in ff.gate.parameters():
-            assert not p.requires_grad and p.grad is None
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert not trainable & {id(p) for ff in model.moe_layers for p in ff.gate.parameters()}
+        for name, p in ff.gate.named_parameters():
+            if name.startswith(FROZEN_IN_GATE.get(gate_name, ())):
+                assert not p.requires_grad and p.grad is None, name
+            else:
+                assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_hyper_router_trains_the_embedding_through_a_frozen_hypernetwork(tokens):

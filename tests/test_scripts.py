@@ -30,7 +30,7 @@ SHRINK = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', '--n_he
 # the results' method column of each script, by the longest matching prefix of its name
 METHODS = {'hyper_router_hypermoe': 'HyperRouter+HyperMoE', 'hyper_router': 'HyperRouter', 'hypermoe': 'HyperMoE',
            'smoe_dropout': 'SMoE-Dropout', 'smoe': 'SMoE', 'thor': 'THOR', 'directly_dense_dropout': 'Dense+Dropout',
-           'directly_dense': 'Dense', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy-top-k',
+           'directly_dense': 'Dense', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy top-k',
            'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}
 
 
@@ -87,7 +87,9 @@ METHOD_FLAGS = {
     'SMoE': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=False, moe_variant='plain', **FIXED_K),
     'THOR': dict(MOE, gate_name='thor', moe_top_k=1, thor_alpha=5.0, thor_inference='random', moe_variant='plain',
                  **FIXED_K),
-    'HyperMoE': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=False, **HYPERMOE, **FIXED_K),
+    # HyperMoE's published LM code: its noisy top-k router and 0.01 x (cv^2 importance + cv^2 load)
+    'HyperMoE': dict(MOE, gate_name='noisy_topk', importance_loss=0.01, load_loss=0.01, freeze_gate=False,
+                     **HYPERMOE, **FIXED_K),
     'HyperRouter+HyperMoE': dict(MOE, gate_name='HyperRouterGate', hyper_size=256, freeze_gate=False, **HYPERMOE,
                                  **DYNAMIC_K),
     # the method's aux-loss weights and capacity factors are the gate class's defaults (no flag)
@@ -95,12 +97,12 @@ METHOD_FLAGS = {
                    capacity_factor=1.25, eval_capacity_factor=2.0, **FIXED_K),
     'GShard': dict(MOE, gate_name='gshard', moe_top_k=2, moe_variant='plain', balance_loss=0.01, capacity_factor=1.0,
                    eval_capacity_factor=2.0, **FIXED_K),
-    'Noisy-top-k': dict(MOE, gate_name='noisy_topk', moe_top_k=2, moe_variant='plain', importance_loss=0.1,
+    'Noisy top-k': dict(MOE, gate_name='noisy_topk', moe_top_k=2, moe_variant='plain', importance_loss=0.1,
                         load_loss=0.1, **FIXED_K),
     # Hash layers: k = 1, no router and no auxiliary loss (Roller et al. 2021)
     'Hash': dict(MOE, gate_name='hash', moe_top_k=1, hash_seed=0, moe_variant='plain', **FIXED_K),
     # X-MoE: the reference GPT recipe's top-2 and balance loss 0.01; routing dimension 16, temperature 0.07
-    'X-MoE': dict(MOE, gate_name='xmoe', xmoe_dim=16, xmoe_temperature=0.07, load_balance=0.01, moe_variant='plain',
+    'X-MoE': dict(MOE, gate_name='xmoe', xmoe_dim=16, xmoe_temperature=0.07, balance_loss=0.01, moe_variant='plain',
                   **FIXED_K),
     # DTS-Gate: Gumbel temperature 2.0 -> 0.3 over half the run, threshold 0.001, then top-1
     'DTS-Gate': dict(MOE, gate_name='dts', moe_top_k=1, dts_max_temp=2.0, dts_min_temp=0.3, dts_anneal_steps=200_000,
@@ -123,10 +125,10 @@ TABLE = {
     'table1/hyper_router_hypermoe_enwik8.sh': ('enwik8', 4, 400_000, 'HyperRouter+HyperMoE', 0.1, {}),
     'table1/switch_enwik8.sh': ('enwik8', 4, 400_000, 'Switch', 0.1, {}),
     'table1/gshard_enwik8.sh': ('enwik8', 4, 400_000, 'GShard', 0.1, {}),
-    'table1/noisy_topk_enwik8.sh': ('enwik8', 4, 400_000, 'Noisy-top-k', 0.1, {}),
+    'table1/noisy_topk_enwik8.sh': ('enwik8', 4, 400_000, 'Noisy top-k', 0.1, {}),
     'table1/switch_wiki103.sh': ('wt103', 4, 400_000, 'Switch', 0.1, {}),
     'table1/gshard_wiki103.sh': ('wt103', 4, 400_000, 'GShard', 0.1, {}),
-    'table1/noisy_topk_wiki103.sh': ('wt103', 4, 400_000, 'Noisy-top-k', 0.1, {}),
+    'table1/noisy_topk_wiki103.sh': ('wt103', 4, 400_000, 'Noisy top-k', 0.1, {}),
     'table1/hyper_router_wiki103.sh': ('wt103', 4, 400_000, 'HyperRouter', 0.1, {}),
     'table1/smoe_dropout_wiki103.sh': ('wt103', 4, 400_000, 'SMoE-Dropout', 0.1, {}),
     'table1/smoe_wiki103.sh': ('wt103', 4, 400_000, 'SMoE', SMOE_DROPOUT, {}),
@@ -155,7 +157,10 @@ DEVIATIONS = {
     'HyperRouter': ['--hyper_size', 'never reached', 'the paper text says from 2'],
     'SMoE-Dropout': ['the paper text says from 2'],
     'SMoE': ['--freeze_gate'],
-    'Noisy-top-k': ['k = 2 as the SMoE column', 'k = 4'],
+    'Noisy top-k': ['k = 2 as the SMoE column', 'k = 4'],
+    'HyperMoE': ['k = 1 of 8 experts', "--importance_loss 0.01  cv^2 of the per-expert sum of gate values (HyperMoE's",
+                 "--load_loss 0.01        cv^2 of the noisy router's smooth load estimate (HyperMoE's"],
+    'HyperRouter+HyperMoE': ['No auxiliary loss'],
     'LargeScale': ['layers 0-3 MoE', '18 layers, batch 44 and 50k steps'],
     'Hash': ['our extension'],
     'X-MoE': ['second expert', 'capacity'],
@@ -246,3 +251,30 @@ def test_demo_prints_the_side_by_side_table(synthetic_dir, tmp_path):
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (['1'], ['2'], ['16'])]
     assert [r[0] for r in rows] == ['1', '2', '16'] and all(len(r) == 6 for r in rows)
     assert 'corpus floor (bpc)' in result.stdout
+
+
+def test_demo_routers_prints_one_table_with_each_fixed_k_method_marked_at_its_k(synthetic_dir, tmp_path):
+    """Shortened: 2 steps, three of the routers (a dynamic-k one, a top-1 one, one at k = 2)."""
+    env = dict(script_env(synthetic_dir), WORK=str(tmp_path / 'demo'), STEPS='2', METHODS='smoe_dropout thor hypermoe')
+    result = subprocess.run(['bash', 'script/demo_routers.sh', '--max_eval_steps', '2', '--eval-interval', '2'],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.strip().startswith('k '))
+    assert header.split() == ['k', 'SMoE-Dropout', 'THOR', 'HyperMoE']
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.split()[:1] in (['1'], ['2'], ['4'], ['16'])}
+    assert list(rows) == ['1', '2', '4', '16'] and all(len(r) == 3 for r in rows.values())
+    marked = {(k, column) for k, row in rows.items() for column, cell in zip(header.split()[1:], row) if '*' in cell}
+    assert marked == {('1', 'THOR'), ('2', 'HyperMoE')}
+    assert 'corpus floor (bpc)' in result.stdout and 'wall time:' in result.stdout
+
+
+@pytest.mark.parametrize('methods,message', [
+    ('smoe nosuch', "error: unknown method 'nosuch' in METHODS; choose from: smoe smoe_dropout hyper_router"),
+])
+def test_demo_routers_refuses_an_unknown_method_before_training(methods, message, synthetic_dir, tmp_path):
+    env = dict(script_env(synthetic_dir), WORK=str(tmp_path / 'demo'), METHODS=methods)
+    result = subprocess.run(['bash', 'script/demo_routers.sh'], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().startswith(message)
+    assert 'training' not in result.stderr and not os.listdir(tmp_path / 'demo')

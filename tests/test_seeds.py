@@ -94,6 +94,36 @@ def test_a_single_run_prints_as_before(tmp_path, capsys):
                                        'corpus floor (bpc): 1.040\n')
 
 
+def with_best_entry(run_dir, results):
+    """Add to a write_run directory a `best` entry (validated at the training k) with these results."""
+    path = os.path.join(run_dir, 'results.json')
+    with open(path) as f:
+        [dense] = json.load(f)
+    with open(path, 'w') as f:
+        json.dump([dict(dense, checkpoint='best', results={str(k): v for k, v in results.items()}), dense], f)
+    return run_dir
+
+
+@pytest.mark.parametrize('kind,expected', [('best_dense', ['1', '2.000', '3.000']), ('best', ['1', '1.000', '4.000']),
+                                           ('training_k', ['1', '1.000*', '3.000'])])
+def test_the_table_shows_each_run_from_the_checkpoint_asked_for(kind, expected, tmp_path, capsys):
+    # SMoE trained at k = 1: best 1.0, best_dense 2.0; HyperRouter with a dynamic k: best 4.0, best_dense 3.0
+    fixed = with_best_entry(write_run(tmp_path, 'fixed', {1: 2.0}, moe=True, dynamic_moe=False, moe_top_k=1),
+                            {1: 1.0})
+    dynamic = with_best_entry(write_run(tmp_path, 'dyn', {1: 3.0}, method='HyperRouter', gate_name='HyperRouterGate',
+                                        moe=True, dynamic_moe=True), {1: 4.0})
+    evaluation.main(['--table_checkpoint', kind, '--table', fixed, dynamic])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ['k', 'SMoE', 'HyperRouter'] and lines[1].split() == expected
+    notes = [line for line in lines if line.startswith('checkpoint:')]
+    if kind == 'training_k':
+        assert notes == ['checkpoint: best validation at the training k: SMoE; '
+                         'best validation with all experts: HyperRouter']
+        assert lines[-1] == '* the k a fixed-k run was trained at'
+    else:
+        assert notes == [] and '*' not in ''.join(lines)
+
+
 def test_the_table_says_when_a_seed_is_repeated(tmp_path):
     runs = [write_run(tmp_path, name, {1: 1.0}, seed=1) for name in ('a', 'b')]
     text, _ = evaluation.table_of_runs(runs)

@@ -14,6 +14,7 @@ import torch
 import eval as evaluation
 import train
 from hyper_router import top_k_schedule
+from moe import ROUTERS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ['--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8', '--d_inner', '16',
@@ -73,9 +74,12 @@ def test_a_run_writes_config_logs_events_checkpoints_and_results(tmp_path, synth
         assert [e['results'] for e in json.load(f)] == [e['results'] for e in results]
 
 
+# every router with its method's k (a dynamic k for the methods trained so, else MOE_ARGS's fixed k = 2), and
+# one run with capacity and auxiliary losses on
+DYNAMIC_K_ROUTERS = ('hyper_router', 'smoe_dropout')
+DYNAMIC_K = ['--dynamic_moe', '--moe-top-k-min', '1', '--moe-top-k-max', '4']
 RESUMED_CONFIGS = {
-    'hyper_router_dynamic_k': ['--gate_name', 'HyperRouterGate', '--dynamic_moe', '--moe-top-k-min', '1',
-                               '--moe-top-k-max', '4'],
+    **{name: ['--gate_name', name, *(DYNAMIC_K if name in DYNAMIC_K_ROUTERS else [])] for name in ROUTERS},
     'capacity_and_aux_losses': ['--gate_name', 'smoe', '--capacity_factor', '0.75', '--eval_capacity_factor', '1.0',
                                 '--balance_loss', '0.01', '--importance_loss', '0.01', '--z_loss', '0.001'],
 }

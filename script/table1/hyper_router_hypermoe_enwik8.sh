@@ -5,6 +5,9 @@
 # 16) and HyperMoE's HyperExpert (sizes of its GPT-2 scripts) in every MoE layer. With k >= 8 a
 # batch may hold thousands of distinct expert sets; the HyperExpert is still generated once per set,
 # and each token then gathers its adapter (about 1.5 GB per layer at batch 22 x 512 in fp32).
+# No auxiliary loss: HyperRouter's published scripts train none, and HyperMoE's published
+# 0.01 x (cv^2 importance + cv^2 load) belongs to its noisy top-k router (the load term is the smooth
+# estimate of that router's noise); --importance_loss 0.01 adds HyperMoE's importance term alone.
 # Small Transformer-XL (4 layers, d_model 256), 400k steps of batch 22 (paper Table A1).
 #
 # Usage (from anywhere): bash script/table1/hyper_router_hypermoe_enwik8.sh [more train.py flags, which win]

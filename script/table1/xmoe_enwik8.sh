@@ -3,7 +3,7 @@
 #
 # X-MoE (Chi et al. 2022): routing scores cos(W h, e_i) / tau between the token projected to 16
 # dimensions and L2-normalised expert embeddings, tau learnable from 0.07; top-2 with the gate
-# values renormalised over the two, and the balance loss at 0.01 (--load_balance 0.01, summed over
+# values renormalised over the two, and the balance loss at 0.01 (--balance_loss 0.01, summed over
 # layers), as the reference GPT recipe (torchscale: --moe-gate-loss-wt 0.01, top-2,
 # --moe-normalize-gate-prob-before-dropping). Not taken from that recipe: its random dropping of
 # the second expert (GShard's policy) and its expert capacity (ours is dropless).
@@ -38,7 +38,7 @@ launch train.py \
     --gate_name xmoe \
     --xmoe_dim 16 \
     --xmoe_temperature 0.07 \
-    --load_balance 0.01 \
+    --balance_loss 0.01 \
     --moe_index 0,1,2,3 \
     --work_dir XMoE-Enwik8 \
     "$@"
