@@ -2,7 +2,7 @@
 # Every routing method on the built-in synthetic corpus at the demo's scale (script/demo.sh's model,
 # recipe and STEPS), tested at k = 1, 2, 4, 8, 16: one table of test bits per character with the
 # corpus's exact floor. A method trained at one fixed k is shown from the checkpoint validated at that k,
-# its own k marked '*' (the top-1 methods THOR, Switch and Hash at k = 1); the dynamic-k methods
+# its own k marked '*' (the top-1 methods THOR, Switch, Hash and DTS-Gate at k = 1); the dynamic-k methods
 # (SMoE-Dropout, HyperRouter: k from 8 to 16) from the all-expert one. Each method trains with its own
 # defaults (auxiliary losses, capacity); HyperMoE sits on the SMoE router, as in script/demo.sh, so its
 # column differs from SMoE's by the HyperExpert alone (its paper-scale scripts use its noisy top-k router).
@@ -28,7 +28,7 @@ declare -A METHOD_FLAGS=(
     [noisy_topk]="--gate_name noisy_topk"
     [hash]="--gate_name hash --moe-top-k 1"
     [xmoe]="--gate_name xmoe"
-    [dts]="--gate_name dts"
+    [dts]="--gate_name dts --moe-top-k 1"
 )
 read -ra methods <<< "${METHODS:-${ORDER[*]}}"
 
