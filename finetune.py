@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import eval as evaluation
+import evaluation
 import train
 from finetune_data import TASKS, ByteEncoder, FinetuneDataError, encode_rows, load_task
 from hyper_router import param_breakdown, set_top_k

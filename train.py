@@ -26,7 +26,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import eval as evaluation
+import evaluation
 from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from custom_gate import THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES, moe_gates, param_breakdown, set_top_k, top_k_schedule

@@ -39,13 +39,13 @@ class Mutation(NamedTuple):
 
 
 MUTATIONS = [
-    # evaluation protocol (eval.py) and the metric
-    Mutation('eval_memory_is_mem_len', 'eval.py', "args['ext_len'], args['mem_len'] + extra",
+    # evaluation protocol (evaluation.py) and the metric
+    Mutation('eval_memory_is_mem_len', 'evaluation.py', "args['ext_len'], args['mem_len'] + extra",
              "args['ext_len'], args['mem_len']", 'tests/test_protocol.py'),
-    Mutation('eval_mean_of_window_means', 'eval.py', 'total_loss += loss.double().sum().item()',
+    Mutation('eval_mean_of_window_means', 'evaluation.py', 'total_loss += loss.double().sum().item()',
              'total_loss += loss.double().mean().item(); total_tokens += 1 - loss.numel()', 'tests/test_protocol.py'),
-    Mutation('eval_batch_11', 'eval.py', 'EVAL_BATCH_SIZE = 10', 'EVAL_BATCH_SIZE = 11', 'tests/test_protocol.py'),
-    Mutation('eval_windows_of_tgt_len', 'eval.py', "ckpt['args']['eval_tgt_len'], device=device",
+    Mutation('eval_batch_11', 'evaluation.py', 'EVAL_BATCH_SIZE = 10', 'EVAL_BATCH_SIZE = 11', 'tests/test_protocol.py'),
+    Mutation('eval_windows_of_tgt_len', 'evaluation.py', "ckpt['args']['eval_tgt_len'], device=device",
              "ckpt['args']['tgt_len'], device=device", 'tests/test_protocol.py'),
     Mutation('bpc_in_log10', 'data_utils.py', 'return loss / math.log(2)', 'return loss / math.log(10)',
              'tests/test_protocol.py'),

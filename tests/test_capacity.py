@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval as evaluation
+import eval as eval_script
+import evaluation
 import train
 from moe import (Experts, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, RouterStats, drop_over_capacity,
                  expert_capacity, set_capacity, torch_moe, unique_sets)
@@ -228,14 +229,14 @@ def test_the_dropped_fraction_is_logged_per_layer_and_the_run_evaluates_as_train
     for name, extra in (('default', []), ('same', ['--eval_capacity_factor', '0.75']),
                         ('dropless', ['--eval_capacity_factor', 'none'])):
         out = str(tmp_path / f'{name}.json')
-        evaluation.main(['--run', run_dir, '--ks', '2', '--max_eval_steps', '2', '--json', out, *extra])
+        eval_script.main(['--run', run_dir, '--ks', '2', '--max_eval_steps', '2', '--json', out, *extra])
         with open(out) as f:
             results[name] = [e['results'] for e in json.load(f)]
     with open(os.path.join(run_dir, 'results.json')) as f:
         assert [{'2': e['results']['2']} for e in json.load(f)] == results['default'] == results['same']
     assert results['dropless'] != results['default']
     capsys.readouterr()
-    evaluation.main(['--load', run_dir, '--max_eval_steps', '2', '--checkpoint', 'last'])
+    eval_script.main(['--load', run_dir, '--max_eval_steps', '2', '--checkpoint', 'last'])
     table = capsys.readouterr().out
     assert 'dropped %' in table
     dropped = [float(line.split()[-1]) for line in table.splitlines() if line.strip()[:1].isdigit()]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval as evaluation
+import evaluation
 import train
 from custom_gate import BaseGate
 from hyper_router import HyperRouterGate

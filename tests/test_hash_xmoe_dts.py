@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import analysis
-import eval as evaluation
+import eval as eval_script
+import evaluation
 import train
 from custom_gate import DTSGate, HashGate, XMoEGate
 from hyper_router import param_breakdown, set_top_k
@@ -344,19 +345,19 @@ def test_resuming_gives_the_same_run_as_never_stopping(name, router_runs, tmp_pa
                                      ['--jacobian', '--max_tokens', '40'], ['--routers', '--tokens', '3,12']])
 def test_every_analysis_runs_on_each_router(command, router_runs, tmp_path, capsys):
     extra = ['--out', str(tmp_path / 'figure.png')] if command[0] == '--routers' else []
-    evaluation.main([command[0], *router_runs.values(), *command[1:], '--max_eval_steps', '2', *extra])
+    eval_script.main([command[0], *router_runs.values(), *command[1:], '--max_eval_steps', '2', *extra])
     out = capsys.readouterr().out
     assert all(label in out for label in NAMES.values())
 
 
 def test_hash_entropy_is_log_k_and_its_jacobian_has_no_router_term(router_runs, capsys):
-    evaluation.main(['--entropy', router_runs['hash'], '--max_eval_steps', '2'])
+    eval_script.main(['--entropy', router_runs['hash'], '--max_eval_steps', '2'])
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[0] == 'Hash' and float(row[1]) == pytest.approx(0.0, abs=1e-4)          # k = 1: log 1
-    evaluation.main(['--entropy', router_runs['hash'], '--max_eval_steps', '2', '--k', '2'])
+    eval_script.main(['--entropy', router_runs['hash'], '--max_eval_steps', '2', '--k', '2'])
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert float(row[1]) == pytest.approx(math.log(2), abs=1e-4)
-    evaluation.main(['--jacobian', router_runs['hash'], '--max_tokens', '40'])
+    eval_script.main(['--jacobian', router_runs['hash'], '--max_tokens', '40'])
     assert 'the routing does not read h' in capsys.readouterr().out
 
 

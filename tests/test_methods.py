@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval as evaluation
+import eval as eval_script
+import evaluation
 import train
 from custom_gate import RandomGate
 from hyper_router import param_breakdown
@@ -372,7 +373,7 @@ def test_eval_can_switch_a_thor_run_to_average_inference(tmp_path, synthetic_dir
     results = {}
     for mode in ('random', 'average'):
         out = str(tmp_path / f'{mode}.json')
-        evaluation.main(['--run', run_dir, '--ks', '1,4', '--max_eval_steps', '2', '--thor_inference', mode,
+        eval_script.main(['--run', run_dir, '--ks', '1,4', '--max_eval_steps', '2', '--thor_inference', mode,
                          '--json', out])
         with open(out) as f:
             [entry, *_] = json.load(f)
@@ -386,7 +387,7 @@ def test_thor_inference_is_refused_for_other_routers(tmp_path, capsys):
     with open(tmp_path / 'config.json', 'w') as f:
         json.dump({'args': {'moe': True, 'gate_name': 'CustomNaiveGate'}}, f)
     with pytest.raises(SystemExit):
-        evaluation.main(['--run', str(tmp_path), '--thor_inference', 'average'])
+        eval_script.main(['--run', str(tmp_path), '--thor_inference', 'average'])
     assert '--thor_inference applies to THOR runs' in capsys.readouterr().err
 
 

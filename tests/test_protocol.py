@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-import eval as evaluation
+import eval as eval_script
+import evaluation
 import train
 from data_utils import get_lm_corpus
 from hyper_router import set_top_k
@@ -90,7 +91,7 @@ def results_of(path):
 def test_end_of_training_test_and_eval_py_give_the_hand_computed_metric(run, tmp_path):
     run_dir, corpus = run
     out = str(tmp_path / 'eval.json')
-    evaluation.main(['--run', run_dir, '--ks', '1,2,4', '--json', out])
+    eval_script.main(['--run', run_dir, '--ks', '1,2,4', '--json', out])
     reported = {'results.json (train.py)': results_of(os.path.join(run_dir, 'results.json')),
                 'eval.py': results_of(out)}
     for kind, filename in evaluation.CHECKPOINTS.items():

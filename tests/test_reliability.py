@@ -17,7 +17,8 @@ import time
 import pytest
 import torch
 
-import eval as evaluation
+import eval as eval_script
+import evaluation
 import run_utils
 import train
 
@@ -97,25 +98,25 @@ def step_lines(log_path):
 
 def test_eval_of_a_missing_run_directory_is_an_error_line(tmp_path):
     with pytest.raises(SystemExit) as stop:
-        evaluation.main(['--run', str(tmp_path / 'nowhere')])
+        eval_script.main(['--run', str(tmp_path / 'nowhere')])
     assert 'no run directory' in error_line(stop) and str(tmp_path / 'nowhere') in error_line(stop)
 
 
 def test_eval_of_a_checkpoint_file_given_as_run_says_to_give_its_directory(finished_run):
     with pytest.raises(SystemExit) as stop:
-        evaluation.main(['--run', os.path.join(finished_run, 'model_best.pt')])
+        eval_script.main(['--run', os.path.join(finished_run, 'model_best.pt')])
     assert 'is a file' in error_line(stop) and f'({finished_run})' in error_line(stop)
 
 
 def test_eval_of_a_run_without_a_kept_checkpoint_is_an_error_line(stopped_run):
     with pytest.raises(SystemExit) as stop:
-        evaluation.main(['--run', stopped_run])
+        eval_script.main(['--run', stopped_run])
     assert 'no kept checkpoint' in error_line(stop)
 
 
 def test_table_of_a_run_without_results_is_an_error_line(stopped_run):
     with pytest.raises(SystemExit) as stop:
-        evaluation.main(['--table', stopped_run])
+        eval_script.main(['--table', stopped_run])
     assert 'results.json not found' in error_line(stop)
 
 
@@ -124,7 +125,7 @@ def test_a_corrupt_checkpoint_is_named_and_the_intact_one_still_evaluated(finish
     truncate(os.path.join(run_dir, 'model_best.pt'))
     out = str(tmp_path / 'eval.json')
     with pytest.raises(SystemExit) as stop:
-        evaluation.main(['--run', run_dir, '--max_eval_steps', '3', '--json', out])
+        eval_script.main(['--run', run_dir, '--max_eval_steps', '3', '--json', out])
     assert 'model_best.pt cannot be read' in error_line(stop)
     with open(out) as f:
         entries = json.load(f)
@@ -142,7 +143,7 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_an_error_line(finished_run
         ckpt['model_config']['d_inner'] = 32                  # the weights were made with d_inner 16
         torch.save(ckpt, path)
     with pytest.raises(SystemExit) as stop:
-        evaluation.main(['--run', run_dir, '--max_eval_steps', '3'])
+        eval_script.main(['--run', run_dir, '--max_eval_steps', '3'])
     assert 'model_best.pt do not fit the model' in error_line(stop)
 
 
@@ -152,7 +153,7 @@ def test_ks_above_the_number_of_experts_are_an_error_and_keep_the_previous_json(
     with open(previous, 'w') as f:
         f.write('[]')
     with pytest.raises(SystemExit) as stop:
-        evaluation.main(['--run', run_dir, '--ks', '8,16'])         # the run has 4 experts
+        eval_script.main(['--run', run_dir, '--ks', '8,16'])         # the run has 4 experts
     assert 'number of experts (4)' in error_line(stop)
     with open(previous) as f:
         assert f.read() == '[]'

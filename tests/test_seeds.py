@@ -14,7 +14,8 @@ import sys
 import pytest
 
 import analysis
-import eval as evaluation
+import eval as eval_script
+import evaluation
 import figures
 import seeds
 import train
@@ -87,7 +88,7 @@ def test_the_table_gives_mean_and_sample_std_over_seeds(tmp_path):
 
 def test_a_single_run_prints_as_before(tmp_path, capsys):
     run = write_run(tmp_path, 'one', {1: 1.0804, 2: 1.0791})
-    evaluation.main(['--table', run])
+    eval_script.main(['--table', run])
     assert capsys.readouterr().out == ('   k          SMoE\n'
                                        '   1         1.080\n'
                                        '   2         1.079\n'
@@ -112,7 +113,7 @@ def test_the_table_shows_each_run_from_the_checkpoint_asked_for(kind, expected, 
                             {1: 1.0})
     dynamic = with_best_entry(write_run(tmp_path, 'dyn', {1: 3.0}, method='HyperRouter', gate_name='HyperRouterGate',
                                         moe=True, dynamic_moe=True), {1: 4.0})
-    evaluation.main(['--table_checkpoint', kind, '--table', fixed, dynamic])
+    eval_script.main(['--table_checkpoint', kind, '--table', fixed, dynamic])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ['k', 'SMoE', 'HyperRouter'] and lines[1].split() == expected
     notes = [line for line in lines if line.startswith('checkpoint:')]
@@ -133,7 +134,7 @@ def test_the_table_says_when_a_seed_is_repeated(tmp_path):
 def test_table_json_writes_the_records(tmp_path, capsys):
     runs = [write_run(tmp_path, f's{seed}', {1: v}, seed=seed) for seed, v in ((1, 1.0), (2, 2.0))]
     out = str(tmp_path / 'table.json')
-    evaluation.main(['--table', *runs, '--json', out])
+    eval_script.main(['--table', *runs, '--json', out])
     with open(out) as f:
         [record] = json.load(f)
     # values 1 and 2: mean 1.5, sample std sqrt(0.5) = 0.7071
@@ -201,17 +202,17 @@ def test_compare_prints_the_paired_test_and_refuses_fewer_than_two_matched_seeds
     a = [write_run(tmp_path, f'a{s}', {1: v}, seed=s) for s, v in ((1, 1.00), (2, 1.10), (3, 0.95))]
     b = [write_run(tmp_path, f'b{s}', {1: v}, seed=s, method='HyperMoE', gate_name='x')
          for s, v in ((1, 0.90), (2, 1.01), (3, 0.84))]
-    evaluation.main(['--compare', *a, '--', *b])
+    eval_script.main(['--compare', *a, '--', *b])
     out = capsys.readouterr().out
     assert 'A = SMoE, B = HyperMoE' in out and '3 matched seeds (1, 2, 3)' in out and 'paired t-test' in out
     [row] = [line.split() for line in out.splitlines() if line.split()[:1] == ['1']]
     # differences 0.10, 0.09, 0.11: mean 0.1, std 0.01, t = 0.1 / (0.01 / sqrt 3) = 17.32, df 2
     assert row[5] == '+0.1000' and row[7] == '17.32' and row[-1] == 'yes'
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main(['--compare', a[0], '--', *b])
+        eval_script.main(['--compare', a[0], '--', *b])
     assert str(exit_info.value).startswith('error: --compare needs at least 2 seeds present on both sides')
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main(['--compare', *a, '--', b[0], a[1]])
+        eval_script.main(['--compare', *a, '--', b[0], a[1]])
     assert 'must differ only in their seed' in str(exit_info.value)
 
 
@@ -230,7 +231,7 @@ def test_figure_1_draws_the_mean_with_error_bars_of_one_std(tmp_path, drawn):
     smoe = [write_run(tmp_path, f's{seed}', {1: v1, 2: v2}, seed=seed)
             for seed, v1, v2 in ((1, 1.0, 2.0), (2, 1.2, 2.0), (3, 1.4, 2.3))]
     single = write_run(tmp_path, 'h', {1: 0.9, 2: 1.9}, method='HyperMoE', gate_name='other')
-    evaluation.main(['--plot', *smoe, single, '--out', str(tmp_path / 'f.png')])
+    eval_script.main(['--plot', *smoe, single, '--out', str(tmp_path / 'f.png')])
     [ax] = drawn[0].axes
     [bars] = ax.containers
     data_line, _, (segments,) = bars

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import analysis
-import eval as evaluation
+import eval as eval_script
+import evaluation
 import train
 from custom_gate import GShardGate, NoisyTopKGate, SwitchGate, prob_in_top_k
 from hyper_router import param_breakdown
@@ -321,5 +322,5 @@ def test_router_trains_resumes_exactly_evaluates_at_k_1_and_2_and_is_analysed(ga
     capsys.readouterr()
     for command in (['--entropy'], ['--load'], ['--flops'], ['--params'], ['--jacobian', '--max_tokens', '40'],
                     ['--routers', '--tokens', '3', '--out', str(tmp_path / 'routers.png')]):
-        evaluation.main([command[0], whole, *command[1:], '--max_eval_steps', '2'])
+        eval_script.main([command[0], whole, *command[1:], '--max_eval_steps', '2'])
         assert method in capsys.readouterr().out, command[0]

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-import eval as evaluation
+import eval as eval_script
+import evaluation
 import train
 from hyper_router import top_k_schedule
 from moe import ROUTERS
@@ -69,7 +70,7 @@ def test_a_run_writes_config_logs_events_checkpoints_and_results(tmp_path, synth
     assert [e.step for e in events.Scalars('valid/bpc')] == [3, 3, 6, 6]      # all experts, then k = 2
 
     out = str(tmp_path / 'eval.json')
-    evaluation.main(['--run', run_dir, '--max_eval_steps', '3', '--json', out])
+    eval_script.main(['--run', run_dir, '--max_eval_steps', '3', '--json', out])
     with open(out) as f:
         assert [e['results'] for e in json.load(f)] == [e['results'] for e in results]
 

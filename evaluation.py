@@ -1,0 +1,393 @@
+"""Evaluation of saved checkpoints with the reference Transformer-XL protocol, and the tables of runs.
+
+The library under eval.py (the command line), train.py, finetune.py and analysis.py: loading a checkpoint
+and rebuilding its model (from the configuration stored in it; a checkpoint written on a GPU loads on a
+CPU-only machine), the protocol (batch 10, windows of eval_tgt_len, the memory extended to
+mem_len + tgt_len - eval_tgt_len, the token-weighted mean NLL as bits per character or perplexity) at
+several k, the results.json records, and the side-by-side and seed-grouped tables of runs.
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+
+import seeds
+from data_utils import dataset_metric, loss_to_metric
+from hyper_router import set_top_k
+from mem_transformer import MemTransformerLM
+from moe import set_capacity
+from run_utils import RunError
+
+EVAL_BATCH_SIZE = 10
+DEFAULT_KS = (1, 2, 4, 8, 16)
+CHECKPOINTS = {'best': 'model_best.pt', 'best_dense': 'model_best_dense.pt'}
+# which kept checkpoint --table and --compare show: one kind for every run, or `training_k`, a rule per run
+TABLE_CHECKPOINTS = ('best_dense', 'best', 'training_k')
+CHECKPOINT_WORDS = {'best': 'best validation at the training k', 'best_dense': 'best validation with all experts'}
+LAST_CHECKPOINT = 'checkpoint_last.pt'
+
+
+def load_checkpoint(path, device='cpu'):
+    """The checkpoint at `path`; FileNotFoundError when there is none, RunError when it cannot be read."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:            # whatever makes the file unreadable (truncated, overwritten), one line
+        detail = str(err).splitlines()[0] if str(err) else ''
+        raise RunError(f'the checkpoint {path} cannot be read, it is corrupt or truncated '
+                       f'({type(err).__name__}: {detail})') from err
+
+
+def model_from_checkpoint(ckpt, device='cpu', eval_capacity_factor=None, **config_overrides):
+    """The checkpoint's model on `device`, in eval mode; the MoE backend and engine are chosen anew for this machine.
+    Its capacity factors are the run's (`eval_capacity_factor`, a number or 'none' for dropless, replaces the
+    evaluation one); `config_overrides` change inference-only settings of the model configuration (thor_inference)."""
+    model = MemTransformerLM(**dict(ckpt['model_config'], moe_backend='auto', moe_engine='auto', **config_overrides))
+    model.load_state_dict(ckpt['model'])
+    run_args = ckpt.get('args', {})   # finetune.py's have none; those saved before the capacity flags: dropless
+    if eval_capacity_factor is None:
+        eval_capacity_factor = run_args.get('eval_capacity_factor')
+    eval_factor = None if eval_capacity_factor == 'none' else eval_capacity_factor
+    set_capacity(model, run_args.get('capacity_factor'), eval_factor)
+    return model.to(device).eval()
+
+
+def parse_capacity_factor(text):
+    """'1.25' -> 1.25, 'none' -> 'none' (dropless); anything else is an argparse error."""
+    if text.strip().lower() == 'none':
+        return 'none'
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = math.nan
+    if not factor > 0 or math.isinf(factor):
+        raise argparse.ArgumentTypeError(f'needs a positive number (such as 1.25) or none (dropless); got {text!r}')
+    return factor
+
+
+def method_name(model_config):
+    """The column name the paper uses for this model."""
+    if not model_config['moe']:
+        return 'Dense+Dropout' if model_config['dropout'] > 0 else 'Dense'
+    name = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
+            'thor': 'THOR', 'RandomGate': 'THOR', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy top-k',
+            'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}.get(model_config['gate_name'], 'SMoE')
+    if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE's published router: noisy top-k (the demo: SMoE's)
+        return 'HyperMoE' if name in ('SMoE', 'Noisy top-k') else f'{name}+HyperMoE'
+    return name
+
+
+def eval_lengths(args):
+    """(tgt_len, ext_len, mem_len) for evaluation: shorter windows, the context kept as long as in training."""
+    extra = args['tgt_len'] - args['eval_tgt_len']
+    if args['mem_len'] == 0:
+        return args['eval_tgt_len'], args['ext_len'] + extra, 0
+    return args['eval_tgt_len'], args['ext_len'], args['mem_len'] + extra
+
+
+def evaluate(model, eval_iter, args, max_eval_steps=-1):
+    """Token-weighted mean NLL of `model` (at its current k) over `eval_iter`, memory carried across windows."""
+    train_lengths = (model.tgt_len, model.ext_len, model.mem_len)
+    was_training = model.training
+    model.eval()
+    model.reset_length(*eval_lengths(args))
+    total_loss, total_tokens = 0.0, 0
+    with torch.no_grad():
+        mems = ()
+        for i, (data, target, _) in enumerate(eval_iter):
+            if 0 < max_eval_steps <= i:
+                break
+            out = model(data, target, *mems)
+            loss, mems = out[0], out[1:]
+            total_loss += loss.double().sum().item()
+            total_tokens += loss.numel()
+    model.reset_length(*train_lengths)
+    model.train(was_training)
+    return total_loss / max(total_tokens, 1)
+
+
+def eval_ks(model_config, ks=DEFAULT_KS):
+    """The k to test (those <= E), or [None] for a dense model."""
+    if not model_config['moe']:
+        return [None]
+    return [k for k in ks if k <= model_config['moe_num_expert']]
+
+
+def evaluate_over_k(model, eval_iter, args, ks, max_eval_steps=-1):
+    """{'k': metric} (or {'dense': metric}) with the metric of the dataset (bpc or ppl)."""
+    results = {}
+    for k in ks:
+        if k is not None:
+            set_top_k(model, k)
+        loss = evaluate(model, eval_iter, args, max_eval_steps)
+        results['dense' if k is None else str(k)] = loss_to_metric(loss, args['dataset'])
+    return results
+
+
+def results_entry(ckpt, kind, split, results, bpc_floor=None):
+    entry = {'dataset': ckpt['args']['dataset'], 'metric': dataset_metric(ckpt['args']['dataset']),
+             'split': split, 'gate': ckpt['model_config']['gate_name'] if ckpt['model_config']['moe'] else 'dense',
+             'method': method_name(ckpt['model_config']), 'checkpoint': kind, 'step': ckpt['step'],
+             'seed': ckpt['args']['seed'], 'results': results}
+    if bpc_floor is not None:
+        entry['bpc_floor'] = bpc_floor
+    return entry
+
+
+def format_table(columns, metric, floor=None):
+    """Paper Table 1 shape: rows k, one column per method; a dense model's value sits in the last row.
+    A cell is a number (written with 3 decimals) or a text such as '1.080 ± 0.004'."""
+    ks = sorted({int(k) for res in columns.values() for k in res if k != 'dense'}) or [16]
+    texts = [len(v) for res in columns.values() for v in res.values() if isinstance(v, str)]
+    width = max(14, *(len(name) + 2 for name in columns), *(n + 2 for n in texts))
+    lines = [f"{'k':>4}" + ''.join(f'{name:>{width}}' for name in columns)]
+    for k in ks:
+        cells = []
+        for res in columns.values():
+            value = res.get(str(k), res.get('dense') if k == ks[-1] else None)
+            value = '-' if value is None else value
+            cells.append(f'{value:>{width}}' if isinstance(value, str) else f'{value:>{width}.3f}')
+        lines.append(f'{k:>4}' + ''.join(cells))
+    if floor is not None:
+        lines.append(f'corpus floor ({metric}): {floor:.3f}')
+    return '\n'.join(lines)
+
+
+def checked_ks(model_config, ks):
+    """eval_ks, or a RunError when none of `ks` fits the model's experts."""
+    fitting = eval_ks(model_config, ks)
+    if not fitting:
+        n_expert = model_config['moe_num_expert']
+        raise RunError(f'no k in {",".join(map(str, ks))} is at most the number of experts ({n_expert}); '
+                       f'give k from 1 to {n_expert}, e.g. --ks 1,2,{n_expert}')
+    return fitting
+
+
+def checkpoint_model(path, device, **config_overrides):
+    """(checkpoint, model) of a kept checkpoint, or a RunError naming the file when it is unusable."""
+    ckpt = load_checkpoint(path, device)
+    try:
+        return ckpt, model_from_checkpoint(ckpt, device, **config_overrides)
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+        detail = str(err).splitlines()[0][:300] if str(err) else ''
+        raise RunError(f'the weights in {path} do not fit the model its configuration describes (another '
+                       f'architecture or code version): {type(err).__name__}: {detail}') from err
+
+
+def test_checkpoints(run_dir, corpus, split='test', ks=DEFAULT_KS, max_eval_steps=-1, device='cpu', log=print,
+                     problems=None, **config_overrides):
+    """Evaluate every kept checkpoint of a run at each k; returns the results.json entries.
+
+    A kept checkpoint that cannot be used (corrupt, or not fitting its configuration) is skipped and its
+    error appended to `problems` while the others are evaluated; with `problems` None, or when no
+    checkpoint is left, it is a RunError.
+    """
+    entries, found = [], []
+    for kind, filename in CHECKPOINTS.items():
+        path = os.path.join(run_dir, filename)
+        if not os.path.isfile(path):
+            continue
+        found.append(filename)
+        try:
+            ckpt, model = checkpoint_model(path, device, **config_overrides)
+        except RunError as err:
+            if problems is None:
+                raise
+            problems.append(str(err))
+            continue
+        ks_here = checked_ks(ckpt['model_config'], ks)
+        eval_iter = corpus.get_iterator(split, EVAL_BATCH_SIZE, ckpt['args']['eval_tgt_len'], device=device,
+                                        ext_len=ckpt['args']['ext_len'])
+        results = evaluate_over_k(model, eval_iter, ckpt['args'], ks_here, max_eval_steps)
+        entries.append(dict(results_entry(ckpt, kind, split, results, corpus.bpc_floor), **config_overrides))
+        metric = dataset_metric(ckpt['args']['dataset'])
+        log(f'{split} {metric} of {filename} (step {ckpt["step"]}, {method_name(ckpt["model_config"])}):')
+        log(format_table({f'{method_name(ckpt["model_config"])} ({kind})': results}, metric, corpus.bpc_floor))
+    if not found:
+        raise RunError(f'no kept checkpoint ({", ".join(CHECKPOINTS.values())}) in {run_dir}: the run has not '
+                       'validated yet (train.py validates every --eval-interval steps and at its last step); '
+                       'resume it with --restart, or wait for its first validation')
+    if not entries:
+        raise RunError('; '.join(problems))
+    return entries
+
+
+def write_json(path, entries):
+    """Write atomically; a failed write (full disk) removes its temporary file and raises the OSError."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(entries, f, indent=2)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_results(run_dir, kind='best_dense'):
+    """The results.json entry of the run's `kind` checkpoint (the first entry if there is none of that kind)."""
+    path = os.path.join(run_dir, 'results.json')
+    if not os.path.isfile(path):
+        raise RunError(f'{path} not found: the run has not finished its final test; give a finished run, or '
+                       f'test its kept checkpoints with: python eval.py --run {run_dir}')
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except json.JSONDecodeError as err:
+        raise RunError(f'{path} is not valid JSON ({err}); rewrite it with: python eval.py --run {run_dir} '
+                       f'--json {path}') from err
+    return next((e for e in entries if e['checkpoint'] == kind), entries[0])
+
+
+def run_checkpoint(kind, config):
+    """The kept checkpoint (`best` or `best_dense`) to show of a run with this config.json: `kind` itself, or
+    for `training_k` the one validated at the k the run trained at. A run trained at one fixed k (SMoE, THOR,
+    HyperMoE) is shown from `best`, validated at that k; a dynamic-k run, whose k grows to all experts (the
+    scripts' 8 -> 16), and a dense run from `best_dense`."""
+    if kind != 'training_k':
+        return kind
+    args = config['args']
+    return 'best' if args.get('moe') and not args.get('dynamic_moe') else 'best_dense'
+
+
+def fixed_training_k(config):
+    """The k a run trained at, for a run trained at one fixed k (its `best` checkpoint validated there), else None."""
+    args = config['args']
+    return args.get('moe_top_k') if run_checkpoint('training_k', config) == 'best' else None
+
+
+def read_runs(run_dirs, kind='best_dense'):
+    """[(label, [(seed, run_dir, results.json entry)])]: the runs grouped by configuration (those that differ
+    only in seed form one group, seeds.group_runs), labelled with the method's name; `kind` (TABLE_CHECKPOINTS)
+    says which checkpoint's entry."""
+    configs = [seeds.read_config(d) for d in run_dirs]
+    entries = [read_results(d, run_checkpoint(kind, c)) for d, c in zip(run_dirs, configs)]
+    groups = seeds.group_runs(configs, [e['method'] for e in entries])
+    run_seeds = [e['seed'] if 'seed' in e else seeds.run_seed(c) for e, c in zip(entries, configs)]  # older runs
+    return [(label, [(run_seeds[i], run_dirs[i], entries[i]) for i in members]) for label, members in groups]
+
+
+def group_summary(label, runs):
+    """The --table record of one configuration: its seeds, its runs and {k: {mean, std, n, values}}."""
+    first = runs[0][2]
+    summary = {'method': label, 'dataset': first['dataset'], 'metric': first['metric'], 'split': first['split'],
+               'checkpoint': first['checkpoint'], 'n': len(runs), 'seeds': [seed for seed, _, _ in runs],
+               'runs': [run_dir for _, run_dir, _ in runs],
+               'results': seeds.summarise([entry['results'] for _, _, entry in runs])}
+    if 'bpc_floor' in first:
+        summary['bpc_floor'] = first['bpc_floor']
+    return summary
+
+
+def table_of_runs(run_dirs, kind='best_dense'):
+    """(text, records): the runs' results.json side by side (the `kind` checkpoint of each); runs that differ
+    only in seed make one column, mean ± sample std, with the seeds of each column under the table."""
+    groups = read_runs(run_dirs, kind)
+    summaries = [group_summary(label, runs) for label, runs in groups]
+    columns = {s['method']: {k: seeds.format_cell(stats, s['n']) for k, stats in s['results'].items()}
+               for s in summaries}
+    notes = seed_notes(summaries)
+    if kind == 'training_k':
+        trained = {s['method']: fixed_training_k(seeds.read_config(runs[0][1])) for s, (_, runs) in zip(summaries, groups)}
+        columns = {name: mark_training_k(cells, trained[name]) for name, cells in columns.items()}
+        notes += checkpoint_notes(summaries)
+        if any(k is not None for k in trained.values()):
+            notes.append('* the k a fixed-k run was trained at')
+    floor = next((s['bpc_floor'] for s in summaries if 'bpc_floor' in s), None)
+    return '\n'.join([format_table(columns, summaries[-1]['metric'], floor), *notes]), summaries
+
+
+def mark_training_k(cells, k):
+    """A column's cells {k: number or text} with the cell of the training k (None: no mark) marked with '*'."""
+    if k is None or str(k) not in cells:
+        return cells
+    value = cells[str(k)]
+    return dict(cells, **{str(k): (value if isinstance(value, str) else f'{value:.3f}') + '*'})
+
+
+def checkpoint_notes(summaries):
+    """The line under a table whose columns come from different checkpoints: which column from which."""
+    by_kind = {}
+    for s in summaries:
+        by_kind.setdefault(s['checkpoint'], []).append(s['method'])
+    return ['checkpoint: ' + '; '.join(f"{CHECKPOINT_WORDS.get(kind, kind)}: {', '.join(methods)}"
+                                       for kind, methods in by_kind.items())]
+
+
+def seed_notes(summaries):
+    """The lines under a table with several seeds: what the spread is, the seeds of each column, repeated seeds."""
+    if all(s['n'] == 1 for s in summaries):
+        return []
+    seed_lists = {' '.join(map(str, s['seeds'])) for s in summaries}
+    if len(seed_lists) == 1:
+        lines = [f"mean ± sample std (n - 1) over n = {summaries[0]['n']} seeds ({seed_lists.pop()}) in every column"]
+    else:
+        lines = ['mean ± sample std (n - 1) over seeds; n (seeds): ' + ', '.join(
+            f"{s['method']} {s['n']} ({' '.join(map(str, s['seeds']))})" for s in summaries)]
+    for s in summaries:
+        repeated = sorted({seed for seed in s['seeds'] if s['seeds'].count(seed) > 1})
+        if repeated:
+            lines.append(f"note: {s['method']} has several runs of seed {', '.join(map(str, repeated))}; each counts "
+                         'in its mean and std (on a CPU, one seed gives the same numbers: the std is understated)')
+    return lines
+
+
+def one_run_per_seed(flag, groups):
+    """(label, {seed: entry}) of one side of --compare, which must be one configuration with distinct seeds."""
+    if len(groups) != 1:
+        raise RunError(f'the runs of side {flag} must differ only in their seed; they are {len(groups)} '
+                         f'configurations: {", ".join(label for label, _ in groups)}')
+    label, runs = groups[0]
+    by_seed = {}
+    for seed, run_dir, entry in runs:
+        if seed in by_seed:
+            raise RunError(f'side {flag} has two runs of seed {seed}; give one run per seed')
+        by_seed[seed] = entry
+    return label, by_seed
+
+
+def compare_runs(runs_a, runs_b, kind='best_dense'):
+    """Two configurations compared seed by seed at each k (seeds.compare_by_seed), as text."""
+    label_a, a = one_run_per_seed('A', read_runs(runs_a, kind))
+    label_b, b = one_run_per_seed('B', read_runs(runs_b, kind))
+    metric_a, metric_b = next(iter(a.values()))['metric'], next(iter(b.values()))['metric']
+    if metric_a != metric_b:
+        raise RunError(f'side A reports {metric_a} and side B {metric_b}: compare runs on the same dataset')
+    try:
+        matched, rows = seeds.compare_by_seed({s: e['results'] for s, e in a.items()},
+                                              {s: e['results'] for s, e in b.items()})
+    except ValueError as err:                     # too few seeds on both sides
+        raise RunError(str(err)) from err
+    return seeds.format_comparison(label_a, label_b, f'test {metric_a}', matched, rows)
+
+
+def parse_ks(text):
+    """'1,2,4' -> [1, 2, 4]; anything else is an argparse error asking for positive integers."""
+    try:
+        ks = [int(k) for k in text.split(',') if k.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f'needs positive integers separated by commas, such as 1,2,4,8,16; '
+                                         f'got {text!r}')
+    return ks
+
+
+def read_run_config(run_dir):
+    """config.json of a train.py run directory, or a RunError saying what was given instead."""
+    if not os.path.exists(run_dir):
+        raise RunError(f'no run directory {run_dir}: give the directory train.py printed as "run directory: ..."')
+    if not os.path.isdir(run_dir):
+        raise RunError(f'{run_dir} is a file; --run takes the run directory that holds it '
+                       f'({os.path.dirname(run_dir) or "."}), whose kept checkpoints are all tested')
+    path = os.path.join(run_dir, 'config.json')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunError(f'{run_dir} is not a run directory of train.py: cannot read its config.json '
+                       f'({getattr(err, "strerror", None) or err})') from err
