@@ -22,14 +22,14 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-import eval as evaluation
+import evaluation
 from bench import SMALL, analytic_eval_flops
 from data_utils import DataError, get_lm_corpus
 from figures import (entropy_of, plot_entropy, plot_framework, plot_load, plot_load_profiles, plot_metric_vs_k,
                      plot_router_outputs, plot_spectra)
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
-from moe import moe_blocks, record_router_stats, set_capacity, uses_thor
+from moe import ROUTERS, moe_blocks, record_router_stats, set_capacity, uses_thor
 from run_utils import RunError
 from seeds import group_runs, mean_std, read_config
 
@@ -392,7 +392,8 @@ def add_arguments(parser):
     group.add_argument('--out', help='figure file (.png); defaults: ' + ', '.join(
         f'--{name} {path}' for name, path in FIGURE_DEFAULTS.items()))
     group.add_argument('--checkpoint', default='best_dense',
-                       help='checkpoint analysed: best, best_dense, last, init (step 0, rebuilt) or a file')
+                       help='checkpoint analysed: best, best_dense, last, init (step 0, rebuilt) or a file; --plot '
+                            'also takes training_k (as eval.py --table_checkpoint)')
     group.add_argument('--checkpoints', default=DEFAULT_JACOBIAN_CHECKPOINTS,
                        help='comma-separated checkpoints for --jacobian, analysed in the order of their step')
     group.add_argument('--mem_len', type=int, help='memory length for --flops (default: the evaluation memory, '
@@ -500,12 +501,11 @@ def format_load_profile(label, layers, dropped_by_layer):
     return '\n'.join(lines)
 
 
-PAPER_ROUTERS = ('smoe', 'smoe_dropout', 'hyper_router')
-
-
 def paper_models():
-    """The paper's small enwik8 model (bench.SMALL) under each router of the paper, THOR, and its dense twin."""
-    configs = [dict(SMALL, gate_name=g) for g in (*PAPER_ROUTERS, 'thor')]
+    """The paper's small enwik8 model (bench.SMALL) under every router (moe.ROUTERS, the paper's three first),
+    HyperMoE on its published noisy top-k router, and the dense twin: the rows of Tables A3 and A4."""
+    configs = [dict(SMALL, gate_name=g) for g in ROUTERS]
+    configs.append(dict(SMALL, gate_name='noisy_topk', moe_variant='hypermoe'))
     configs.append(dict(SMALL, moe=False, d_inner=SMALL['d_inner'] * SMALL['moe_num_expert']))
     return [(evaluation.method_name(cfg), cfg, MemTransformerLM(**cfg)) for cfg in configs]
 
@@ -529,7 +529,7 @@ def flops_command(args):
         mlen = mlen if args.mem_len is None else args.mem_len
         lengths.add(f'{qlen} tokens x batch {evaluation.EVAL_BATCH_SIZE}, memory {mlen}')
         # the paper gives THOR at k = E only (every expert, weight 1/E; no router to compute)
-        ks = [cfg['moe_num_expert']] if not args.flops and uses_thor(cfg['moe'], cfg['gate_name']) else args.ks
+        ks = [cfg['moe_num_expert']] if not args.flops and uses_thor(cfg['moe'], cfg.get('gate_name')) else args.ks
         columns[label] = flops_over_k(model, cfg, ks, qlen, mlen)
     if not args.flops:          # every paper model has the same lengths
         columns['analytic'] = {str(k): analytic_eval_flops(SMALL, k, qlen=qlen, mlen=mlen)
@@ -542,7 +542,7 @@ def params_command(args):
     if args.params:
         models = [(label, model) for label, _, model in run_models(args.params)]
     else:
-        models = [(label, model) for label, _, model in paper_models()[:len(PAPER_ROUTERS)]]
+        models = [(label, model) for label, cfg, model in paper_models() if cfg['moe']]
     print(format_param_table({label: param_row(model) for label, model in models}))
 
 

@@ -2,12 +2,13 @@
 import glob
 import math
 import os
+import re
 
 import pytest
 import torch
 
 import analysis
-import eval as evaluation
+import eval as eval_script
 import train
 from bench import SMALL, analytic_eval_flops
 from mem_transformer import MemTransformerLM
@@ -193,18 +194,18 @@ def test_a_fixed_router_keeps_its_span_and_every_span_has_at_most_e_minus_one_di
 
 def test_the_tables_have_the_papers_shape(runs, capsys):
     run_dirs = list(runs.values())
-    evaluation.main(['--entropy', *run_dirs])
+    eval_script.main(['--entropy', *run_dirs])
     header, *rows = capsys.readouterr().out.splitlines()[2:]
     assert header.split() == ['Method', 'Router', '1', 'Router', '2']
     assert [r.split()[0] for r in rows] == ['HyperRouter', 'SMoE-Dropout', 'SMoE']
-    evaluation.main(['--params', *run_dirs])
+    eval_script.main(['--params', *run_dirs])
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:4]}
     assert '(G)' in rows['HyperRouter'] and '(F)' in rows['SMoE-Dropout'] and '(T)' in rows['SMoE']
-    evaluation.main(['--flops', *run_dirs])
+    eval_script.main(['--flops', *run_dirs])
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ['k', 'HyperRouter', 'SMoE-Dropout', 'SMoE']
     assert [line.split()[0] for line in lines[2:5]] == ['1', '2', '4']
-    evaluation.main(['--jacobian', runs['smoe_dropout'], '--max_tokens', '80'])
+    eval_script.main(['--jacobian', runs['smoe_dropout'], '--max_tokens', '80'])
     assert 'union rank' in capsys.readouterr().out
 
 
@@ -213,7 +214,7 @@ def test_the_tables_have_the_papers_shape(runs, capsys):
 def test_each_figure_command_writes_a_png(command, runs, tmp_path):
     out = str(tmp_path / 'figure.png')
     run_dirs = [] if command[0] == '--diagram' else list(runs.values())
-    evaluation.main([command[0], *run_dirs, *command[1:], '--out', out, '--max_eval_steps', '2'])
+    eval_script.main([command[0], *run_dirs, *command[1:], '--out', out, '--max_eval_steps', '2'])
     with open(out, 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     assert os.path.getsize(out) > 5000
@@ -264,13 +265,42 @@ def hand_param_counts():
 def test_table_a4_of_the_papers_model(capsys):
     hand = hand_param_counts()
     assert hand == dict(router_embedding=1_024, router=16_448, hypernetwork=4 * 1_122_576, transformer=19_505_356)
-    evaluation.main(['--params'])
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:4]}
+    eval_script.main(['--params'])
+    header, *lines = capsys.readouterr().out.splitlines()[:-1]
+    titles = re.split(r'\s{2,}', header.strip())                          # Method, Router Emb., Router, ...
+    rows = {cells[0]: dict(zip(titles, cells)) for cells in (re.split(r'\s{2,}', line.strip()) for line in lines)}
     counts = {key: f'{value:,}' for key, value in hand.items()}
-    assert rows['SMoE'][1:5] == ['-', counts['router'], '(T)', '-'] and counts['transformer'] in rows['SMoE']
-    assert rows['SMoE-Dropout'][1:4] == ['-', counts['router'], '(F)']
-    assert rows['HyperRouter'][1:9] == [counts['router_embedding'], '(T)', counts['router'], '(G)',
-                                        counts['hypernetwork'], '(F)', counts['transformer'], '(T)']
+    assert rows['SMoE']['Router Emb.'] == '-' and rows['SMoE']['Router'] == f"{counts['router']} (T)"
+    assert rows['SMoE']['Transformer'] == f"{counts['transformer']} (T)" and rows['SMoE']['HyperNetwork'] == '-'
+    assert rows['SMoE-Dropout']['Router'] == f"{counts['router']} (F)"
+    assert [rows['HyperRouter'][t] for t in ('Router Emb.', 'Router', 'HyperNetwork', 'Transformer')] == [
+        f"{counts['router_embedding']} (T)", f"{counts['router']} (G)", f"{counts['hypernetwork']} (F)",
+        f"{counts['transformer']} (T)"]
+    # the other routers' router column, by hand (4 layers, d 256, 16 experts): Switch, GShard, DTS-Gate a
+    # linear router without bias; noisy top-k W_g and W_noise (HyperMoE's router too); X-MoE a 256 -> 16
+    # projection, 16 expert embeddings of 16 and a temperature; THOR and Hash layers no router
+    router = {'Switch': 4 * 16 * 256, 'GShard': 4 * 16 * 256, 'DTS-Gate': 4 * 16 * 256,
+              'Noisy top-k': 4 * 2 * 16 * 256, 'HyperMoE': 4 * 2 * 16 * 256, 'X-MoE': 4 * (256 * 16 + 16 * 16 + 1)}
+    assert {label: rows[label]['Router'] for label in router} == {label: f'{n:,} (T)' for label, n in router.items()}
+    assert rows['THOR']['Router'] == rows['Hash']['Router'] == '-'
+    assert rows['HyperMoE']['HyperExpert'] != '-' and rows['SMoE']['HyperExpert'] == '-'
+
+
+
+def test_table_a3_without_runs_has_a_column_per_router_hypermoe_and_the_dense_twin(monkeypatch, capsys):
+    """`eval.py --flops` with no run: the paper's model under every router (shrunk here to stay fast); THOR at
+    k = E only, as the paper gives it."""
+    monkeypatch.setattr(analysis, 'SMALL', dict(SMALL, n_layer=1, moe_index='0', d_model=16, n_head=2, d_head=8,
+                                                 d_inner=16, hyper_size=8, moe_num_expert=4))
+    eval_script.main(['--flops', '--ks', '1,2,4', '--mem_len', '8'])
+    header, *rows = capsys.readouterr().out.splitlines()[1:5]
+    labels = ['SMoE', 'SMoE-Dropout', 'HyperRouter', 'THOR', 'Switch', 'GShard', 'Noisy top-k', 'Hash', 'X-MoE',
+              'DTS-Gate', 'HyperMoE', 'Dense+Dropout', 'analytic']
+    assert re.split(r'\s{2,}', header.strip()) == ['k', *labels]
+    cells = {row.split()[0]: re.split(r'\s{2,}', row.strip())[1:] for row in rows}
+    assert sorted(cells) == ['1', '2', '4']
+    thor = labels.index('THOR')
+    assert [cells[k][thor] for k in ('1', '2')] == ['-', '-'] and cells['4'][thor] != '-'
 
 
 def test_entropy_of_a_constructed_router_is_its_analytic_value(tokens):
