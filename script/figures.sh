@@ -34,7 +34,7 @@ EVAL=("$PYTHON" eval.py "${DATA_FLAG[@]}")
 mkdir -p "$OUT"
 
 "${EVAL[@]}" --diagram --out "$OUT/fig3_framework.png"
-"${EVAL[@]}" --plot "${RUNS[@]}" --out "$OUT/fig1_metric_vs_k.png"
+"${EVAL[@]}" --plot "${RUNS[@]}" --checkpoint training_k --out "$OUT/fig1_metric_vs_k.png"   # as the demo table
 {
     echo "## Router entropy (Tables 4 / A5)"
     "${EVAL[@]}" --entropy "${RUNS[@]}" --max_eval_steps "${MAX_EVAL_STEPS:-100}" --out "$OUT/router_entropy.png"
