@@ -67,7 +67,7 @@ class BaseGate(nn.Module):
 
     def scores(self, logits, top_val, top_idx):
         """Gate values [T, k] of the chosen experts: here the softmax over the k chosen logits."""
-        return F.softmax(top_val, dim=-1)
+        return F.softmax(top_val, dim=-1)                                    # [T, k], renormalised over the k
 
     def aux_terms(self):
         """The gate's own auxiliary losses of its last forward, {name: scalar tensor}; none here."""
@@ -230,8 +230,10 @@ class GShardGate(BaseGate):
 
 
 def cv_squared(values):
-    """Squared coefficient of variation var / mean^2 of a vector (population variance, as the paper's code;
-    the epsilon keeps an all-zero vector at 0)."""
+    """The squared coefficient of variation var / mean^2 of a vector [E] (population variance, as
+    tensor2tensor's `cv_squared` of Shazeer et al.'s reference code; the epsilon keeps an all-zero vector
+    at 0). Shazeer et al.'s importance and load losses, and the engine's `importance` (moe.py)."""
+    values = values.to(torch.promote_types(values.dtype, torch.float32))     # counts are integers
     return values.var(unbiased=False) / (values.mean().square() + 1e-10)
 
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from custom_gate import (DTSGate, FrozenNaiveGate, GShardGate, HashGate, NaiveGate, NoisyTopKGate, RandomGate,
-                         SwitchGate, XMoEGate)
+                         SwitchGate, XMoEGate, cv_squared)
 from hyper_router import HyperRouterGate
 from moe_engine import ENGINES, choose_engine, compute_dtype, group_ends, grouped_mm
 
@@ -325,13 +325,6 @@ def set_capacity(model, train_factor=None, eval_factor=None):
 
 
 # ----------------------------------------------------------------------------- auxiliary losses
-
-def cv_squared(x):
-    """The squared coefficient of variation var(x) / mean(x)^2 of x [E] (population variance, as
-    tensor2tensor's `cv_squared` of Shazeer et al.'s reference code; 0 for a constant x)."""
-    x = x.float()
-    return x.var(unbiased=False) / (x.mean().square() + 1e-10)
-
 
 def switch_balance_loss(logits, top_idx):
     """Switch Transformer's load-balancing loss E * sum_e f_e P_e (Fedus et al. 2022, Eq. 4): f_e the

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train
-from custom_gate import NaiveGate
-from moe import aux_losses, cv_squared, importance_loss, moe_blocks, record_routing, router_z_loss, switch_balance_loss
+from custom_gate import NaiveGate, cv_squared
+from moe import aux_losses, importance_loss, moe_blocks, record_routing, router_z_loss, switch_balance_loss
 from tests.conftest import tiny_model
 
 E = 4
