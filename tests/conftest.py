@@ -20,10 +20,37 @@ def tiny_model(seed=0, **overrides):
     return MemTransformerLM(**cfg)
 
 
+@pytest.fixture(scope='module')
+def synthetic_dir(tmp_path_factory):
+    """Where train.py writes the built-in corpus on first use (--dataset synthetic --data DIR), one per module."""
+    return str(tmp_path_factory.mktemp('data') / 'synthetic')
+
+
+# train.py flags of a tiny MoE run on the built-in corpus (2 layers, d_model 16, 4 experts, k = 2, SMoE)
+TINY_MOE_ARGS = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8',
+                 '--d_inner', '16', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '8', '--batch_size', '4',
+                 '--max_eval_steps', '2', '--eval_ks', '1,2', '--moe', '--moe-num-expert', '4', '--moe-top-k', '2',
+                 '--gate_name', 'smoe']
+
+
 @pytest.fixture
 def tokens():
     gen = torch.Generator().manual_seed(123)
     return torch.randint(0, TINY['n_token'], (13, 3), generator=gen)   # [T + 1, B]
+
+
+class HostSync(Exception):
+    """Raised by the no_host_sync fixture when a tensor is read back to the host."""
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Every Python-level way of reading a tensor back to the host raises HostSync."""
+    def refuse(*args, **kwargs):
+        raise HostSync('a tensor was read back to the host')
+    for name in ('tolist', 'item', '__bool__', '__int__', '__float__', '__index__', 'nonzero', '__array__'):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, 'nonzero', refuse)
 
 
 def pytest_addoption(parser):

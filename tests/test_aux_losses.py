@@ -10,7 +10,7 @@ import torch
 import train
 from custom_gate import NaiveGate, cv_squared
 from moe import aux_losses, importance_loss, moe_blocks, record_routing, router_z_loss, switch_balance_loss
-from tests.conftest import tiny_model
+from tests.conftest import TINY_MOE_ARGS, tiny_model
 
 E = 4
 
@@ -73,15 +73,7 @@ def test_recorded_losses_are_summed_over_the_layers_from_each_routers_logits(tok
 
 # ----------------------------------------------------------------------------- flags and training
 
-TINY_ARGS = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8',
-             '--d_inner', '16', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '8', '--batch_size', '4',
-             '--max_eval_steps', '2', '--eval_ks', '2', '--moe', '--moe-num-expert', '4', '--moe-top-k', '2',
-             '--gate_name', 'smoe']
 
-
-@pytest.fixture(scope='module')
-def synthetic_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('data') / 'synthetic')
 
 
 def test_weights_default_to_the_gate_class_then_zero_and_load_balance_is_balance_loss(monkeypatch):
@@ -125,7 +117,7 @@ def test_each_weight_enters_the_update_and_its_loss_is_logged(flag, tmp_path, sy
     losses = {}
     for weight in ('0', '10'):
         work = str(tmp_path / weight)
-        train.main([*TINY_ARGS, '--data', synthetic_dir, '--work_dir', work, flag, weight, '--max_step', '2',
+        train.main([*TINY_MOE_ARGS, '--data', synthetic_dir, '--work_dir', work, flag, weight, '--max_step', '2',
                     '--eval-interval', '2', '--log-interval', '1'])
         [run_dir] = glob.glob(f'{work}-synthetic/*')
         losses[weight] = [r['loss'] for r in read_split(run_dir, 'train')]

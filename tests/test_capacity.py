@@ -8,12 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import eval as eval_script
-import evaluation
 import train
 from moe import (Experts, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, RouterStats, drop_over_capacity,
                  expert_capacity, set_capacity, torch_moe, unique_sets)
-from tests.conftest import tiny_model
-from tests.test_speed import HostSync, no_host_sync  # noqa: F401 (a fixture)
+from tests.conftest import TINY_MOE_ARGS, tiny_model
 
 E, D, H = 4, 16, 16
 
@@ -97,7 +95,7 @@ def test_with_k_equal_to_e_a_dropped_slot_weighs_zero():
     torch.testing.assert_close(y.double(), naive_moe(x, top_idx, score, experts), atol=1e-5, rtol=1e-5)
 
 
-def test_the_grouped_engine_with_capacity_reads_nothing_back_to_the_host(no_host_sync):  # noqa: F811
+def test_the_grouped_engine_with_capacity_reads_nothing_back_to_the_host(no_host_sync):
     torch.manual_seed(0)
     block = MoEPositionwiseFF(D, H, 0.1, num_expert=E, top_k=2, gate_name='smoe', engine='grouped')
     block.capacity_factor = (0.5, 0.5)
@@ -203,20 +201,12 @@ def test_a_dropped_expert_counts_as_unselected_in_the_hyper_expert():
 
 # ----------------------------------------------------------------------------- through train.py and eval.py
 
-TINY_ARGS = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8',
-             '--d_inner', '16', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '8', '--batch_size', '4',
-             '--max_eval_steps', '2', '--eval_ks', '1,2', '--moe', '--moe-num-expert', '4', '--moe-top-k', '2',
-             '--gate_name', 'smoe']
 
-
-@pytest.fixture(scope='module')
-def synthetic_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('data') / 'synthetic')
 
 
 def test_the_dropped_fraction_is_logged_per_layer_and_the_run_evaluates_as_trained(tmp_path, synthetic_dir, capsys):
     work = str(tmp_path / 'cap')
-    train.main([*TINY_ARGS, '--data', synthetic_dir, '--work_dir', work, '--capacity_factor', '0.5',
+    train.main([*TINY_MOE_ARGS, '--data', synthetic_dir, '--work_dir', work, '--capacity_factor', '0.5',
                 '--eval_capacity_factor', '0.75', '--max_step', '2', '--eval-interval', '2', '--log-interval', '1'])
     [run_dir] = glob.glob(f'{work}-synthetic/*')
     with open(os.path.join(run_dir, 'metrics.jsonl')) as f:

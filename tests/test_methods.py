@@ -329,10 +329,6 @@ TINY_ARGS = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', '--n
              '--hypermoe_emb_dim', '8', '--hypermoe_hidden', '8', '--hypermoe_adapter_dim', '4']
 
 
-@pytest.fixture(scope='module')
-def synthetic_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('data') / 'synthetic')
-
 
 def read_metrics(run_dir, split='train'):
     with open(os.path.join(run_dir, 'metrics.jsonl')) as f:

@@ -76,10 +76,6 @@ def test_learning_rate_function_at_every_step(warmup):
         pytest.approx([reference_learning_rate(m, 0.5, warmup, 9) for m in range(9)], rel=1e-12)
 
 
-@pytest.fixture(scope='module')
-def synthetic_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('data') / 'synthetic')
-
 
 def test_a_short_run_routes_each_step_to_the_scheduled_k_and_updates_with_the_scheduled_lr(
         tmp_path, synthetic_dir, monkeypatch):

@@ -43,10 +43,6 @@ def script_env(synthetic_dir):
     return dict(os.environ, DATA=synthetic_dir, PYTHON=sys.executable, OMP_NUM_THREADS='1')
 
 
-@pytest.fixture(scope='module')
-def synthetic_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('data') / 'synthetic')
-
 
 def test_the_scripts_of_the_original_readme_exist():
     for method in ('hyper_router', 'smoe_dropout', 'smoe', 'directly_dense_dropout', 'directly_dense'):

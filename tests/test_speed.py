@@ -13,7 +13,7 @@ import torch
 import train
 from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, describe_engine, run_adapters
 from moe_engine import choose_engine, group_ends, grouped_mm, grouped_mm_problem
-from tests.conftest import tiny_model
+from tests.conftest import HostSync, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,20 +70,6 @@ def test_grouped_engine_where_it_cannot_run_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(['--moe', '--moe_engine', 'grouped', '--d_inner', '13'])
     assert 'error: --moe_engine grouped cannot run: grouped_mm needs widths' in capsys.readouterr().err
-
-
-class HostSync(Exception):
-    pass
-
-
-@pytest.fixture
-def no_host_sync(monkeypatch):
-    """Every Python-level way of reading a tensor back to the host raises HostSync."""
-    def refuse(*args, **kwargs):
-        raise HostSync('a tensor was read back to the host')
-    for name in ('tolist', 'item', '__bool__', '__int__', '__float__', '__index__', 'nonzero', '__array__'):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-    monkeypatch.setattr(torch, 'nonzero', refuse)
 
 
 @pytest.mark.parametrize('gate_name', ['smoe', 'hyper_router', 'thor'])

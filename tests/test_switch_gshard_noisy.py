@@ -294,10 +294,6 @@ TOP_K = {'switch': '1', 'gshard': '2', 'noisy_topk': '2'}
 RUN_FLAGS = ['--max_step', '4', '--eval-interval', '2', '--log-interval', '1', '--lr', '0.01', '--eval_ks', '1,2']
 
 
-@pytest.fixture(scope='module')
-def synthetic_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('data') / 'synthetic')
-
 
 def train_run(work, synthetic_dir, gate_name, *extra):
     train.main(['--dataset', 'synthetic', '--data', synthetic_dir, '--work_dir', work, *TINY_ARGS, *MOE_ARGS,

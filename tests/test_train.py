@@ -24,10 +24,6 @@ TINY_ARGS = ['--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '
 MOE_ARGS = ['--moe', '--moe-num-expert', '4', '--moe-top-k', '2']
 
 
-@pytest.fixture(scope='session')
-def synthetic_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('data') / 'synthetic')
-
 
 def run_train(tmp_path, synthetic_dir, *extra):
     """train.main in this process; returns the run directory."""
