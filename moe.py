@@ -174,6 +174,12 @@ class Experts(nn.Module):
         return F.linear(hidden, w2) + weights @ self.h4toh.bias              # [T, d]
 
 
+def spare_bin(top_idx, num_expert):
+    """top_idx with its dropped slots (-1) sent to a spare index E, so that a scatter, a bincount or a sort over
+    E + 1 bins puts them past every expert, where they are cut off (no host sync)."""
+    return torch.where(top_idx >= 0, top_idx, num_expert)
+
+
 def torch_moe(x, top_idx, top_score, experts, engine='auto'):
     """y [T, d] = sum_j top_score[:, j] * E_{top_idx[:, j]}(x), each token through its k experts only.
 
@@ -187,7 +193,7 @@ def torch_moe(x, top_idx, top_score, experts, engine='auto'):
     num_expert, d_inner, d_model = experts.htoh4.weight.shape
     routed = top_idx >= 0                                                     # [T, k]
     score = torch.where(routed, top_score, 0)                                 # a dropped slot's score is 0
-    expert = torch.where(routed, top_idx, num_expert)                         # [T, k], dropped slots: E
+    expert = spare_bin(top_idx, num_expert)                                   # [T, k], dropped slots: E
     if k == num_expert:
         # the dropped slots land in a spare column E, cut off
         weights = score.to(x.dtype).new_zeros(n_tok, num_expert + 1).scatter(1, expert, score.to(x.dtype))
@@ -282,7 +288,7 @@ class RouterStats:
 
 def expert_counts(top_idx, num_expert):
     """How many slots of top_idx [T, k] went to each expert [E]; -1 slots count nowhere (no host sync)."""
-    flat = torch.where(top_idx >= 0, top_idx, num_expert).reshape(-1)       # [T * k], dropped: a spare bin E
+    flat = spare_bin(top_idx, num_expert).reshape(-1)                       # [T * k]
     return torch.bincount(flat, minlength=num_expert + 1)[:num_expert]
 
 
@@ -303,7 +309,7 @@ def drop_over_capacity(top_idx, capacity, num_expert):
     Slots already -1 stay -1 and take no room. No host sync.
     """
     by_priority = top_idx.t().reshape(-1)                                     # [k * T]: choice 1 of all, then 2, ...
-    one_hot = F.one_hot(torch.where(by_priority >= 0, by_priority, num_expert), num_expert + 1)   # [k * T, E + 1]
+    one_hot = F.one_hot(spare_bin(by_priority, num_expert), num_expert + 1)   # [k * T, E + 1]
     position = (one_hot.cumsum(0) * one_hot).sum(1) - 1                      # [k * T], rank in the expert's queue
     kept = torch.where((position < capacity) & (by_priority >= 0), by_priority, -1)
     return kept.view(top_idx.size(1), -1).t()                                 # [T, k]
@@ -341,7 +347,7 @@ def switch_balance_loss(logits, top_idx):
 def importance_loss(top_idx, top_score, num_expert):
     """Shazeer et al. 2017's importance loss (Sec. 4, without its weight): cv^2 of Importance_e, the sum over
     the batch of the gate values of expert e (a -1 slot's value is 0); 0 when every expert weighs the same."""
-    expert = torch.where(top_idx >= 0, top_idx, num_expert)                                       # [T, k]
+    expert = spare_bin(top_idx, num_expert)                                                       # [T, k]
     score = torch.where(top_idx >= 0, top_score, 0).float()
     importance = score.new_zeros(num_expert + 1).index_add(0, expert.reshape(-1), score.reshape(-1))
     return cv_squared(importance[:num_expert])                                                    # [E] -> scalar
@@ -519,7 +525,7 @@ class HyperExpert(nn.Module):
         """sets [U, k] -> the sum of the embeddings of the experts outside each set [U, c]. A dropped slot (-1)
         selects nothing: its expert counts as unselected, as if the token had routed to one expert fewer."""
         num_expert = self.expert_emb.num_embeddings
-        chosen = torch.where(sets >= 0, sets, num_expert)                                 # [U, k], -1 -> spare E
+        chosen = spare_bin(sets, num_expert)                                              # [U, k]
         outside = torch.ones(sets.size(0), num_expert + 1, device=sets.device)
         outside = outside.scatter(1, chosen, 0.0)[:, :num_expert].contiguous()            # [U, E], 1 = unselected
         return outside.to(self.expert_emb.weight.dtype) @ self.expert_emb.weight          # [U, c]
