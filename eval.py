@@ -25,7 +25,7 @@ import evaluation
 from custom_gate import THOR_INFERENCE
 from data_utils import DataError, get_lm_corpus
 from moe import uses_thor
-from run_utils import RunError, describe_os_error
+from run_utils import RunError, describe_os_error, keep_freed_memory
 
 
 def split_compare(argv):
@@ -103,6 +103,7 @@ def main(argv=None):
     analysis.add_arguments(parser)
     argv, compare_b = split_compare(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if analysis.run(args, parser):
         return
     if args.compare and not compare_b:

@@ -36,8 +36,8 @@ import train
 from finetune_data import TASKS, ByteEncoder, FinetuneDataError, encode_rows, load_task
 from hyper_router import param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
-from run_utils import (RunError, RunLog, StopRequest, git_commit, make_progress, make_run_dir, rng_state, save_atomic,
-                       set_rng_state)
+from run_utils import (RunError, RunLog, StopRequest, git_commit, keep_freed_memory, make_progress, make_run_dir,
+                       rng_state, save_atomic, set_rng_state)
 
 FORMAT = 'hyperrouter-finetune-1'
 PRETRAIN_FORMAT = 'hyperrouter-checkpoint'     # the prefix of train.py's formats
@@ -527,6 +527,7 @@ def main(argv=None):
     """Returns the exit status: None (0) when the run finished or stopped at --stop_step, 128 + the signal
     (130, 143) when Ctrl-C / SIGTERM stopped it after writing its checkpoint, as train.py."""
     args = parse_args(argv)
+    keep_freed_memory()
     try:
         if args.table:
             print(format_table3(read_results(args.table)))

@@ -35,7 +35,7 @@ from moe import (AUX_LOSSES, BACKENDS, GATES, MOE_VARIANTS, describe_engine, rec
                  routers_giving, set_capacity, uses_thor)
 from moe_engine import ENGINES, grouped_mm_problem
 from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, git_commit,
-                       make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
+                       keep_freed_memory, make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
 
 DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')
 DEFAULT_DATA = {'synthetic': 'data/synthetic', 'enwik8': 'data/enwik8', 'text8': 'data/text8',
@@ -791,6 +791,7 @@ def start(args, ddp):
 
 def main(argv=None):
     args = parse_args(argv)
+    keep_freed_memory()
     set_matmul_precision(args)
     ddp = Distributed(args.cuda)
     try:
