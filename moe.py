@@ -111,11 +111,16 @@ def check_backend(backend):
 
 
 class StackedLinear(nn.Module):
-    """E independent Linear(in_features, out_features) layers stored as one [E, out, in] tensor."""
+    """E independent Linear(in_features, out_features) layers stored as one [E, out, in] tensor.
+
+    The weights start at zero, drawing no random numbers: MemTransformerLM initialises them (the
+    reference's init); a block used alone must be given its own (an uninitialised buffer may hold
+    anything, denormals too, which make the CPU's matmuls many times slower).
+    """
 
     def __init__(self, num_expert, in_features, out_features):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_expert, out_features, in_features))
+        self.weight = nn.Parameter(torch.zeros(num_expert, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(num_expert, out_features))
 
     def extra_repr(self):
