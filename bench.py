@@ -2,8 +2,8 @@
 
   python bench.py [--device cpu|cuda] [--amp] [--no_tf32] [--repeats 5] [--quick] [--json bench.json]
 
-(a) the MoE FFN block, forward + backward at k = 2, against its floor: one dense FFN of the same
-    FLOPs (2 rows per token through Linear(256, 512) -> ReLU -> Dropout -> Linear(512, 256));
+(a) the MoE FFN block, forward + backward at k = 2, against its floor: the dense FFN of the same FLOPs
+    (the model's own, d_inner 1024: Linear(256, 1024) -> ReLU -> Dropout -> Linear(1024, 256) -> Dropout);
 (b) evaluation forward of the whole model (batch 10, eval_tgt_len 128, memory 896) at k = 1..16,
     against the analytic FLOPs ratio;
 (c) a whole training step (forward, backward, Adam; batch 4 x 512, memory 512) of HyperRouter at
@@ -24,11 +24,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from hyper_router import set_top_k
-from mem_transformer import MemTransformerLM
+from mem_transformer import MemTransformerLM, PositionwiseFF
 from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF
+from run_utils import keep_freed_memory
 
 SMALL = dict(n_token=204, n_layer=4, n_head=8, d_model=256, d_head=64, d_inner=512, dropout=0.1,
              dropatt=0.0, tgt_len=512, mem_len=512, moe=True, moe_num_expert=16, moe_top_k=2,
@@ -85,10 +85,11 @@ def bench_moe_block(cfg, device, amp, n_tokens, repeats):
     torch.manual_seed(0)
     d, h = cfg['d_model'], cfg['d_inner']
     block = MoEPositionwiseFF(d, h, 0.1, num_expert=16, top_k=2, gate_name='smoe_dropout', backend='torch').to(device)
+    with torch.no_grad():
+        for p in block.parameters():                   # the model's init; the block alone leaves its experts at 0
+            p.normal_(0, 0.02)
+    dense = PositionwiseFF(d, 2 * h, 0.1).to(device)     # k = 2 experts of width h: the FLOPs of width 2h
     x = torch.randn(n_tokens, d, device=device, requires_grad=True)
-    w1 = torch.randn(h, d, device=device, requires_grad=True)
-    w2 = torch.randn(d, h, device=device, requires_grad=True)
-    x_rows = torch.randn(2 * n_tokens, d, device=device, requires_grad=True)   # k = 2 rows per token
 
     def moe():
         with autocast(device, amp):
@@ -97,7 +98,7 @@ def bench_moe_block(cfg, device, amp, n_tokens, repeats):
 
     def floor():
         with autocast(device, amp):
-            y = F.linear(F.dropout(F.relu(F.linear(x_rows, w1)), 0.1), w2)
+            y = dense.CoreNet(x)
         y.float().sum().backward()
 
     t = time_interleaved({'moe': moe, 'floor': floor}, repeats, device)
@@ -285,6 +286,7 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true', help='tiny sizes and 2 repeats: seconds, for tests')
     parser.add_argument('--json', default='bench.json')
     args = parser.parse_args(argv)
+    keep_freed_memory()
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error(f'--device {args.device} given but torch sees no CUDA device; use --device cpu')
