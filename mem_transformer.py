@@ -50,17 +50,60 @@ class PositionwiseFF(nn.Module):
 def shifted_position_scores(q, r_k):
     """Position scores BD[h, b, i, j] = q[h, b, i] . r_k[h, :, T - 1 - i + j], i.e. of distance M + i - j.
 
-    q [H, B, T, D], r_k [H, D, K] (column t embeds distance K - 1 - t) -> [H, B, T, K], a strided view.
+    q [H, B, T, D], r_k [H, D, K] (column t embeds distance K - 1 - t) -> [H, B, T, K], a view.
     The reference _rel_shift pads one zero column, rereads the buffer as [K + 1, T] and drops its
-    first row; here the zero column comes from padding r_k before the matmul and the reread is an
-    as_strided view with row stride K, so no [T, K]-sized copy is made. Entries with j > i + M (the
-    future, always masked) read a neighbouring row and must be masked by the caller.
+    first row. Here the zero column comes from padding r_k before the matmul, and the reread is a view:
+    per (h, b), the [T, K + 1] product read flat from its T-th entry on, T rows of K, so no [T, K]-sized
+    copy is made (unshift_position_grad is its adjoint). Entries with j > i + M (the future, always
+    masked) read the next row and must be masked by the caller.
     """
     n_head, bsz, qlen, d_head = q.shape
     klen = r_k.size(-1)
     padded = q.reshape(n_head, bsz * qlen, d_head) @ F.pad(r_k, (1, 0))     # [H, B*T, K+1]
-    return torch.as_strided(padded, (n_head, bsz, qlen, klen),              # padded is fresh: offset 0
-                            (bsz * qlen * (klen + 1), qlen * (klen + 1), klen, 1), qlen)
+    return padded.view(n_head, bsz, qlen * (klen + 1))[..., qlen:].view(n_head, bsz, qlen, klen)
+
+
+def unshift_position_grad(grad):
+    """The gradient w.r.t. shifted_position_scores' padded product, from the gradient of its view.
+
+    grad [H, B, T, K] -> [H, B*T, K+1]: per (h, b), T zeros then grad read flat (the entries the view skips).
+    """
+    n_head, bsz, qlen, klen = grad.shape
+    flat = grad.new_empty(n_head, bsz, qlen * (klen + 1))   # torch.cat of the two takes twice the time on CPU
+    flat[..., :qlen] = 0
+    flat[..., qlen:] = grad.view(n_head, bsz, qlen * klen)
+    return flat.view(n_head, bsz * qlen, klen + 1)
+
+
+class RelativeAttentionProbs(torch.autograd.Function):
+    """softmax(AC + BD + mask) over the keys, with its backward written out: the CPU training path.
+
+    q_content, q_position [H, B, T, D] (biases and 1/sqrt(D) applied), k [H, B, K, D], r_k [H, D, K],
+    mask_bias [T, K] (0, or -inf where hidden) -> prob [H, B, T, K], in the inputs' dtype.
+    Autograd through the same forward spends two [H, B, T, K]-sized passes more in its backward: the
+    shifted view's (a zero-filled padded buffer, then a scatter) and the mask's (the softmax already
+    gives hidden entries zero gradient). Same numbers as autograd, bit for bit in fp32 (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, q_content, q_position, k, r_k, mask_bias):
+        score = q_content @ k.transpose(-1, -2)                              # AC: [H, B, T, K]
+        score += shifted_position_scores(q_position, r_k)                    # + BD
+        score += mask_bias
+        prob = torch.softmax(score, -1)
+        ctx.save_for_backward(q_content, q_position, k, r_k, prob)
+        return prob
+
+    @staticmethod
+    def backward(ctx, grad_prob):
+        q_content, q_position, k, r_k, prob = ctx.saved_tensors
+        n_head, bsz, qlen, d_head = q_position.shape
+        grad_score = torch.ops.aten._softmax_backward_data(grad_prob, prob, -1, prob.dtype)  # [H, B, T, K]
+        grad_padded = unshift_position_grad(grad_score)                      # [H, B*T, K+1]
+        grad_q_position = grad_padded @ F.pad(r_k, (1, 0)).transpose(1, 2)   # [H, B*T, D]
+        grad_r_k = q_position.reshape(n_head, bsz * qlen, d_head).transpose(1, 2) @ grad_padded  # [H, D, K+1]
+        return (grad_score @ k, grad_q_position.view_as(q_position), grad_score.transpose(-1, -2) @ q_content,
+                grad_r_k[..., 1:], None)
 
 
 class RelPartialLearnableMultiHeadAttn(nn.Module):
@@ -83,12 +126,12 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
 
         Always without gradient. With gradient only where the kernel is faster: on CUDA the
         memory-efficient kernel computes the bias gradient without materialising the scores; on CPU
-        SDPA falls back to its math path for a bias that needs a gradient, which gives the same
-        numbers about 10% slower than the explicit path (measured, torch 2.13), so the CPU trains
-        with the explicit path.
+        SDPA falls back to its math path for a bias that needs a gradient, slower than
+        RelativeAttentionProbs (measured, torch 2.13), which trains on the CPU, except under autocast:
+        it computes in its inputs' own dtype, so bf16 autocast (--amp) goes to SDPA.
         """
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or r_k.requires_grad)
-        if not needs_grad:
+        if not needs_grad or torch.is_autocast_enabled(q.device.type):
             return True
         if self.fused_in_training is None:
             return q.device.type == 'cuda'
@@ -109,17 +152,16 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
 
         # the 1/sqrt(D) scale goes on the queries, which are T x K times smaller than the scores
         q_content = (q + r_w_bias[:, None, None]) * self.scale               # [H, B, T, D]
-        position = shifted_position_scores((q + r_r_bias[:, None, None]) * self.scale, r_k)
+        q_position = (q + r_r_bias[:, None, None]) * self.scale              # [H, B, T, D]
         if self._fused(q, r_k):  # a fused kernel, BD entering as an additive mask
-            bias = position.masked_fill(attn_mask, float('-inf')).to(q.dtype)
+            bias = shifted_position_scores(q_position, r_k).masked_fill(attn_mask, float('-inf')).to(q.dtype)
             attn = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias, scale=1.0,
                                                   dropout_p=self.dropatt.p if self.training else 0.0)
         else:
-            score = q_content @ k.transpose(-1, -2)                          # AC: [H, B, T, K]
-            score += position                                                # + BD
-            score.masked_fill_(attn_mask, float('-inf'))
-            prob = self.dropatt(F.softmax(score.float(), -1).to(v.dtype))
-            attn = prob @ v                                                  # [H, B, T, D]
+            mask_bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                attn_mask, float('-inf'))                                    # [T, K]
+            prob = RelativeAttentionProbs.apply(q_content, q_position, k, r_k, mask_bias)
+            attn = self.dropatt(prob) @ v                                    # [H, B, T, D]
         attn = attn.permute(2, 1, 0, 3).reshape(qlen, bsz, -1)               # [T, B, H*D]
         out = self.drop(self.o_net(attn))
         return w + out if self.pre_lnorm else self.layer_norm(w + out)

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
+import run_utils
 import train
+from mem_transformer import RelativeAttentionProbs, shifted_position_scores
 from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, describe_engine, run_adapters
 from moe_engine import choose_engine, group_ends, grouped_mm, grouped_mm_problem
 from tests.conftest import HostSync, tiny_model
@@ -156,11 +158,101 @@ def test_fused_attention_in_training_gives_the_explicit_loss_and_gradients(same_
 def test_each_device_trains_with_its_faster_attention():
     attn = tiny_model().layers[0].dec_attn
     q = torch.randn(2, 1, 3, 8, requires_grad=True)
-    assert not attn._fused(q, q)                                        # CPU: the explicit path (measured faster)
+    assert not attn._fused(q, q)                                        # CPU: RelativeAttentionProbs (faster)
     with torch.no_grad():
         assert attn._fused(q, q)                                        # inference: always fused
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert attn._fused(q, q)                                        # bf16 autocast: SDPA
     attn.fused_in_training = True
     assert attn._fused(q, q)
+
+
+def attention_inputs(dtype, n_head=2, bsz=3, qlen=5, mlen=4, d_head=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    klen = qlen + mlen
+    shapes = [(n_head, bsz, qlen, d_head), (n_head, bsz, qlen, d_head), (n_head, bsz, klen, d_head),
+              (n_head, d_head, klen)]
+    return [torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_() for shape in shapes]
+
+
+def attention_masks(qlen=5, mlen=4):
+    future = torch.triu(torch.ones(qlen, qlen + mlen, dtype=torch.bool), 1 + mlen)
+    too_far = torch.tril(torch.ones(qlen, qlen + mlen, dtype=torch.bool), -2)   # as same_length hides old keys
+    return {'future': future, 'future and too far': future | too_far}
+
+
+def naive_attention_probs(q_content, q_position, k, r_k, mask):
+    """The definition entry by entry: softmax_j(q_c[i] . k[j] + q_p[i] . r_k[:, column of distance M + i - j])."""
+    qlen, klen = mask.shape
+    i, j = torch.arange(qlen)[:, None], torch.arange(klen)[None]
+    column = (klen - 1 - (klen - qlen + i - j)).clamp(0, klen - 1)      # [T, K]; the future is masked anyway
+    position = torch.einsum('hbtd,hdtk->hbtk', q_position, r_k[:, :, column])
+    score = torch.einsum('hbtd,hbkd->hbtk', q_content, k) + position
+    return score.masked_fill(mask, float('-inf')).softmax(-1)
+
+
+def probs_and_grads(probs_fn, inputs, weight):
+    prob = probs_fn(*inputs)
+    grads = torch.autograd.grad((prob * weight).sum(), inputs)
+    return prob, grads
+
+
+@pytest.mark.parametrize('mask_name', ['future', 'future and too far'])
+def test_relative_attention_probs_and_their_gradients_match_the_definition(mask_name):
+    mask = attention_masks()[mask_name]
+    inputs = attention_inputs(torch.float64)
+    mask_bias = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask, float('-inf'))
+    weight = torch.randn(2, 3, 5, 9, dtype=torch.float64)
+    prob, grads = probs_and_grads(lambda *x: RelativeAttentionProbs.apply(*x, mask_bias), inputs, weight)
+    prob_ref, grads_ref = probs_and_grads(lambda *x: naive_attention_probs(*x, mask), inputs, weight)
+    torch.testing.assert_close(prob, prob_ref, atol=1e-12, rtol=1e-12)
+    for name, grad, grad_ref in zip(['q_content', 'q_position', 'k', 'r_k'], grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=1e-12, msg=name)
+
+
+def test_relative_attention_probs_are_autograd_bit_for_bit_in_float32():
+    """The written-out backward keeps the numbers of autograd through the same fp32 ops (so runs did not move)."""
+    mask = attention_masks(qlen=16, mlen=16)['future']
+    inputs = attention_inputs(torch.float32, n_head=4, bsz=2, qlen=16, mlen=16, d_head=8)
+    mask_bias = torch.zeros(mask.shape).masked_fill(mask, float('-inf'))
+    weight = torch.randn(4, 2, 16, 32)
+
+    def autograd_probs(q_content, q_position, k, r_k):
+        score = q_content @ k.transpose(-1, -2)
+        score += shifted_position_scores(q_position, r_k)
+        return score.masked_fill(mask, float('-inf')).softmax(-1)
+    prob, grads = probs_and_grads(lambda *x: RelativeAttentionProbs.apply(*x, mask_bias), inputs, weight)
+    prob_ref, grads_ref = probs_and_grads(autograd_probs, inputs, weight)
+    assert torch.equal(prob, prob_ref)
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert torch.equal(grad, grad_ref)
+
+
+FAULTS_OF_LARGE_TENSORS = """
+import resource, sys, torch
+import run_utils
+if sys.argv[1] == 'keep':
+    assert run_utils.keep_freed_memory()
+def page_faults(steps):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        torch.ones(1 << 24).sum()                        # 64 MiB, touched, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+page_faults(20)
+print(page_faults(5))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or os.confstr('CS_GNU_LIBC_VERSION') is None,
+                    reason='keep_freed_memory sets glibc malloc')
+def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_them_in_again():
+    def faults(mode):
+        out = subprocess.run([sys.executable, '-c', FAULTS_OF_LARGE_TENSORS, mode], cwd=REPO, check=True,
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+        return int(out.stdout)
+    pages = 5 * (64 << 20) // os.sysconf('SC_PAGE_SIZE')
+    assert faults('default') >= 0.9 * pages                             # glibc: a fresh mmap each time
+    assert faults('keep') < 0.01 * pages
 
 
 def test_fused_attention_with_dropatt_drops_attention_in_training_only(tokens):
