@@ -153,13 +153,14 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         # the 1/sqrt(D) scale goes on the queries, which are T x K times smaller than the scores
         q_content = (q + r_w_bias[:, None, None]) * self.scale               # [H, B, T, D]
         q_position = (q + r_r_bias[:, None, None]) * self.scale              # [H, B, T, D]
+        # the mask as an additive bias: one add over [H, B, T, K] instead of a masked_fill and a copy
+        mask_bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            attn_mask, float('-inf'))                                        # [T, K]
         if self._fused(q, r_k):  # a fused kernel, BD entering as an additive mask
-            bias = shifted_position_scores(q_position, r_k).masked_fill(attn_mask, float('-inf')).to(q.dtype)
+            bias = (shifted_position_scores(q_position, r_k) + mask_bias).to(q.dtype)
             attn = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias, scale=1.0,
                                                   dropout_p=self.dropatt.p if self.training else 0.0)
         else:
-            mask_bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                attn_mask, float('-inf'))                                    # [T, K]
             prob = RelativeAttentionProbs.apply(q_content, q_position, k, r_k, mask_bias)
             attn = self.dropatt(prob) @ v                                    # [H, B, T, D]
         attn = attn.permute(2, 1, 0, 3).reshape(qlen, bsz, -1)               # [T, B, H*D]
