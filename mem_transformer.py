@@ -145,9 +145,10 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             cat = self.layer_norm(cat)
         klen = cat.size(0)
         q, k, v = self.qkv_net(cat).chunk(3, -1)                             # 3 x [K, B, H*D]
-        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head).permute(2, 1, 0, 3)  # [H, B, T, D]
-        k = k.view(klen, bsz, self.n_head, self.d_head).permute(2, 1, 0, 3)  # [H, B, K, D]
-        v = v.view(klen, bsz, self.n_head, self.d_head).permute(2, 1, 0, 3)  # [H, B, K, D]
+        # q, k and v laid out head-major once: each matmul with the permuted views would copy them again
+        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head).permute(2, 1, 0, 3).contiguous()  # [H, B, T, D]
+        k = k.view(klen, bsz, self.n_head, self.d_head).permute(2, 1, 0, 3).contiguous()  # [H, B, K, D]
+        v = v.view(klen, bsz, self.n_head, self.d_head).permute(2, 1, 0, 3).contiguous()  # [H, B, K, D]
         r_k = self.r_net(r).view(klen, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, K]
 
         # the 1/sqrt(D) scale goes on the queries, which are T x K times smaller than the scores
