@@ -33,10 +33,10 @@ def keep_freed_memory():
 
     PyTorch's CPU tensors come from malloc. glibc serves a large block (over 32 MiB at most; one layer's
     attention scores in a training step of the paper's small model are 64 MiB) with a fresh mmap and
-    unmaps it on free, so every step page-faults and zero-fills each large activation again: about 40% of
-    that CPU training step (bench.py). With mmap and trimming off, freed blocks stay in the heap and the
-    next step reuses them; the process keeps its peak memory, as CUDA's caching allocator does. A no-op
-    where the C library has no mallopt (macOS, Windows); musl's accepts and ignores it.
+    unmaps it on free, so every step page-faults and zero-fills each large activation again: about a
+    quarter of that CPU training step (measured). With mmap and trimming off, freed blocks stay in the
+    heap and the next step reuses them; the process keeps its peak memory, as CUDA's caching allocator
+    does. False, changing nothing, where the C library has no working mallopt (macOS, Windows, musl).
     """
     mallopt = getattr(ctypes.CDLL(None), 'mallopt', None) if sys.platform.startswith('linux') else None
     if mallopt is None:
