@@ -23,12 +23,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import evaluation
-from bench import SMALL, analytic_eval_flops
 from data_utils import DataError, get_lm_corpus
 from figures import (entropy_of, plot_entropy, plot_framework, plot_load, plot_load_profiles, plot_metric_vs_k,
                      plot_router_outputs, plot_spectra)
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
+from model_flops import SMALL, analytic_eval_flops
 from moe import ROUTERS, moe_blocks, record_router_stats, set_capacity, uses_thor
 from run_utils import RunError
 from seeds import group_runs, mean_std, read_config
@@ -502,7 +502,7 @@ def format_load_profile(label, layers, dropped_by_layer):
 
 
 def paper_models():
-    """The paper's small enwik8 model (bench.SMALL) under every router (moe.ROUTERS, the paper's three first),
+    """The paper's small enwik8 model (model_flops.SMALL) under every router (moe.ROUTERS, the paper's three first),
     HyperMoE on its published noisy top-k router, and the dense twin: the rows of Tables A3 and A4."""
     configs = [dict(SMALL, gate_name=g) for g in ROUTERS]
     configs.append(dict(SMALL, gate_name='noisy_topk', moe_variant='hypermoe'))
@@ -518,7 +518,7 @@ def run_models(run_dirs):
 
 def flops_command(args):
     """Table A3 of the runs (at their evaluation lengths) or of the paper's model (128 tokens, memory 896),
-    the latter next to bench.py's analytic count."""
+    the latter next to its analytic count (model_flops)."""
     if args.flops:
         models = [(label, config['model_config'], model, evaluation.eval_lengths(config['args']))
                   for label, config, model in run_models(args.flops)]

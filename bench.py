@@ -27,12 +27,10 @@ import torch
 
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM, PositionwiseFF
+from model_flops import FLOPS_FORMULA, SMALL, analytic_eval_flops, analytic_forward_flops
 from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF
 from run_utils import keep_freed_memory
 
-SMALL = dict(n_token=204, n_layer=4, n_head=8, d_model=256, d_head=64, d_inner=512, dropout=0.1,
-             dropatt=0.0, tgt_len=512, mem_len=512, moe=True, moe_num_expert=16, moe_top_k=2,
-             moe_index='0,1,2,3', hyper_size=256)
 # measured / target: 'max' ratios are times (lower is better), 'min' ratios speeds or utilisation
 TARGETS = {'moe_block_vs_floor': ('max', 1.0), 'train_hr_k2_vs_dense': ('min', 0.97), 'train_mfu': ('min', 0.55),
            'eval_k1_vs_k16': ('max', None),   # 1.1 x its FLOPs ratio, set in main
@@ -46,13 +44,6 @@ SIZES = {   # the figures' sizes, and --quick's
                   train_mem_len=16, pair_bsz=2, pair_tgt_len=16, hyper_expert_tokens=128, peak_n=256,
                   model=dict(n_layer=2, moe_index='0,1', n_head=2, d_head=16, d_model=32, d_inner=32, hyper_size=16)),
 }
-FLOPS_FORMULA = """model FLOPs of a training step = 3 x forward (backward = 2 x forward), 2 FLOPs per multiply-add;
-forward = n_layer x (attention + FFN) + softmax, B batch, T segment, M memory, K = M + T, HD = n_head x d_head:
-  attention = 2 K B d 3HD (qkv over memory + segment) + 2 K d HD (r_net) + 3 x 2 B T K HD (AC, BD, prob @ v)
-              + 2 B T HD d (o_net)
-  FFN       = 2 B T (d E + k x 2 d h) (router + k experts), + 2 (d s + s E (d + 1)) (HyperRouter's hypernetwork);
-              dense: 2 B T x 2 d d_inner
-  softmax   = 2 B T d V"""
 
 
 def sync(device):
@@ -103,29 +94,6 @@ def bench_moe_block(cfg, device, amp, n_tokens, repeats):
 
     t = time_interleaved({'moe': moe, 'floor': floor}, repeats, device)
     return {'moe_block_s': t['moe'], 'floor_s': t['floor'], 'moe_block_vs_floor': t['moe'] / t['floor']}
-
-
-def analytic_eval_flops(cfg, k, bsz=10, qlen=128, mlen=896):
-    """FLOPs of one evaluation forward (HyperRouter's router cached: no hypernetwork), default the reference protocol."""
-    return analytic_forward_flops(dict(cfg, gate_name=None), k, bsz, qlen, mlen)
-
-
-def analytic_forward_flops(cfg, k, bsz, qlen, mlen):
-    """FLOPs (2 per multiply-add) of one forward (FLOPS_FORMULA); attention recomputes K/V over memory."""
-    d, hd, klen = cfg['d_model'], cfg['n_head'] * cfg['d_head'], qlen + mlen
-    attn = (2 * klen * bsz * d * 3 * hd            # qkv_net over memory + segment
-            + 2 * klen * d * hd                    # r_net
-            + 3 * 2 * bsz * qlen * klen * hd       # content and position scores, prob @ v
-            + 2 * bsz * qlen * hd * d)             # o_net
-    if cfg['moe']:
-        num_expert, hyper = cfg['moe_num_expert'], cfg.get('hyper_size', 0)
-        ffn = 2 * bsz * qlen * (d * num_expert + k * 2 * d * cfg['d_inner'])
-        if cfg.get('gate_name') == 'hyper_router':
-            ffn += 2 * (d * hyper + hyper * num_expert * (d + 1))
-    else:
-        ffn = 2 * bsz * qlen * 2 * d * cfg['d_inner']
-    softmax = 2 * bsz * qlen * d * cfg['n_token']
-    return cfg['n_layer'] * (attn + ffn) + softmax
 
 
 def eval_setup(cfg, gate_name, device, sizes):

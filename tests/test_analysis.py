@@ -10,8 +10,8 @@ import torch
 import analysis
 import eval as eval_script
 import train
-from bench import SMALL, analytic_eval_flops
 from mem_transformer import MemTransformerLM
+from model_flops import SMALL, analytic_eval_flops
 from moe import MoEPositionwiseFF, RouterStats
 from tests.conftest import TINY, tiny_model
 

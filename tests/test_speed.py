@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-import run_utils
 import train
 from mem_transformer import RelativeAttentionProbs, shifted_position_scores
+from model_flops import analytic_forward_flops
 from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, describe_engine, run_adapters
 from moe_engine import choose_engine, group_ends, grouped_mm, grouped_mm_problem
 from tests.conftest import HostSync, tiny_model
@@ -345,15 +345,14 @@ def test_bench_quick_writes_every_ratio_finite_and_positive(tmp_path, capsys):
     assert all(name in report for name in bench.TARGETS)
 
 
-def test_bench_flops_of_a_training_step_by_hand():
-    import bench
+def test_analytic_flops_of_a_forward_by_hand():
     cfg = dict(n_layer=1, n_head=1, d_head=2, d_model=2, d_inner=3, n_token=5, moe=True, moe_num_expert=4,
                gate_name='smoe')
     # B = 1, T = 2, M = 1, K = 3: qkv 2*3*1*2*3*2 = 72, r_net 2*3*2*2 = 24, scores 3*2*1*2*3*2 = 72, o_net 2*1*2*2*2 = 16;
     # FFN at k = 2: 2*1*2*(2*4 + 2*2*2*3) = 128; softmax 2*1*2*2*5 = 40
-    assert bench.analytic_forward_flops(cfg, 2, bsz=1, qlen=2, mlen=1) == 72 + 24 + 72 + 16 + 128 + 40
+    assert analytic_forward_flops(cfg, 2, bsz=1, qlen=2, mlen=1) == 72 + 24 + 72 + 16 + 128 + 40
     dense = dict(cfg, moe=False, d_inner=6)                           # 2*1*2*2*2*6 = 96
-    assert bench.analytic_forward_flops(dense, 2, bsz=1, qlen=2, mlen=1) == 72 + 24 + 72 + 16 + 96 + 40
+    assert analytic_forward_flops(dense, 2, bsz=1, qlen=2, mlen=1) == 72 + 24 + 72 + 16 + 96 + 40
 
 
 # ---------------------------------------------------------------- script/gpu_check.sh
