@@ -38,6 +38,7 @@ from hyper_router import param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
 from run_utils import (RunError, RunLog, StopRequest, git_commit, keep_freed_memory, make_progress, make_run_dir,
                        rng_state, save_atomic, set_rng_state)
+from train_args import add
 
 FORMAT = 'hyperrouter-finetune-1'
 PRETRAIN_FORMAT = 'hyperrouter-checkpoint'     # the prefix of train.py's formats
@@ -58,7 +59,6 @@ class FinetuneError(Exception):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = train.add
     add(p, '--pretrained', help='pretraining run directory of train.py, or one of its checkpoint files')
     add(p, '--method', choices=list(METHODS), help='the method the checkpoint must have been pretrained with')
     add(p, '--task', help=f'task name: {", ".join(TASKS)} or any name for your own data')

@@ -83,7 +83,7 @@ MUTATIONS = [
              'k = steps[min(round(len(steps) * frac), len(steps) - 1)]', 'tests/test_schedules.py'),
     Mutation('train_routes_with_next_k', 'train.py', 'set_top_k(self.model, current_top_k(self.step, self.args))',
              'set_top_k(self.model, current_top_k(self.step + 1, self.args))', 'tests/test_schedules.py'),
-    Mutation('k_schedule_over_half_the_run', 'train.py', 'args.dynamic_overall_steps = args.max_step',
+    Mutation('k_schedule_over_half_the_run', 'train_args.py', 'args.dynamic_overall_steps = args.max_step',
              'args.dynamic_overall_steps = args.max_step // 2', 'tests/test_schedules.py'),
     # learning rate (train.py)
     Mutation('lr_warmup_from_zero', 'train.py', 'return args.lr * (step + 1) / args.warmup_step',
@@ -136,7 +136,7 @@ MUTATIONS = [
              '    \\', SCRIPT_SETTINGS),
     Mutation('script_seed', 'script/table1/hyper_router_hypermoe_enwik8.sh', '--seed 1111', '--seed 1',
              SCRIPT_SETTINGS),
-    Mutation('train_default_clip_1', 'train.py', "'--clip', type=float, default=0.25", "'--clip', type=float, default=1.0",
+    Mutation('train_default_clip_1', 'train_args.py', "'--clip', type=float, default=0.25", "'--clip', type=float, default=1.0",
              SCRIPT_SETTINGS),
     # analyses: FLOPs, Table A4, entropy, spectra
     Mutation('flops_memory_512', 'analysis.py', 'qlen=128, mlen=896):', 'qlen=128, mlen=512):', PAPER_ANALYSES),

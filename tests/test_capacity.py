@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import eval as eval_script
 import train
+import train_args
 from moe import (Experts, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, RouterStats, drop_over_capacity,
                  expert_capacity, set_capacity, torch_moe, unique_sets)
 from tests.conftest import TINY_MOE_ARGS, tiny_model
@@ -246,9 +247,9 @@ def test_bad_capacity_flags_are_clear_errors(extra, message, capsys):
 
 
 def test_capacity_defaults_come_from_the_gate_class_and_none_turns_them_off(monkeypatch):
-    class CappedGate(train.GATES['smoe']):
+    class CappedGate(train_args.GATES['smoe']):
         default_capacity_factor = (1.25, 2.0)
-    monkeypatch.setitem(train.GATES, 'capped', CappedGate)
+    monkeypatch.setitem(train_args.GATES, 'capped', CappedGate)
     args = train.parse_args(['--moe', '--gate_name', 'capped'])
     assert (args.capacity_factor, args.eval_capacity_factor) == (1.25, 2.0)
     args = train.parse_args(['--moe', '--gate_name', 'capped', '--capacity_factor', 'none', '--eval_capacity_factor',

@@ -1,0 +1,334 @@
+"""The command line of train.py: its flags in the original scripts' spellings, their cross-field checks,
+and the resolution of router options (auxiliary-loss weights and capacity factors, flag else the router's
+default) into the arguments and the model configuration a run uses.
+
+train.py reads as training (load the corpus, build the model, train, test); what a flag means and which
+combinations are refused lives here. The flags, their spellings and their defaults are guarded by the
+script-settings test (tests/test_scripts.py).
+"""
+import argparse
+import os
+
+import torch
+
+import evaluation
+from custom_gate import THOR_INFERENCE
+from hyper_router import TOP_K_SCHEDULES
+from moe import AUX_LOSSES, BACKENDS, GATES, MOE_VARIANTS, routers_giving
+from moe_engine import ENGINES, grouped_mm_problem
+
+DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')
+DEFAULT_DATA = {'synthetic': 'data/synthetic', 'enwik8': 'data/enwik8', 'text8': 'data/text8',
+                'wt103': 'data/wikitext-103', 'wt2': 'data/wikitext-2'}
+ADAPTIVE_CUTOFFS = {'wt103': [20000, 40000, 200000], 'wt2': [5000, 10000, 20000]}
+# Training state that changes the arithmetic of a resumed run; the rest may change on restart.
+ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inner', 'div_val', 'pre_lnorm',
+                     'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'hyper_size', 'adaptive', 'not_tied',
+                     'moe_variant', 'hypermoe_emb_dim', 'hypermoe_hidden', 'hypermoe_layer_emb_dim',
+                     'hypermoe_adapter_dim', 'hash_seed', 'xmoe_dim', 'xmoe_temperature', 'dts_max_temp',
+                     'dts_min_temp', 'dts_anneal_steps', 'dts_threshold')
+# How the data is cut into training windows: a resume with others would read other data than the checkpoint's.
+DATA_LAYOUT_ARGS = ('dataset', 'batch_size', 'tgt_len', 'ext_len', 'batch_chunk')
+POSITIVE_ARGS = ('max_step', 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'batch_size', 'batch_chunk',
+                 'n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'moe_num_expert', 'hyper_size')
+
+
+def add(parser, *names, **kwargs):
+    """Add a flag under its original spelling plus the underscore/dash twin."""
+    spellings = list(names)
+    for name in names:
+        for twin in ('--' + name[2:].replace('-', '_'), '--' + name[2:].replace('_', '-')):
+            if twin not in spellings:
+                spellings.append(twin)
+    kwargs.setdefault('dest', names[0][2:].replace('-', '_'))
+    parser.add_argument(*spellings, **kwargs)
+
+
+def add_routing_args(p):
+    """Auxiliary losses and expert capacity: options of the MoE engine, with any router."""
+    aux = p.add_argument_group('auxiliary losses (any router; each summed over MoE layers, default: the router\'s '
+                               'own default_aux_losses, else 0)')
+    add(aux, '--balance_loss', '--load_balance', type=float, default=None,
+        help='weight of the Switch Transformer load-balancing loss E * sum_e f_e P_e (Fedus et al. 2022)')
+    add(aux, '--importance_loss', type=float, default=None,
+        help='weight of the importance loss cv^2(sum of gate values per expert) (Shazeer et al. 2017)')
+    add(aux, '--load_loss', type=float, default=None,
+        help='weight of the smooth load loss cv^2(load) of Shazeer et al. 2017 (only routers with noise give it)')
+    add(aux, '--z_loss', type=float, default=None,
+        help='weight of the router z-loss mean(logsumexp(logits)^2) (Zoph et al. 2022)')
+    cap = p.add_argument_group('expert capacity (any router; default: the router\'s default_capacity_factor, '
+                               'else dropless)')
+    add(cap, '--capacity_factor', type=evaluation.parse_capacity_factor, default=None,
+        help='F in training: each expert takes at most ceil(F * T * k / E) of a batch\'s T tokens, first choices '
+             'first, then in token order; the others skip it (a token dropped by all its experts passes through '
+             'the residual); none: dropless')
+    add(cap, '--eval_capacity_factor', type=evaluation.parse_capacity_factor, default=None,
+        help='F in evaluation (validation, the final test, and eval.py unless told otherwise); none: dropless')
+
+
+def add_method_args(p):
+    """Flags of the routing methods beyond the paper's: THOR, HyperMoE, auxiliary losses and capacity."""
+    add_routing_args(p)
+    thor = p.add_argument_group('THOR (--gate_name thor): random routing, two passes, consistency loss')
+    add(thor, '--thor_alpha', type=float, default=5.0,
+        help='weight alpha of the consistency term: loss = (CE1 + CE2 + alpha * CR(p1, p2)) / 2, CR the symmetric '
+             'KL (KL(p1||p2) + KL(p2||p1)) / 2 between the two passes; 5.0 as THOR\'s released run.sh '
+             '(--consistency-alpha 5.0; its config default is 1.0)')
+    add(thor, '--thor_inference', default='random', choices=THOR_INFERENCE,
+        help='random: k random experts per token at inference too (THOR\'s token-level inference); average: every '
+             'expert with weight 1/E, whatever k (the expectation of the random choice; costs k = E)')
+    switch = p.add_argument_group('Switch Transformer (--gate_name switch)')
+    add(switch, '--switch_jitter', type=float, default=0.01,
+        help='in training the router reads x * U(1 - eps, 1 + eps), eps this value (the paper\'s 1e-2; 0: off)')
+    hmoe = p.add_argument_group('HyperMoE (--moe_variant hypermoe): HyperExpert generated from the unselected experts')
+    add(hmoe, '--moe_variant', default='plain', choices=MOE_VARIANTS,
+        help='hypermoe: add to every MoE block the HyperExpert of HyperMoE (Zhao et al. 2024); works with any router')
+    add(hmoe, '--hypermoe_emb_dim', type=int, default=128, help='expert embedding and its MLP width')
+    add(hmoe, '--hypermoe_hidden', type=int, default=128, help='hidden size of the shared hypernetwork')
+    add(hmoe, '--hypermoe_layer_emb_dim', type=int, default=10, help='layer embedding size')
+    add(hmoe, '--hypermoe_adapter_dim', type=int, default=64, help='bottleneck of the HyperExpert adapter')
+    add_hash_xmoe_dts_args(p)
+
+
+def add_hash_xmoe_dts_args(p):
+    """Flags of Hash layers, X-MoE and DTS-Gate (each read only by its own router)."""
+    hash_group = p.add_argument_group('Hash layers (--gate_name hash): each token id to a fixed expert')
+    add(hash_group, '--hash_seed', type=int, default=0,
+        help='seed of the balanced random hash of the vocabulary (drawn once at model construction and saved in '
+             'the checkpoint, so evaluation and resume use the saved table)')
+    xmoe = p.add_argument_group('X-MoE (--gate_name xmoe): cosine routing in a low-dimensional space')
+    add(xmoe, '--xmoe_dim', type=int, default=16, help='dimension of the routing space (the paper\'s 16)')
+    add(xmoe, '--xmoe_temperature', type=float, default=0.07, help='initial value of the learnable temperature')
+    dts = p.add_argument_group('DTS-Gate (--gate_name dts): Gumbel softmax annealed from dense to top-k routing')
+    add(dts, '--dts_max_temp', type=float, default=2.0, help='Gumbel temperature at step 0')
+    add(dts, '--dts_min_temp', type=float, default=0.3, help='Gumbel temperature at the end of the annealing')
+    add(dts, '--dts_anneal_steps', type=int, default=-1,
+        help='steps of the dense-to-sparse phase (exponential decay of the temperature, experts kept by '
+             '--dts_threshold); top-k routing after it (default: half of max_step)')
+    add(dts, '--dts_threshold', type=float, default=0.001,
+        help='in the dense-to-sparse phase a token goes to every expert whose Gumbel weight exceeds this')
+
+
+def build_parser(description=None):
+    """train.py's parser; `description` is what --help prints above the flags (train.py's docstring)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add(p, '--data', default=None, help='data folder (default: data/<dataset>)')
+    add(p, '--dataset', default='synthetic', choices=DATASETS, help='corpus; synthetic is built in')
+    model = p.add_argument_group('model (defaults: the paper\'s small enwik8 model)')
+    add(model, '--n_layer', type=int, default=4, help='number of layers')
+    add(model, '--n_head', type=int, default=8, help='number of attention heads')
+    add(model, '--d_head', type=int, default=64, help='head dimension')
+    add(model, '--d_embed', type=int, default=-1, help='embedding dimension (default: d_model)')
+    add(model, '--d_model', type=int, default=256, help='model dimension')
+    add(model, '--d_inner', type=int, default=512, help='inner dimension of the FFN (of each expert with --moe)')
+    add(model, '--dropout', type=float, default=0.1, help='global dropout rate')
+    add(model, '--dropatt', type=float, default=0.0, help='attention probability dropout rate')
+    add(model, '--init', default='normal', choices=['normal', 'uniform'], help='weight initialiser')
+    add(model, '--init_range', type=float, default=0.1, help='U(-init_range, init_range) for --init uniform')
+    add(model, '--init_std', type=float, default=0.02, help='N(0, init_std) for --init normal')
+    add(model, '--proj_init_std', type=float, default=0.01, help='N(0, proj_init_std) for softmax projections')
+    add(model, '--not_tied', action='store_true', help='do not tie the word embedding and softmax weights')
+    add(model, '--adaptive', action='store_true', help='adaptive input and softmax (word-level data)')
+    add(model, '--div_val', type=int, default=1, help='divisor of the adaptive embedding width per cluster')
+    add(model, '--pre_lnorm', action='store_true', help='LayerNorm before each block instead of after')
+    add(model, '--same_length', action='store_true', help='every query attends to the same number of keys')
+    add(model, '--attn_type', type=int, default=0, choices=[0], help='0: relative partial-learnable (the only one)')
+    add(model, '--clamp_len', type=int, default=-1, help='use the same position embedding beyond clamp_len')
+    moe = p.add_argument_group('mixture of experts')
+    add(moe, '--moe', action='store_true', help='replace the FFN of the moe_index layers by an MoE block')
+    add(moe, '--moe-num-expert', type=int, default=16, help='number of experts E')
+    add(moe, '--moe-top-k', type=int, default=2, help='experts per token (and the k of validation)')
+    add(moe, '--gate_name', default='NaiveGate', choices=list(GATES), help='router')
+    add(moe, '--hyper_size', type=int, default=256, help='hidden size of the HyperRouter hypernetwork')
+    add(moe, '--moe_index', default=None, help='comma-separated MoE layers (default: all)')
+    add(moe, '--freeze_gate', action='store_true', help='freeze the linear router at init (SMoE-Dropout)')
+    add(moe, '--dynamic_moe', action='store_true', help='change k during training by --dynamic_moe_mode')
+    add(moe, '--dynamic_moe_mode', default='linear_increase', choices=TOP_K_SCHEDULES)
+    add(moe, '--dynamic_overall_steps', type=int, default=-1, help='steps of the k schedule (default: max_step)')
+    add(moe, '--moe-top-k-min', type=int, default=2, help='k at the start of linear_increase')
+    add(moe, '--moe-top-k-max', type=int, default=16, help='k at the end of linear_increase')
+    add(moe, '--moe_backend', default='auto', choices=BACKENDS, help='auto: fastmoe on CUDA when installed')
+    add(moe, '--moe_engine', default='auto', choices=ENGINES,
+        help='how the torch backend runs the experts: grouped (torch grouped_mm, no host sync; CPU fp32/bf16, CUDA '
+             'bf16 on compute capability >= 8.0), loop (a Python loop over experts), auto (grouped where it runs)')
+    add_method_args(p)
+    opt = p.add_argument_group('optimisation')
+    add(opt, '--optim', default='adam', choices=['adam', 'sgd', 'adagrad'])
+    add(opt, '--lr', type=float, default=0.00025, help='initial learning rate')
+    add(opt, '--mom', type=float, default=0.0, help='SGD momentum')
+    add(opt, '--scheduler', default='cosine', choices=['cosine', 'inv_sqrt', 'constant'])
+    add(opt, '--warmup_step', type=int, default=0, help='linear warm-up steps')
+    add(opt, '--eta_min', type=float, default=0.0, help='final learning rate of the cosine schedule')
+    add(opt, '--clip', type=float, default=0.25, help='gradient-norm clipping')
+    add(opt, '--max_step', type=int, default=400000, help='training steps')
+    add(opt, '--stop_step', type=int, default=-1, help='stop after this step with a resumable checkpoint '
+                                                       '(split a long run into jobs; the schedule still uses max_step)')
+    add(opt, '--batch_size', type=int, default=22, help='global batch size')
+    add(opt, '--batch_chunk', type=int, default=1, help='split each batch into chunks (gradient accumulation)')
+    add(opt, '--tgt_len', type=int, default=512, help='tokens predicted per training segment')
+    add(opt, '--eval_tgt_len', type=int, default=128, help='tokens predicted per evaluation segment')
+    add(opt, '--ext_len', type=int, default=0, help='length of the extended context')
+    add(opt, '--mem_len', type=int, default=512, help='length of the memory')
+    add(opt, '--seed', type=int, default=1111, help='random seed')
+    run = p.add_argument_group('running')
+    add(run, '--cuda', action='store_true', help='train on the GPU')
+    add(run, '--multi_gpu', action='store_true', help='all visible GPUs (DataParallel; prefer torchrun)')
+    add(run, '--amp', action='store_true', help='bf16 autocast on the GPU (the routers stay in fp32)')
+    add(run, '--no_tf32', action='store_true', help='with --cuda, keep fp32 matmuls in full fp32 (default: TF32, '
+                                                    'as PyTorch did by default on A100 in the original code\'s era)')
+    add(run, '--compile', action='store_true', help='torch.compile the model for training (once per k and for the '
+                                                    'first, memory-less segment; --moe_engine auto takes grouped)')
+    add(run, '--log-interval', type=int, default=200, help='steps between log lines')
+    add(run, '--eval-interval', type=int, default=4000, help='steps between validations and checkpoints')
+    add(run, '--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
+    add(run, '--eval_ks', default='1,2,4,8,16', help='k of the final test (those <= E)')
+    add(run, '--work_dir', default='LM-TFM', help='runs go to <work_dir>-<dataset>/<time stamp>')
+    add(run, '--restart', action='store_true', help='resume the run in --restart_dir')
+    add(run, '--restart_dir', default='', help='run directory to resume')
+    return p
+
+
+def check_args(args, parser):
+    """Cross-field checks, with errors that say what to change."""
+    for name in POSITIVE_ARGS:
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1; got {getattr(args, name)}')
+    for name in ('mem_len', 'ext_len'):
+        if getattr(args, name) < 0:
+            parser.error(f'--{name} must be at least 0; got {getattr(args, name)}')
+    check_eval_ks(args, parser)
+    if args.moe and not 1 <= args.moe_top_k <= args.moe_num_expert:
+        parser.error(f'--moe-top-k {args.moe_top_k} must be between 1 and --moe-num-expert {args.moe_num_expert}')
+    if args.dynamic_moe and not 1 <= args.moe_top_k_min <= args.moe_top_k_max <= args.moe_num_expert:
+        parser.error(f'need 1 <= --moe-top-k-min ({args.moe_top_k_min}) <= --moe-top-k-max ({args.moe_top_k_max}) '
+                     f'<= --moe-num-expert ({args.moe_num_expert})')
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    if args.batch_size % (args.batch_chunk * world_size):
+        parser.error(f'--batch_size {args.batch_size} must be divisible by --batch_chunk {args.batch_chunk} '
+                     f'times the number of processes {world_size}')
+    if args.adaptive and args.dataset not in ADAPTIVE_CUTOFFS:
+        parser.error(f'--adaptive is for word-level data ({", ".join(ADAPTIVE_CUTOFFS)}), not {args.dataset}')
+    if args.same_length and args.mem_len <= 0:
+        parser.error('--same_length gives every query the same number of keys from the memory, so it needs '
+                     '--mem_len > 0 (without a memory the first query would see no key at all)')
+    if args.cuda and not torch.cuda.is_available():
+        parser.error('--cuda given but no CUDA device is available; drop --cuda to train on the CPU')
+    if args.amp and not args.cuda:
+        parser.error('--amp (bf16 autocast) needs --cuda')
+    if args.moe and args.moe_engine == 'grouped' and args.moe_backend != 'fastmoe':
+        problem = grouped_mm_problem(torch.device('cuda' if args.cuda else 'cpu'),
+                                     torch.bfloat16 if args.amp else torch.float32, (args.d_model, args.d_inner))
+        if problem:
+            parser.error(f'--moe_engine grouped cannot run: {problem}; use --moe_engine auto or loop')
+    if not 0 <= args.switch_jitter < 1:
+        parser.error(f'--switch_jitter must be in [0, 1) (the router input is scaled by U(1 - eps, 1 + eps)); '
+                     f'got {args.switch_jitter}')
+    if args.thor_alpha < 0:
+        parser.error(f'--thor_alpha must be non-negative; got {args.thor_alpha}')
+    check_routing_args(args, parser)
+    if not args.moe and args.moe_variant != 'plain':
+        parser.error('--moe_variant hypermoe needs --moe')
+    recording = any(aux_weights(args).values()) or args.capacity_factor is not None
+    if args.multi_gpu and (args.moe_variant == 'hypermoe' or recording):
+        parser.error('--moe_variant hypermoe, the auxiliary losses and --capacity_factor do not support --multi_gpu '
+                     '(DataParallel); use torchrun')
+    check_hash_xmoe_dts_args(args, parser)
+    if args.restart and not os.path.isfile(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT)):
+        parser.error(f'--restart needs --restart_dir RUN holding {evaluation.LAST_CHECKPOINT}; '
+                     f'none in {args.restart_dir!r}')
+    if args.data is None:
+        args.data = DEFAULT_DATA[args.dataset]
+    if args.dynamic_overall_steps <= 0:
+        args.dynamic_overall_steps = args.max_step
+
+
+def check_routing_args(args, parser):
+    """Resolve the auxiliary-loss weights and capacity factors (flag, else the router's default) and check them."""
+    gate_cls = GATES[args.gate_name]
+    for name in AUX_LOSSES:
+        flag = f'{name}_loss'
+        weight = getattr(args, flag)
+        if weight is not None and weight < 0:
+            parser.error(f'--{flag} must be non-negative; got {weight}')
+        if weight is not None and weight > 0 and not args.moe:
+            parser.error(f'--{flag} needs --moe (an auxiliary loss of the routers)')
+        if weight is None:
+            weight = gate_cls.default_aux_losses.get(name, 0.0) if args.moe else 0.0
+        if weight > 0 and args.gate_name not in routers_giving(name):
+            parser.error(f'--{flag}: the router {args.gate_name} cannot give the {name} loss; routers that can: '
+                         f'{", ".join(routers_giving(name)) or "none yet"}')
+        setattr(args, flag, float(weight))
+    for flag, default in zip(('capacity_factor', 'eval_capacity_factor'), gate_cls.default_capacity_factor):
+        value = getattr(args, flag)
+        if value is not None and not args.moe:
+            parser.error(f'--{flag} needs --moe (a capacity of the experts)')
+        if value is None:
+            value = default if args.moe else None
+        setattr(args, flag, None if value == 'none' else value)
+
+
+def aux_weights(args):
+    """{loss name: weight} of the auxiliary losses, as resolved by check_routing_args."""
+    return {name: getattr(args, f'{name}_loss') for name in AUX_LOSSES}
+
+
+def check_eval_ks(args, parser):
+    """--eval_ks is read now, not after the last step: integers, and with --moe at least one k <= E."""
+    try:
+        ks = evaluation.parse_ks(args.eval_ks)
+    except argparse.ArgumentTypeError as err:
+        parser.error(f'--eval_ks {err}')
+    if args.moe and min(ks) > args.moe_num_expert:
+        parser.error(f'--eval_ks {args.eval_ks}: no k is at most --moe-num-expert {args.moe_num_expert}, so '
+                     f'nothing would be tested; give k from 1 to {args.moe_num_expert}')
+
+
+def check_hash_xmoe_dts_args(args, parser):
+    if args.xmoe_dim < 1:
+        parser.error(f'--xmoe_dim must be at least 1; got {args.xmoe_dim}')
+    if args.xmoe_temperature <= 0:
+        parser.error(f'--xmoe_temperature must be positive; got {args.xmoe_temperature}')
+    if not 0 < args.dts_min_temp <= args.dts_max_temp:
+        parser.error(f'need 0 < --dts_min_temp ({args.dts_min_temp}) <= --dts_max_temp ({args.dts_max_temp})')
+    if not 0 <= args.dts_threshold < 1:
+        parser.error(f'--dts_threshold must be in [0, 1); got {args.dts_threshold}')
+    if args.dts_anneal_steps == 0 or args.dts_anneal_steps < -1:
+        parser.error(f'--dts_anneal_steps must be positive (or -1: half of --max_step); got {args.dts_anneal_steps}')
+
+
+def dts_anneal_steps(args):
+    """--dts_anneal_steps, -1 resolved to half of max_step (at least 1)."""
+    return args.dts_anneal_steps if args.dts_anneal_steps > 0 else max(1, args.max_step // 2)
+
+
+def parse_args(argv=None, description=None):
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    return args
+
+
+def resolve_gate_name(args):
+    """--freeze_gate freezes the linear router at init: that is the SMoE-Dropout gate."""
+    if args.freeze_gate and GATES[args.gate_name] is GATES['smoe']:
+        return 'smoe_dropout'
+    return args.gate_name
+
+
+def model_config(args, n_token):
+    cutoffs = ADAPTIVE_CUTOFFS[args.dataset] if args.adaptive else []
+    return dict(n_token=n_token, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                d_head=args.d_head, d_inner=args.d_inner, dropout=args.dropout, dropatt=args.dropatt,
+                tie_weight=not args.not_tied, d_embed=args.d_embed, div_val=args.div_val,
+                tie_projs=[False] + [True] * len(cutoffs), pre_lnorm=args.pre_lnorm, tgt_len=args.tgt_len,
+                ext_len=args.ext_len, mem_len=args.mem_len, cutoffs=cutoffs, same_length=args.same_length,
+                clamp_len=args.clamp_len, moe=args.moe, moe_num_expert=args.moe_num_expert,
+                moe_top_k=args.moe_top_k, gate_name=resolve_gate_name(args), moe_index=args.moe_index,
+                hyper_size=args.hyper_size, moe_backend=args.moe_backend, moe_engine=args.moe_engine, init=args.init,
+                init_range=args.init_range, init_std=args.init_std, proj_init_std=args.proj_init_std,
+                thor_inference=args.thor_inference, moe_variant=args.moe_variant,
+                hypermoe_emb_dim=args.hypermoe_emb_dim, hypermoe_hidden=args.hypermoe_hidden,
+                hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim,
+                switch_jitter=args.switch_jitter, hash_seed=args.hash_seed, xmoe_dim=args.xmoe_dim,
+                xmoe_temperature=args.xmoe_temperature, dts_max_temp=args.dts_max_temp, dts_min_temp=args.dts_min_temp,
+                dts_anneal_steps=dts_anneal_steps(args), dts_threshold=args.dts_threshold)
