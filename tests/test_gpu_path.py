@@ -8,9 +8,11 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moe_engine
 import torch_version
+from mem_transformer import RelPartialLearnableMultiHeadAttn
 from moe import Experts, run_adapters, torch_moe
 from moe_engine import grouped_mm_problem
 
@@ -103,3 +105,52 @@ def test_bf16_grouped_hyper_expert_sums_its_bias_gradients_in_fp32():
         run_adapters(x, token_set, *leaves, engine='grouped').backward(grad)
     errors = relative_errors(leaves[3].grad, reference[3].grad)
     assert errors.median() < 4e-4 and errors.max() < 2e-3, (errors.median(), errors.max())
+
+
+# ----------------------------------------------------------------------------- 6. attention backend for BD's gradient
+
+def attention_grads(dtype, fused, amp=False):
+    """Gradients of a post-LN attention layer with memory (d_model 64, 4 heads, 32 tokens, 32 in memory) in
+    `dtype` (the layer and inputs), explicit or through SDPA (BD as its bias), under bf16 autocast if `amp`."""
+    torch.manual_seed(0)
+    attn = RelPartialLearnableMultiHeadAttn(4, 64, 16, 0.0).to(dtype)
+    attn.fused_in_training = fused
+    w, mems, r = (torch.randn(shape).to(dtype) for shape in ((32, 3, 64), (32, 3, 64), (64, 64)))
+    r_w_bias, r_r_bias = (torch.randn(4, 16).to(dtype).requires_grad_() for _ in range(2))
+    mask = torch.triu(torch.ones(32, 64, dtype=torch.bool), 1 + 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        out = attn(w, r, r_w_bias, r_r_bias, mask, mems)
+    (out.double() * torch.linspace(-1, 1, 64, dtype=torch.float64)).sum().backward()
+    return {'r_r_bias': r_r_bias.grad, 'r_net': attn.r_net.weight.grad, 'qkv_net': attn.qkv_net.weight.grad}
+
+
+@pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'bf16'])
+def test_bd_gradient_through_sdpa_matches_the_explicit_fp64_attention(amp):
+    """BD (r_r_bias, r_net) gets its gradient only through SDPA's bias: against the explicit path in fp64."""
+    reference = attention_grads(torch.float64, fused=False)
+    grads = attention_grads(torch.float32, fused=True, amp=amp)
+    # of the largest gradient; measured (torch 2.13) 1.1e-2 in bf16 (8 bits of mantissa), 6e-7 in fp32
+    tolerance = dict(rtol=3e-2, atol=3e-2) if amp else dict(rtol=1e-5, atol=2e-6)
+    for name, grad in grads.items():
+        scale = reference[name].abs().max()
+        torch.testing.assert_close(grad.double() / scale, reference[name] / scale, **tolerance, msg=name)
+
+
+def test_sdpa_with_a_bias_that_needs_a_gradient_is_pinned_to_the_backends_that_give_it(monkeypatch):
+    """What SDPA may choose from, read inside the call: memory-efficient attention or the math path, never flash
+    (no bias) nor cuDNN (the dispatcher's choice on recent GPUs); free when no gradient is needed."""
+    allowed = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        cuda = torch.backends.cuda
+        allowed.append({'flash': cuda.flash_sdp_enabled(), 'efficient': cuda.mem_efficient_sdp_enabled(),
+                        'math': cuda.math_sdp_enabled(), 'cudnn': cuda.cudnn_sdp_enabled()})
+        return sdpa(*args, **kwargs)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+    attention_grads(torch.float32, fused=True)
+    assert allowed == [{'flash': False, 'efficient': True, 'math': True, 'cudnn': False}]
+    with torch.no_grad():
+        RelPartialLearnableMultiHeadAttn(4, 64, 16, 0.0)(torch.randn(8, 2, 64), torch.randn(8, 64), torch.zeros(4, 16),
+                                                          torch.zeros(4, 16), torch.zeros(8, 8, dtype=torch.bool))
+    assert allowed[1]['flash'] and allowed[1]['cudnn']
