@@ -117,3 +117,9 @@ def group_ends(sorted_group, n_group):
     """Sorted group ids [S] -> the end row of each group [G] (int32, cumulative), on the device, no sync."""
     groups = torch.arange(n_group, device=sorted_group.device, dtype=sorted_group.dtype)
     return torch.searchsorted(sorted_group, groups, right=True).to(torch.int32)
+
+
+def group_counts(sorted_group, n_group):
+    """Sorted group ids [S] -> the rows of each group [G], on the device (torch.bincount would read its input's
+    maximum back to the host on CUDA)."""
+    return torch.diff(group_ends(sorted_group, n_group), prepend=sorted_group.new_zeros(1, dtype=torch.int32))
