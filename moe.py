@@ -29,6 +29,7 @@ Shapes: T tokens (time x batch flattened), d = d_model, h = d_inner, E experts, 
 U distinct expert sets in a batch, b the HyperExpert bottleneck, c its conditioning width.
 """
 import contextlib
+import functools
 import importlib.util
 import math
 
@@ -98,7 +99,9 @@ def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_infer
     return gate_cls(d_model, num_expert, 1, top_k, **extra)
 
 
+@functools.lru_cache(maxsize=None)
 def fastmoe_available():
+    """Whether fastmoe can be imported, looked up once per process (not at every MoE forward)."""
     return importlib.util.find_spec('fmoe') is not None
 
 
@@ -636,7 +639,8 @@ def describe_engine(model, device, dtype, compiling=False):
         return 'moe engine: none (dense model)'
     block = blocks[0]
     if block._use_fastmoe(torch.empty(0, device=device)):
-        return 'moe engine: fastmoe'
+        why = 'asked for' if block.backend == 'fastmoe' else 'auto: fmoe is installed; --moe_backend torch for ours'
+        return f'moe engine: fastmoe ({why})'
     _, d_inner, d_model = block.experts.htoh4.weight.shape
     name, reason = choose_engine(block.engine, torch.device(device), dtype, (d_model, d_inner), compiling)
     return f'moe engine: {name} ({reason}; {dtype} on {torch.device(device).type})'

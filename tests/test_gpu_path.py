@@ -5,6 +5,7 @@ gradient, no host read in a training step, the engine chosen per GPU capability,
 without a gradient all-reduce per batch chunk.
 """
 import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -215,3 +216,41 @@ def test_the_loop_engine_reads_its_expert_counts_once_per_moe_layer_forward(tmp_
     monkeypatch.setattr(moe, 'group_counts', counts_read_on_the_host)
     step(trainer, next(batches))
     assert len(counted) == 2 * 2                                        # 2 MoE layers x 2 batch chunks
+
+
+# ----------------------------------------------------------------------------- 8. the engine per GPU
+
+@pytest.mark.parametrize('capability, compiling, engine', [
+    ((8, 0), False, 'loop'),        # A100: torch's grouped_mm is a per-group loop with host copies
+    ((8, 6), False, 'loop'),        # A40
+    ((9, 0), False, 'grouped'),     # H100: grouped GEMM kernels
+    ((10, 0), False, 'grouped'),    # B200
+    ((8, 0), True, 'grouped'),      # --compile: one opaque op in the graph, never the loop's host-side counts
+])
+def test_auto_takes_the_grouped_engine_on_cuda_by_compute_capability(capability, compiling, engine, monkeypatch):
+    cuda = torch.device('cuda')
+    chosen, reason = moe_engine.choose_engine('auto', cuda, torch.bfloat16, (256, 512), compiling, capability)
+    assert chosen == engine, reason
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)   # the device's own
+    assert moe_engine.choose_engine('auto', cuda, torch.bfloat16, (256, 512), compiling)[0] == engine
+
+
+def test_compile_on_cuda_without_the_grouped_engine_is_refused_at_parse_time(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 0))
+    train.parse_args(['--moe', '--cuda', '--amp', '--compile'])                  # bf16: grouped_mm runs
+    for extra in (['--compile'], ['--amp', '--compile', '--moe_engine', 'loop']):
+        with pytest.raises(SystemExit):
+            train.parse_args(['--moe', '--cuda', *extra])
+        assert 'error: --compile on CUDA needs the grouped MoE engine' in capsys.readouterr().err
+
+
+def test_fastmoe_is_looked_up_once_per_process_not_per_forward(monkeypatch):
+    looked_up = []
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: looked_up.append(name))
+    moe.fastmoe_available.cache_clear()
+    try:
+        assert not moe.fastmoe_available() and not moe.fastmoe_available()
+        assert looked_up == ['fmoe']
+    finally:
+        moe.fastmoe_available.cache_clear()
