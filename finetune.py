@@ -321,7 +321,7 @@ class FineTuner:
                                                                args.max_len)
         self.model.train()                               # the pretrained backbone arrives in eval mode
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = train.make_optimizer(self.params, args)
+        self.optimizer = train.make_optimizer(self.params, args, device)
         self.steps_per_epoch = -(-len(self.examples['train']) // args.batch_size)
         planned = self.steps_per_epoch * args.epochs
         self.total_steps = min(planned, args.max_step) if args.max_step > 0 else planned

@@ -78,12 +78,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def make_optimizer(params, args):
+def make_optimizer(params, args, device):
+    """The --optim optimiser of params on `device`. Adam on CUDA is fused (one kernel for all parameters, its step
+    counts on the GPU: no per-parameter launches, no host read); on the CPU it is torch's default, as before."""
     if args.optim == 'sgd':
         return torch.optim.SGD(params, lr=args.lr, momentum=args.mom)
     if args.optim == 'adagrad':
         return torch.optim.Adagrad(params, lr=args.lr)
-    return torch.optim.Adam(params, lr=args.lr)
+    return torch.optim.Adam(params, lr=args.lr, **({'fused': True} if torch.device(device).type == 'cuda' else {}))
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,8 +148,9 @@ class Trainer:
         set_capacity(self.model, args.capacity_factor, args.eval_capacity_factor)
         self.aux_weights = {name: weight for name, weight in aux_weights(args).items() if weight > 0}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, args)
+        self.optimizer = make_optimizer(self.params, args, ddp.device)
         self.thor = uses_thor(args.moe, args.gate_name)
+        self.ddp_model = None           # the DistributedDataParallel module under torchrun
         self.para_model = self._wrap(ThorObjective(self.model) if self.thor else self.model)
         if args.compile:
             self.para_model = compile_model(self.para_model)
@@ -172,7 +175,11 @@ class Trainer:
 
     def _wrap(self, model):
         if self.ddp.world_size > 1:
-            return DistributedDataParallel(model, device_ids=[self.ddp.local_rank] if self.args.cuda else None)
+            # no buffer changes in training (the positional frequencies and Hash's table are constants), so DDP
+            # need not broadcast them before every forward
+            self.ddp_model = DistributedDataParallel(model, device_ids=[self.ddp.local_rank] if self.args.cuda else None,
+                                                     broadcast_buffers=False)
+            return self.ddp_model
         if self.args.multi_gpu and self.args.cuda and torch.cuda.device_count() > 1:
             return torch.nn.DataParallel(model, dim=1)      # the batch is dimension 1 ([T, B])
         return model
@@ -242,9 +249,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total, terms, dropped = 0.0, {}, {}
         for i, (data_i, target_i) in enumerate(chunks):
-            nll, extra, dropped_i = self._chunk_forward(i, data_i, target_i)
-            objective = nll + sum(weight * value for value, weight in extra.values())
-            (objective / len(chunks)).backward()
+            with self._gradient_sync(i == len(chunks) - 1):
+                nll, extra, dropped_i = self._chunk_forward(i, data_i, target_i)
+                objective = nll + sum(weight * value for value, weight in extra.values())
+                (objective / len(chunks)).backward()
             total = total + nll.detach().double() / len(chunks)
             for name, (value, _) in extra.items():
                 terms[name] = terms.get(name, 0.0) + value.detach().double() / len(chunks)
@@ -257,6 +265,13 @@ class Trainer:
             group['lr'] = learning_rate(self.step, self.args)
         self.optimizer.step()
         return total
+
+    def _gradient_sync(self, last_chunk):
+        """Under DDP the gradients are all-reduced in the backward of the last batch chunk only: the chunks before
+        it accumulate theirs locally (no_sync), one all-reduce per step instead of one per chunk."""
+        if self.ddp_model is None or last_chunk:
+            return contextlib.nullcontext()
+        return self.ddp_model.no_sync()
 
     def _watch_finite(self, values):
         """Remember, on the device, the first step whose loss, terms or gradient norm (values) is not finite."""

@@ -6,10 +6,14 @@ without a gradient all-reduce per batch chunk.
 """
 import importlib
 import importlib.util
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 import moe
 import moe_engine
@@ -254,3 +258,68 @@ def test_fastmoe_is_looked_up_once_per_process_not_per_forward(monkeypatch):
         assert looked_up == ['fmoe']
     finally:
         moe.fastmoe_available.cache_clear()
+
+
+# ----------------------------------------------------------------------------- 9. fused Adam, DDP across batch chunks
+
+def test_adam_is_fused_on_cuda_and_torch_default_on_the_cpu():
+    args = train.parse_args([])
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert train.make_optimizer(params, args, torch.device('cuda')).defaults['fused'] is True
+    assert train.make_optimizer(params, args, torch.device('cpu')).defaults['fused'] is None     # CPU numbers kept
+
+
+def ddp_step(rank, world_size, port, batch_chunk, folder):
+    """One training step of a 2-process gloo run (spawned): rank 0 saves the gradients and the number of bucket
+    all-reduces that DDP made in it."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ddp = Distributed(False)
+    args = train.parse_args(['--dataset', 'synthetic', '--moe', '--moe-num-expert', '4', '--moe-top-k', '2',
+                             '--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8', '--d_inner', '16',
+                             '--tgt_len', '8', '--mem_len', '8', '--batch_size', '8', '--batch_chunk', str(batch_chunk),
+                             '--dropout', '0', '--moe_engine', 'grouped'])
+    stream = torch.randint(0, 11, (2000,), generator=torch.Generator().manual_seed(0))
+    corpus = Corpus('synthetic', Vocab([str(i) for i in range(11)]), stream, stream[:400], stream[:400])
+    trainer = train.Trainer(args, ddp, corpus, os.path.join(folder, f'rank{rank}'))
+    reduces = []
+
+    def counting_allreduce(state, bucket):
+        reduces.append(bucket.index())
+        return allreduce_hook(state, bucket)
+    trainer.ddp_model.register_comm_hook(dist.group.WORLD, counting_allreduce)
+    data, target, _ = next(trainer.tr_iter.iter_from(0))
+    trainer.train_step(data, target)
+    if rank == 0:
+        grads = {name: p.grad for name, p in trainer.model.named_parameters() if p.grad is not None}
+        torch.save({'grads': grads, 'reduces': len(reduces), 'broadcast_buffers': trainer.ddp_model.broadcast_buffers},
+                   os.path.join(folder, f'chunks{batch_chunk}.pt'))
+    ddp.barrier()                       # neither process leaves the group while the other still uses it
+    ddp.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_all_reduces_once_per_step_across_batch_chunks_with_the_same_gradients(tmp_path):
+    for batch_chunk in (1, 2):
+        os.makedirs(tmp_path / 'rank0', exist_ok=True)
+        torch.multiprocessing.spawn(ddp_step, args=(2, free_port(), batch_chunk, str(tmp_path)), nprocs=2)
+    one, two = (torch.load(tmp_path / f'chunks{n}.pt', weights_only=True) for n in (1, 2))
+    assert one['reduces'] >= 1 and two['reduces'] == one['reduces']      # no all-reduce for the first chunk
+    assert one['grads'].keys() == two['grads'].keys() and not one['broadcast_buffers']
+    for name, grad in one['grads'].items():                               # the sum of the chunks, in another order
+        torch.testing.assert_close(two['grads'][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize('gate_name', ROUTERS)
+def test_a_training_step_changes_no_buffer_so_ddp_need_not_broadcast_them(gate_name, tmp_path):
+    trainer = tiny_trainer(tmp_path, gate_name, 'grouped')
+    before = {name: b.clone() for name, b in trainer.model.named_buffers()}
+    step(trainer, next(trainer.tr_iter.iter_from(0)))
+    after = dict(trainer.model.named_buffers())
+    assert after.keys() == before.keys() and all(torch.equal(after[name], b) for name, b in before.items())
