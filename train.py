@@ -295,6 +295,7 @@ class Trainer:
             detail = ''.join(f', {name} {value}' for name, value in values.items() if name != 'loss')
             what = f'non-finite training loss ({values["loss"]}{detail}) at step {first_bad}'
         raise NonFiniteLoss(what + (seen if first_bad != self.step else ''))
+
     def _chunk_forward(self, i, data, target):
         """Forward of batch chunk i, its memory updated: (mean NLL, {extra term: (mean value, weight)},
         {MoE layer: fraction of its routed slots dropped over capacity})."""
