@@ -194,14 +194,19 @@ def adam_step_counts(optimizer):
 
 
 @pytest.mark.parametrize('gate_name', ROUTERS)
-def test_a_training_step_with_the_grouped_engine_reads_nothing_back_to_the_host(gate_name, tmp_path, request):
+def test_a_training_step_with_the_grouped_engine_reads_nothing_back_and_changes_no_buffer(gate_name, tmp_path,
+                                                                                           request):
+    """No host read in a step without a log line; and no buffer changes, so DDP need not broadcast them."""
     trainer = tiny_trainer(tmp_path, gate_name, 'grouped')
+    buffers = {name: b.clone() for name, b in trainer.model.named_buffers()}
     batches = trainer.tr_iter.iter_from(0)
     step(trainer, next(batches))                                        # Adam's state is made at the first step
     host_tensors = request.getfixturevalue('no_host_sync')
     host_tensors.update(adam_step_counts(trainer.optimizer))
     step(trainer, next(batches))                                        # step 2: no log line
     assert trainer.window['steps'] == 2
+    after = dict(trainer.model.named_buffers())
+    assert after.keys() == buffers.keys() and all(torch.equal(after[name], b) for name, b in buffers.items())
 
 
 def test_the_loop_engine_reads_its_expert_counts_once_per_moe_layer_forward(tmp_path, request, monkeypatch):
@@ -315,11 +320,3 @@ def test_ddp_all_reduces_once_per_step_across_batch_chunks_with_the_same_gradien
     for name, grad in one['grads'].items():                               # the sum of the chunks, in another order
         torch.testing.assert_close(two['grads'][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
-
-@pytest.mark.parametrize('gate_name', ROUTERS)
-def test_a_training_step_changes_no_buffer_so_ddp_need_not_broadcast_them(gate_name, tmp_path):
-    trainer = tiny_trainer(tmp_path, gate_name, 'grouped')
-    before = {name: b.clone() for name, b in trainer.model.named_buffers()}
-    step(trainer, next(trainer.tr_iter.iter_from(0)))
-    after = dict(trainer.model.named_buffers())
-    assert after.keys() == before.keys() and all(torch.equal(after[name], b) for name, b in before.items())
