@@ -19,6 +19,13 @@ cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-runs/gpu_check}
+if [ "$DEVICE" != cpu ]; then      # before anything else: without a GPU the full-size steps would crawl on the CPU
+    "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' || {
+        echo "error: DEVICE=$DEVICE but torch sees no CUDA device (torch $("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null)); run on a GPU machine, or give DEVICE=cpu for the shortened CPU form" >&2
+        exit 2
+    }
+fi
+export DEVICE                      # launch.sh: the training runs go on this device, or stop with an error
 mkdir -p "$OUT"
 if [ "$DEVICE" = cpu ]; then
     STEPS=${STEPS:-5}
