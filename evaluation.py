@@ -29,12 +29,17 @@ CHECKPOINT_WORDS = {'best': 'best validation at the training k', 'best_dense': '
 LAST_CHECKPOINT = 'checkpoint_last.pt'
 
 
-def load_checkpoint(path, device='cpu'):
-    """The checkpoint at `path`; FileNotFoundError when there is none, RunError when it cannot be read."""
+def load_checkpoint(path):
+    """The checkpoint at `path`, every tensor on the CPU; FileNotFoundError when there is none, RunError when it
+    cannot be read.
+
+    Always the CPU, whatever device the run uses: its RNG states must stay CPU byte tensors for
+    torch.set_rng_state, and the model, optimiser state and memory are copied to the device by whoever
+    takes them (load_state_dict, Optimizer.load_state_dict, .to), so a GPU never holds a second copy."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no checkpoint at {path}')
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:            # whatever makes the file unreadable (truncated, overwritten), one line
         detail = str(err).splitlines()[0] if str(err) else ''
         raise RunError(f'the checkpoint {path} cannot be read, it is corrupt or truncated '
@@ -168,7 +173,7 @@ def checked_ks(model_config, ks):
 
 def checkpoint_model(path, device, **config_overrides):
     """(checkpoint, model) of a kept checkpoint, or a RunError naming the file when it is unusable."""
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)
     try:
         return ckpt, model_from_checkpoint(ckpt, device, **config_overrides)
     except (KeyError, RuntimeError, TypeError, ValueError) as err:

@@ -173,9 +173,9 @@ def resolve_pretrained(path):
     return os.path.abspath(path)
 
 
-def read_checkpoint(path, expected_format, device='cpu'):
+def read_checkpoint(path, expected_format):
     try:
-        ckpt = evaluation.load_checkpoint(path, device)
+        ckpt = evaluation.load_checkpoint(path)
     except Exception as err:            # whatever makes the file unreadable, the same explanation
         raise FinetuneError(f'{path} is not a checkpoint written by this code (train.py / finetune.py): '
                             f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}. '
@@ -202,7 +202,7 @@ def check_method(method, model_config, path):
 def load_pretrained(path, method=None, dropout=None, device='cpu'):
     """Pretrained(backbone, model_config, encoder, info) from a pretraining run or checkpoint, checked for use."""
     path = resolve_pretrained(path)
-    ckpt = read_checkpoint(path, PRETRAIN_FORMAT, device)
+    ckpt = read_checkpoint(path, PRETRAIN_FORMAT)
     config = dict(ckpt['model_config'], moe_backend='auto')     # the backend is this machine's choice
     if method is not None:
         check_method(method, config, path)
@@ -486,7 +486,7 @@ def setup(args, device):
             if args.eval_split == 'test' else ''))
     ckpt = None
     if args.restart:
-        ckpt = read_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT), FORMAT, device)
+        ckpt = read_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT), FORMAT)
         check_resume(ckpt['args'], args)
         pretrained = resume_pretrained(ckpt, device)
     else:

@@ -160,10 +160,12 @@ class Experts(nn.Module):
         # grouped_mm leaves the rows past the last group unwritten (garbage, in the forward and in the input
         # gradient): the dropped rows are zeroed on the way in and out, and their biases are a spare zero row
         routed = (sorted_expert < num_expert).unsqueeze(1)                    # [S, 1]
-        b1 = F.pad(self.htoh4.bias.to(dtype), (0, 0, 0, 1))                    # [E + 1, h]
-        b2 = F.pad(self.h4toh.bias.to(dtype), (0, 0, 0, 1))                    # [E + 1, d]
+        b1 = F.pad(self.htoh4.bias, (0, 0, 0, 1))                              # [E + 1, h]
+        b2 = F.pad(self.h4toh.bias, (0, 0, 0, 1))                              # [E + 1, d]
         # biases gathered per row and added in place: on CPU the out-of-place add of an index costs a fifth
-        # of the GEMM, and the grouped GEMM's backward does not need its output
+        # of the GEMM, and the grouped GEMM's backward does not need its output. They are gathered in their
+        # own dtype (fp32 under bf16 autocast): the gather's backward sums each expert's thousands of row
+        # gradients with index_add, whose atomic adds on CUDA would round to bf16 at every addition
         hidden = grouped_mm(torch.where(routed, x_sorted, 0), w1, ends).add_(b1.index_select(0, sorted_expert))
         hidden = self.drop(F.relu(hidden))                                     # [S, h]
         out = grouped_mm(hidden, w2, ends).add_(b2.index_select(0, sorted_expert))
@@ -219,7 +221,8 @@ def torch_moe(x, top_idx, top_score, experts, engine='auto'):
     y_slots = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)       # back to [T * k] order
     # a deterministic weighted sum over each token's k slots (no atomic scatter-add on GPU); elementwise,
     # as a [T] batch of [1, k] x [k, d] bmm runs matrix by matrix on CPU, at twice the time
-    score = score.to(y_slots.dtype)
+    # in fp32 under bf16 autocast: the gradient of this product is the router's whole training signal
+    y_slots = y_slots.to(torch.promote_types(y_slots.dtype, score.dtype))
     return (y_slots.view(n_tok, k, -1) * score.unsqueeze(-1)).sum(1)          # [T, d]
 
 
@@ -482,8 +485,9 @@ def run_adapters(x, token_set, w_down, b_down, w_up, b_up, grouped_max_sets=GROU
     if grouped:
         dtype = compute_dtype(x)
         ends = group_ends(sorted_set, n_set)
-        hidden = grouped_mm(x_sorted.to(dtype), w_down.to(dtype), ends).add_(b_down.to(dtype).index_select(0, sorted_set))
-        y_sorted = grouped_mm(F.relu(hidden), w_up.to(dtype), ends).add_(b_up.to(dtype).index_select(0, sorted_set))
+        # the biases gathered in their own dtype, so that their gradients are summed in it (as the experts')
+        hidden = grouped_mm(x_sorted.to(dtype), w_down.to(dtype), ends).add_(b_down.index_select(0, sorted_set))
+        y_sorted = grouped_mm(F.relu(hidden), w_up.to(dtype), ends).add_(b_up.index_select(0, sorted_set))
     else:
         counts = torch.bincount(token_set, minlength=n_set).tolist()
         # unbind: the backward stacks the per-set gradients once instead of U full-size scatters

@@ -11,6 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from torch_version import check_torch
+
+check_torch(torch.__version__)      # one line on a torch older than the APIs below, not a traceback
+
 ENGINES = ('auto', 'grouped', 'loop')
 
 

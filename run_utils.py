@@ -149,9 +149,12 @@ def rng_state(cuda):
 
 
 def set_rng_state(state, cuda):
+    """Restore rng_state's states (CPU byte tensors, as torch's setters take them): the CPU generator's, and
+    with `cuda` those of the CUDA devices this machine has (a run saved on more GPUs restores its first ones)."""
     torch.set_rng_state(state['torch'])
     if cuda and 'cuda' in state:
-        torch.cuda.set_rng_state_all(state['cuda'])
+        for index, device_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 class Distributed:

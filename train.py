@@ -472,7 +472,7 @@ def start(args, ddp):
         with RunLock(run_dir) if ddp.is_main else contextlib.nullcontext():
             return train_in(run_dir, args, ddp, corpus, None)
     with RunLock(args.restart_dir) if ddp.is_main else contextlib.nullcontext():
-        ckpt = evaluation.load_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT), ddp.device)
+        ckpt = evaluation.load_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT))
         check_resume(ckpt, args, corpus)
         return train_in(args.restart_dir, args, ddp, corpus, ckpt)
 

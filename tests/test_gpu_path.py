@@ -1,0 +1,156 @@
+"""The GPU path, made right before its first run (issue 19): what a CPU can check of it.
+
+The torch bound, fp32 sums and products under bf16 autocast, the attention backend pinned for BD's
+gradient, no host read in a training step, the engine chosen per GPU capability, fused Adam and DDP
+without a gradient all-reduce per batch chunk.
+"""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_engine
+import torch_version
+from mem_transformer import RelPartialLearnableMultiHeadAttn
+from moe import Experts, run_adapters, torch_moe
+from moe_engine import grouped_mm_problem
+
+
+def test_an_older_torch_stops_at_import_with_one_line(monkeypatch):
+    monkeypatch.setattr(torch, '__version__', '2.3.1+cu121')
+    with pytest.raises(SystemExit) as stop:
+        importlib.reload(moe_engine)
+    assert str(stop.value) == "error: this code needs torch >= 2.7 (found 2.3.1+cu121): pip install 'torch>=2.7'"
+
+
+@pytest.mark.parametrize('version', ['2.7.0', '2.7.1+cu126', '2.10.0a0+git1234', '3.0.0'])
+def test_the_bound_and_newer_torch_pass(version):
+    torch_version.check_torch(version)
+
+
+# ----------------------------------------------------------------------------- 5. fp32 sums under bf16 autocast
+
+def realistic_experts(seed=0, n_expert=16, d_model=256, d_inner=512):
+    torch.manual_seed(seed)
+    experts = Experts(n_expert, d_model, d_inner, 0.0)
+    with torch.no_grad():
+        for w in (experts.htoh4.weight, experts.h4toh.weight):
+            w.normal_(0, 0.02)
+        for b in (experts.htoh4.bias, experts.h4toh.bias):
+            b.normal_(0, 0.1)
+    return experts
+
+
+def realistic_routing(n_tok=11264, n_expert=16, k=2, d_model=256, seed=1):
+    """The paper's batch 22 x 512 tokens routed to k = 2 of 16 experts (22,528 slots), and an incoming gradient
+    with a common component (as the loss's pull on the output has), so that each expert's bias gradient is a
+    sum of thousands of terms that do not cancel."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tok, d_model, generator=gen)
+    top_score, top_idx = torch.softmax(torch.randn(n_tok, n_expert, generator=gen), -1).topk(k, -1)
+    grad = 1 + 0.5 * torch.randn(n_tok, d_model, generator=gen)
+    return x, top_idx, top_score, grad
+
+
+def relative_errors(actual, expected):
+    """Element-wise |actual - expected| / |expected|, in float64."""
+    return (actual.double() - expected).abs() / expected.abs().clamp(min=1e-30)
+
+
+@pytest.mark.skipif(grouped_mm_problem(torch.device('cpu'), torch.bfloat16, (256, 512)) is not None,
+                    reason='this torch has no bf16 grouped_mm on the CPU')
+def test_bf16_grouped_experts_sum_bias_gradients_and_weigh_slots_in_fp32():
+    """Under bf16 autocast, at the paper's size: the output bias's gradient (each expert's rows summed through the
+    gather's index_add) and the router's gradient (the k-way combine) must keep fp32 precision. References:
+    the bias gradient in fp64 from the same weights; the router's, sum_d grad * y_slot in fp64 from the slots'
+    bf16 outputs (each read back alone with a one-hot score, exact in any dtype). Measured (torch 2.13):
+    bias median relative error 3.6e-5, router 8e-8; summed and multiplied in bf16 (before) 1.8e-3 and 2.7e-3."""
+    experts = realistic_experts()
+    x, top_idx, top_score, grad = realistic_routing()
+    reference = realistic_experts().double()
+    score64 = top_score.double().requires_grad_()
+    torch_moe(x.double(), top_idx, score64, reference, 'loop').backward(grad.double())
+
+    score = top_score.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        torch_moe(x, top_idx, score, experts, 'grouped').backward(grad)
+        with torch.no_grad():
+            slots = [torch_moe(x, top_idx, torch.eye(2)[j].expand_as(top_score), experts, 'grouped') for j in (0, 1)]
+    router_reference = torch.stack([(grad.double() * y.double()).sum(-1) for y in slots], 1)   # [T, k]
+
+    bias_errors = relative_errors(experts.h4toh.bias.grad, reference.h4toh.bias.grad)
+    assert bias_errors.median() < 2e-4 and bias_errors.max() < 2e-3, (bias_errors.median(), bias_errors.max())
+    router_errors = relative_errors(score.grad, router_reference)
+    assert router_errors.median() < 1e-5, router_errors.median()
+    torch.testing.assert_close(score.grad.double(), score64.grad, rtol=2e-2, atol=0.05)   # bf16 experts: loose
+
+
+@pytest.mark.skipif(grouped_mm_problem(torch.device('cpu'), torch.bfloat16, (256, 64)) is not None,
+                    reason='this torch has no bf16 grouped_mm on the CPU')
+def test_bf16_grouped_hyper_expert_sums_its_bias_gradients_in_fp32():
+    """HyperMoE's adapters (120 expert sets of k = 2 of 16, bottleneck 64) under bf16 autocast: the generated
+    up-projection bias's gradient, summed over each set's tokens, against fp64. Measured (torch 2.13): median
+    relative error 1.3e-4; gathered in bf16 (before) 1.3e-3."""
+    x, _, _, grad = realistic_routing()
+    gen = torch.Generator().manual_seed(2)
+    n_set, d_model, bottleneck = 120, 256, 64
+    token_set = torch.randint(n_set, (x.size(0),), generator=gen)
+    shapes = ((n_set, d_model, bottleneck), (n_set, bottleneck), (n_set, bottleneck, d_model), (n_set, d_model))
+    adapters = [scale * torch.randn(shape, generator=gen) for shape, scale in zip(shapes, (0.05, 0.1, 0.05, 0.1))]
+    reference = [w.double().requires_grad_() for w in adapters]
+    run_adapters(x.double(), token_set, *reference, engine='loop').backward(grad.double())
+    leaves = [w.clone().requires_grad_() for w in adapters]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        run_adapters(x, token_set, *leaves, engine='grouped').backward(grad)
+    errors = relative_errors(leaves[3].grad, reference[3].grad)
+    assert errors.median() < 4e-4 and errors.max() < 2e-3, (errors.median(), errors.max())
+
+
+# ----------------------------------------------------------------------------- 6. attention backend for BD's gradient
+
+def attention_grads(dtype, fused, amp=False):
+    """Gradients of a post-LN attention layer with memory (d_model 64, 4 heads, 32 tokens, 32 in memory) in
+    `dtype` (the layer and inputs), explicit or through SDPA (BD as its bias), under bf16 autocast if `amp`."""
+    torch.manual_seed(0)
+    attn = RelPartialLearnableMultiHeadAttn(4, 64, 16, 0.0).to(dtype)
+    attn.fused_in_training = fused
+    w, mems, r = (torch.randn(shape).to(dtype) for shape in ((32, 3, 64), (32, 3, 64), (64, 64)))
+    r_w_bias, r_r_bias = (torch.randn(4, 16).to(dtype).requires_grad_() for _ in range(2))
+    mask = torch.triu(torch.ones(32, 64, dtype=torch.bool), 1 + 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        out = attn(w, r, r_w_bias, r_r_bias, mask, mems)
+    (out.double() * torch.linspace(-1, 1, 64, dtype=torch.float64)).sum().backward()
+    return {'r_r_bias': r_r_bias.grad, 'r_net': attn.r_net.weight.grad, 'qkv_net': attn.qkv_net.weight.grad}
+
+
+@pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'bf16'])
+def test_bd_gradient_through_sdpa_matches_the_explicit_fp64_attention(amp):
+    """BD (r_r_bias, r_net) gets its gradient only through SDPA's bias: against the explicit path in fp64."""
+    reference = attention_grads(torch.float64, fused=False)
+    grads = attention_grads(torch.float32, fused=True, amp=amp)
+    # of the largest gradient; measured (torch 2.13) 1.1e-2 in bf16 (8 bits of mantissa), 6e-7 in fp32
+    tolerance = dict(rtol=3e-2, atol=3e-2) if amp else dict(rtol=1e-5, atol=2e-6)
+    for name, grad in grads.items():
+        scale = reference[name].abs().max()
+        torch.testing.assert_close(grad.double() / scale, reference[name] / scale, **tolerance, msg=name)
+
+
+def test_sdpa_with_a_bias_that_needs_a_gradient_is_pinned_to_the_backends_that_give_it(monkeypatch):
+    """What SDPA may choose from, read inside the call: memory-efficient attention or the math path, never flash
+    (no bias) nor cuDNN (the dispatcher's choice on recent GPUs); free when no gradient is needed."""
+    allowed = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        cuda = torch.backends.cuda
+        allowed.append({'flash': cuda.flash_sdp_enabled(), 'efficient': cuda.mem_efficient_sdp_enabled(),
+                        'math': cuda.math_sdp_enabled(), 'cudnn': cuda.cudnn_sdp_enabled()})
+        return sdpa(*args, **kwargs)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+    attention_grads(torch.float32, fused=True)
+    assert allowed == [{'flash': False, 'efficient': True, 'math': True, 'cudnn': False}]
+    with torch.no_grad():
+        RelPartialLearnableMultiHeadAttn(4, 64, 16, 0.0)(torch.randn(8, 2, 64), torch.randn(8, 64), torch.zeros(4, 16),
+                                                          torch.zeros(4, 16), torch.zeros(8, 8, dtype=torch.bool))
+    assert allowed[1]['flash'] and allowed[1]['cudnn']
