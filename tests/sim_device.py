@@ -34,6 +34,7 @@ import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.device('cuda', 0)
@@ -173,6 +174,10 @@ def _is_cuda(device):
     return device is not None and torch.device(device).type == 'cuda'
 
 
+def _data(x):
+    return x.elem if isinstance(x, SimTensor) else x
+
+
 def _widen(x):
     return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x
 
@@ -203,8 +208,9 @@ class SimDispatch(TorchDispatchMode):
                                  f'(made on the wrong device?); at {self.sim.where()}')
         if not (on_sim or to_sim):
             return func(*args, **kwargs)
-        self.sim.count(func)
-        return self._run(func, args, kwargs)
+        out = self._run(func, args, kwargs)
+        self.sim.count(func, args, kwargs, out)
+        return out
 
     def _run(self, func, args, kwargs, wrap=True):
         elems = {}
@@ -241,18 +247,20 @@ class SimDispatch(TorchDispatchMode):
                 return self._run(func, args, kwargs, wrap=False).to('cpu')
             if not (on_sim or to_sim):
                 return func(*args, **kwargs)
-            self.sim.count(func)
-            return self._run(func, args, kwargs)
+            out = self._run(func, args, kwargs)
+            self.sim.count(func, args, kwargs, out)
+            return out
         dst, src = args[0], args[1]
         if not isinstance(dst, SimTensor) and isinstance(src, SimTensor):     # copy_ into a CPU tensor
             self.sim.host_read('copy to cpu')
             return dst if self.sim.compute == 'meta' else dst.copy_(src.elem)
         if not (on_sim or to_sim):
             return func(*args, **kwargs)
-        self.sim.count(func)
         if isinstance(dst, SimTensor) and not isinstance(src, SimTensor):     # host -> device
             src = src.to(self.sim.data_device)
-        return self._run(func, (dst, src, *args[2:]), kwargs)
+        out = self._run(func, (dst, src, *args[2:]), kwargs)
+        self.sim.count(func, args, kwargs, out)
+        return out
 
 
     def _meta_read(self, func, args):
@@ -268,10 +276,13 @@ class SimulatedCuda:
     compute: 'cpu' (the data is computed; default) or 'meta' (shapes only: the counts at full size, no numbers).
     """
 
-    def __init__(self, capability=(9, 0), compute='cpu'):
+    def __init__(self, capability=(9, 0), compute='cpu', measure_cost=False):
         self.device = CUDA
         self.capability = capability
         self.compute = compute
+        self.measure_cost = measure_cost
+        self.flops = {}                 # part -> FLOPs of its operators (measure_cost)
+        self.bytes = {}                 # part -> bytes its operators read and write (measure_cost)
         self.data_device = torch.device(compute)
         self.host_reads = []            # [(what, part, first line of the repository's code on the stack)]
         self.op_counts = {}             # part -> operators run on the device
@@ -289,10 +300,21 @@ class SimulatedCuda:
             return self._backward_parts[i][1] if i >= 0 else 'rest'
         return self._parts[-1]
 
-    def count(self, func):
+    def count(self, func, args=(), kwargs=None, out=None):
+        """One operator run on the device; with measure_cost, its FLOPs (torch's formulas) and the bytes of its
+        tensor inputs and outputs (a view moves none), as if each were read from and written to memory once."""
         part = self.part()
         self.op_counts[part] = self.op_counts.get(part, 0) + 1
         self.op_names[func.name()] += 1
+        if not self.measure_cost or out is None:
+            return
+        args, kwargs, out = tree_map(_data, (args, kwargs or {}, out))
+        if func.overloadpacket in flop_registry:
+            self.flops[part] = self.flops.get(part, 0) + flop_registry[func.overloadpacket](*args, **kwargs,
+                                                                                             out_val=out)
+        if not func.is_view:
+            tensors = [x for x in tree_flatten((args, kwargs, out))[0] if isinstance(x, torch.Tensor)]
+            self.bytes[part] = self.bytes.get(part, 0) + sum(t.numel() * t.element_size() for t in tensors)
 
     @staticmethod
     def where():
@@ -312,6 +334,8 @@ class SimulatedCuda:
         self.op_counts.clear()
         self.op_names.clear()
         self.sdpa_backends.clear()
+        self.flops.clear()
+        self.bytes.clear()
 
     @contextlib.contextmanager
     def in_part(self, name):
