@@ -179,15 +179,26 @@ class Distributed:
             dist.barrier()
 
     def max(self, value):
+        """The maximum over ranks of a number, or of a tensor on this rank's device (element-wise, a tensor)."""
         if self.world_size == 1:
             return value
+        if isinstance(value, torch.Tensor):
+            tensor = value.clone()
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            return tensor
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.item()
 
     def mean(self, value):
+        """The mean over ranks of a number, or of a tensor on this rank's device (element-wise, in one
+        all-reduce, a tensor)."""
         if self.world_size == 1:
             return value
+        if isinstance(value, torch.Tensor):
+            tensor = value.clone()
+            dist.all_reduce(tensor)
+            return tensor / self.world_size
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.item() / self.world_size

@@ -163,6 +163,7 @@ class Trainer:
         self.terms = {}     # the last step's extra loss terms (THOR consistency, auxiliary losses), for the log
         self.dropped = {}   # the last step's fraction of routed slots dropped over capacity, per MoE layer
         self.saved_step = None          # step of checkpoint_last.pt, once there is one
+        self.first_bad = torch.zeros((), dtype=torch.long, device=ddp.device)   # first non-finite step, 0: none
         self.stop_signal = 0            # the signal that stopped the run, if one did
         if ckpt is not None:
             self._load_state(ckpt)
@@ -206,12 +207,12 @@ class Trainer:
 
     def save_last(self):
         """checkpoint_last.pt: model, optimiser, RNG, data position and memory (collective under DDP)."""
-        mems = self._global_mems()
+        mems, window = self._global_mems(), self._host_window()
         if not self.ddp.is_main:
             return
         payload = self._payload('last')
         payload.update(optimizer=self.optimizer.state_dict(), rng=rng_state(self.args.cuda), train_state={
-            'epoch': self.epoch, 'batch': self.batch, 'mems': mems, 'best': self.best, 'window': self.window,
+            'epoch': self.epoch, 'batch': self.batch, 'mems': mems, 'best': self.best, 'window': window,
             'log_offset': self.log.offset(), 'data_signature': self.data_signature})
         save_atomic(payload, os.path.join(self.run_dir, evaluation.LAST_CHECKPOINT))
         self.saved_step = self.step
@@ -228,10 +229,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def train_step(self, data, target):
-        """One optimiser update on the global batch; returns its mean NLL over all ranks.
+        """One optimiser update on the global batch; returns this rank's mean NLL as a float64 device tensor.
 
         The objective adds THOR's consistency term and the auxiliary losses that are on; their batch means
         go to self.terms, and the fractions of routed slots dropped over capacity to self.dropped, for the log.
+        Nothing is read back to the host: the values stay on the device until the log line (log_progress)
+        reads a whole window of steps back at once, and checks then that they are finite (check_finite).
+        Sums in float64, chunk by chunk in order, as the Python floats they replace.
         """
         data, target = self._local_columns(data), self._local_columns(target)
         chunks = list(zip(data.chunk(self.args.batch_chunk, 1), target.chunk(self.args.batch_chunk, 1)))
@@ -241,23 +245,41 @@ class Trainer:
             nll, extra, dropped_i = self._chunk_forward(i, data_i, target_i)
             objective = nll + sum(weight * value for value, weight in extra.values())
             (objective / len(chunks)).backward()
-            total += nll.item() / len(chunks)
+            total = total + nll.detach().double() / len(chunks)
             for name, (value, _) in extra.items():
-                terms[name] = terms.get(name, 0.0) + value.item() / len(chunks)
+                terms[name] = terms.get(name, 0.0) + value.detach().double() / len(chunks)
             for layer, value in dropped_i.items():
-                dropped[layer] = dropped.get(layer, 0.0) + value.item() / len(chunks)
-        total = self.ddp.mean(total)
-        self.terms = {name: self.ddp.mean(value) for name, value in terms.items()}
-        self.dropped = {layer: self.ddp.mean(value) for layer, value in dropped.items()}
-        if not all(math.isfinite(v) for v in (total, *self.terms.values())):
-            detail = ''.join(f', {name} {value}' for name, value in self.terms.items())
-            raise NonFiniteLoss(f'non-finite training loss ({total}{detail}) at step {self.step + 1}')
-        torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+                dropped[layer] = dropped.get(layer, 0.0) + value.double() / len(chunks)
+        self.terms, self.dropped = terms, dropped
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+        self._watch_finite(torch.stack([total, *terms.values(), grad_norm.double()]))
         for group in self.optimizer.param_groups:
             group['lr'] = learning_rate(self.step, self.args)
         self.optimizer.step()
         return total
 
+    def _watch_finite(self, values):
+        """Remember, on the device, the first step whose loss, terms or gradient norm (values) is not finite."""
+        bad = ~torch.isfinite(values).all()
+        step = torch.full((), self.step + 1, device=values.device)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+
+    def check_finite(self):
+        """NonFiniteLoss when a step since the last check was not finite (one host read). Before every log line
+        and every checkpoint: a non-finite model is never saved; the run stops at the next check, naming the
+        first bad step (the updates after it are lost with the run, which resumes from its last checkpoint)."""
+        first_bad = int(self.ddp.max(self.first_bad))          # every rank stops together
+        if not first_bad:
+            return
+        w = self._host_window()
+        values = {name: w[name] / max(w['steps'], 1) for name in ('loss', *self.terms)}   # the window's means
+        seen = f' (seen at step {self.step}: the loss is read back every --log-interval steps)'
+        if all(math.isfinite(value) for value in values.values()):
+            what = f'non-finite gradient norm at step {first_bad} (training loss {values["loss"]})'
+        else:
+            detail = ''.join(f', {name} {value}' for name, value in values.items() if name != 'loss')
+            what = f'non-finite training loss ({values["loss"]}{detail}) at step {first_bad}'
+        raise NonFiniteLoss(what + (seen if first_bad != self.step else ''))
     def _chunk_forward(self, i, data, target):
         """Forward of batch chunk i, its memory updated: (mean NLL, {extra term: (mean value, weight)},
         {MoE layer: fraction of its routed slots dropped over capacity})."""
@@ -279,9 +301,21 @@ class Trainer:
             return record_routing(self.model, tuple(self.aux_weights))
         return contextlib.nullcontext()
 
-    def log_progress(self, loss, n_tokens):
+    def _host_window(self):
+        """The window's sums as Python floats: its device tensors read back in one transfer (one all-reduce of
+        them all under DDP, each rank's sum then averaged: the mean over ranks of each step's mean before)."""
         w = self.window
-        w['loss'] += loss
+        names = [name for name, value in w.items() if isinstance(value, torch.Tensor)]
+        if not names:
+            return dict(w)
+        values = torch.stack([w[name] for name in names])
+        values = self.ddp.mean(values)
+        return dict(w, **dict(zip(names, values.tolist())))
+
+    def log_progress(self, loss, n_tokens):
+        """Add the step to the window; every --log-interval steps, read it back (once), check it and log it."""
+        w = self.window
+        w['loss'] = w['loss'] + loss
         w['steps'] += 1
         w['tokens'] += n_tokens
         for name, value in self.terms.items():
@@ -290,6 +324,8 @@ class Trainer:
             w[f'train_dropped/layer{layer}'] = w.get(f'train_dropped/layer{layer}', 0.0) + value
         if self.step % self.args.log_interval:
             return
+        self.check_finite()
+        w = self._host_window()
         elapsed = time.time() - w['start']
         mean = w['loss'] / w['steps']
         lr = self.optimizer.param_groups[0]['lr']
@@ -365,8 +401,10 @@ class Trainer:
                     progress.update(1)
                     self.log_progress(loss, target.numel())
                     if self.step % self.args.eval_interval == 0 or self.step == self.args.max_step:
+                        self.check_finite()
                         self.validate()
                     if self._should_stop(stop):
+                        self.check_finite()
                         self.save_last()
                         progress.close()
                         return 'stopped'

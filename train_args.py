@@ -220,6 +220,7 @@ def check_args(args, parser):
                                      torch.bfloat16 if args.amp else torch.float32, (args.d_model, args.d_inner))
         if problem:
             parser.error(f'--moe_engine grouped cannot run: {problem}; use --moe_engine auto or loop')
+    check_compiled_engine(args, parser)
     if not 0 <= args.switch_jitter < 1:
         parser.error(f'--switch_jitter must be in [0, 1) (the router input is scaled by U(1 - eps, 1 + eps)); '
                      f'got {args.switch_jitter}')
@@ -240,6 +241,18 @@ def check_args(args, parser):
         args.data = DEFAULT_DATA[args.dataset]
     if args.dynamic_overall_steps <= 0:
         args.dynamic_overall_steps = args.max_step
+
+
+def check_compiled_engine(args, parser):
+    """--compile on CUDA must compute the experts with grouped_mm: the loop engine reads the expert counts back to
+    the host at every MoE layer, which splits the compiled graph there and syncs the GPU."""
+    if not (args.compile and args.cuda and args.moe and args.moe_backend != 'fastmoe'):
+        return
+    problem = grouped_mm_problem(torch.device('cuda'), torch.bfloat16 if args.amp else torch.float32,
+                                 (args.d_model, args.d_inner))
+    if problem or args.moe_engine == 'loop':
+        parser.error(f'--compile on CUDA needs the grouped MoE engine, which cannot run here: '
+                     f'{problem or "--moe_engine loop was asked for"}; add --amp (bf16), or drop --compile')
 
 
 def check_routing_args(args, parser):

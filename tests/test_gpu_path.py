@@ -5,15 +5,20 @@ gradient, no host read in a training step, the engine chosen per GPU capability,
 without a gradient all-reduce per batch chunk.
 """
 import importlib
+import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import moe
 import moe_engine
 import torch_version
+import train
+from data_utils import Corpus, Vocab
 from mem_transformer import RelPartialLearnableMultiHeadAttn
-from moe import Experts, run_adapters, torch_moe
+from moe import ROUTERS, Experts, run_adapters, torch_moe
+from run_utils import Distributed
 from moe_engine import grouped_mm_problem
 
 
@@ -154,3 +159,98 @@ def test_sdpa_with_a_bias_that_needs_a_gradient_is_pinned_to_the_backends_that_g
         RelPartialLearnableMultiHeadAttn(4, 64, 16, 0.0)(torch.randn(8, 2, 64), torch.randn(8, 64), torch.zeros(4, 16),
                                                           torch.zeros(4, 16), torch.zeros(8, 8, dtype=torch.bool))
     assert allowed[1]['flash'] and allowed[1]['cudnn']
+
+
+# ----------------------------------------------------------------------------- 7. no host read in a training step
+
+def tiny_trainer(tmp_path, gate_name, engine, *extra):
+    """A Trainer of train.py (2 MoE layers of 4 experts, k = 2, 2 batch chunks, balance and z losses, capacity
+    1.0) on a small corpus; its log line every 10 steps."""
+    args = train.parse_args(['--dataset', 'synthetic', '--moe', '--gate_name', gate_name, '--moe-num-expert', '4',
+                             '--moe-top-k', '2', '--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8',
+                             '--d_inner', '16', '--tgt_len', '8', '--mem_len', '8', '--eval_tgt_len', '8',
+                             '--batch_size', '4', '--batch_chunk', '2', '--balance_loss', '0.01', '--z_loss', '0.001',
+                             '--capacity_factor', '1.0', '--moe_engine', engine, '--log-interval', '10', *extra])
+    stream = torch.randint(0, 11, (2000,), generator=torch.Generator().manual_seed(0))
+    corpus = Corpus('synthetic', Vocab([str(i) for i in range(11)]), stream, stream[:400], stream[:400])
+    return train.Trainer(args, Distributed(False), corpus, str(tmp_path))
+
+
+def step(trainer, batch):
+    """One iteration of Trainer.run's loop without its evaluation: the update, then the log window."""
+    data, target, _ = batch
+    loss = trainer.train_step(data, target)
+    trainer.step += 1
+    trainer.log_progress(loss, target.numel())
+
+
+def adam_step_counts(optimizer):
+    """Adam keeps its step counts on the host (unless fused) and reads them there: no device sync."""
+    return {id(state['step']) for state in optimizer.state.values()}
+
+
+@pytest.mark.parametrize('gate_name', ROUTERS)
+def test_a_training_step_with_the_grouped_engine_reads_nothing_back_to_the_host(gate_name, tmp_path, request):
+    trainer = tiny_trainer(tmp_path, gate_name, 'grouped')
+    batches = trainer.tr_iter.iter_from(0)
+    step(trainer, next(batches))                                        # Adam's state is made at the first step
+    host_tensors = request.getfixturevalue('no_host_sync')
+    host_tensors.update(adam_step_counts(trainer.optimizer))
+    step(trainer, next(batches))                                        # step 2: no log line
+    assert trainer.window['steps'] == 2
+
+
+def test_the_loop_engine_reads_its_expert_counts_once_per_moe_layer_forward(tmp_path, request, monkeypatch):
+    trainer = tiny_trainer(tmp_path, 'smoe', 'loop')
+    batches = trainer.tr_iter.iter_from(0)
+    step(trainer, next(batches))
+    host_tensors = request.getfixturevalue('no_host_sync')
+    host_tensors.update(adam_step_counts(trainer.optimizer))
+    counted = []
+
+    def counts_read_on_the_host(sorted_group, n_group):
+        counts = moe_engine.group_counts(sorted_group, n_group)
+        host_tensors.add(id(counts))
+        counted.append(counts)
+        return counts
+    monkeypatch.setattr(moe, 'group_counts', counts_read_on_the_host)
+    step(trainer, next(batches))
+    assert len(counted) == 2 * 2                                        # 2 MoE layers x 2 batch chunks
+
+
+# ----------------------------------------------------------------------------- 8. the engine per GPU
+
+@pytest.mark.parametrize('capability, compiling, engine', [
+    ((8, 0), False, 'loop'),        # A100: torch's grouped_mm is a per-group loop with host copies
+    ((8, 6), False, 'loop'),        # A40
+    ((9, 0), False, 'grouped'),     # H100: grouped GEMM kernels
+    ((10, 0), False, 'grouped'),    # B200
+    ((8, 0), True, 'grouped'),      # --compile: one opaque op in the graph, never the loop's host-side counts
+])
+def test_auto_takes_the_grouped_engine_on_cuda_by_compute_capability(capability, compiling, engine, monkeypatch):
+    cuda = torch.device('cuda')
+    chosen, reason = moe_engine.choose_engine('auto', cuda, torch.bfloat16, (256, 512), compiling, capability)
+    assert chosen == engine, reason
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)   # the device's own
+    assert moe_engine.choose_engine('auto', cuda, torch.bfloat16, (256, 512), compiling)[0] == engine
+
+
+def test_compile_on_cuda_without_the_grouped_engine_is_refused_at_parse_time(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 0))
+    train.parse_args(['--moe', '--cuda', '--amp', '--compile'])                  # bf16: grouped_mm runs
+    for extra in (['--compile'], ['--amp', '--compile', '--moe_engine', 'loop']):
+        with pytest.raises(SystemExit):
+            train.parse_args(['--moe', '--cuda', *extra])
+        assert 'error: --compile on CUDA needs the grouped MoE engine' in capsys.readouterr().err
+
+
+def test_fastmoe_is_looked_up_once_per_process_not_per_forward(monkeypatch):
+    looked_up = []
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: looked_up.append(name))
+    moe.fastmoe_available.cache_clear()
+    try:
+        assert not moe.fastmoe_available() and not moe.fastmoe_available()
+        assert looked_up == ['fmoe']
+    finally:
+        moe.fastmoe_available.cache_clear()
