@@ -28,10 +28,12 @@ What it cannot show: CUDA's kernels themselves (their numerics, speed, memory), 
 import bisect
 import collections
 import contextlib
+import importlib
 import os
 import traceback
 
 import torch
+import torch.nn.utils.clip_grad
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
@@ -114,6 +116,16 @@ class SimTensor(torch.Tensor):
 
 
 REAL_AUTOCAST = torch.autocast
+REAL_GROUP_BY_DEVICE = torch.utils._foreach_utils._group_tensors_by_device_and_dtype
+
+
+def group_by_device(tensorlistlist, with_indices=False):
+    """torch's grouping of tensors by (device, dtype) for the foreach and fused kernels, which reads the TensorImpl's
+    device (the CPU for a SimTensor): a group of SimTensors is put on cuda:0, as on CUDA (clip_grad_norm_ would
+    otherwise move its clipping factor to the CPU)."""
+    groups = REAL_GROUP_BY_DEVICE(tensorlistlist, with_indices)
+    return {(CUDA if any(isinstance(t, SimTensor) for t in lists[0]) else device, dtype): value
+            for (device, dtype), value in groups.items() for lists in [value[0]]}
 REAL_ONE_HOT = torch.nn.functional.one_hot
 
 
@@ -413,6 +425,9 @@ class SimulatedCuda:
             (torch, 'Generator'): SimGenerator,
             (torch, 'autocast'): SimAutocast,
             (torch.nn.functional, 'one_hot'): one_hot,
+            (torch.utils._foreach_utils, '_group_tensors_by_device_and_dtype'): group_by_device,
+            (torch.nn.utils.clip_grad, '_group_tensors_by_device_and_dtype'): group_by_device,
+            (importlib.import_module('torch.optim.optimizer'), '_group_tensors_by_device_and_dtype'): group_by_device,
             (torch.nn.functional, 'scaled_dot_product_attention'):
                 self._sdpa(torch.nn.functional.scaled_dot_product_attention),
         }

@@ -88,11 +88,8 @@ def test_a_training_step_runs_on_the_simulated_gpu_in_bf16_and_reads_nothing_bac
 
 
 # host reads known and reported, each still made on this branch: (operator or file, why)
-KNOWN_READS = {'train.py': 'train.py reads the loss and its terms back every step (issue 19 item 7, branch issue19a)',
-               'aten.bincount.default': 'expert counts by torch.bincount, which syncs on CUDA (issue 19 item 7, '
-                                        'branch issue19a)',
-               'aten.unique_dim.default': "HyperMoE groups tokens by expert set with torch.unique, whose output size "
-                                          "is read back (once per MoE layer; reported, not fixed)"}
+KNOWN_READS = {'aten.unique_dim.default': 'HyperMoE groups tokens by expert set with torch.unique, whose output size '
+                                          'is read back (once per MoE layer; reported, not fixed)'}
 
 
 def known(read):
@@ -105,7 +102,7 @@ def expect_no_host_reads(reads, allowed=0):
     unknown = [read for read in reads if not known(read)]
     assert len(unknown) <= allowed, unknown
     if len(reads) > allowed:
-        pytest.xfail('; '.join(sorted({known(read) for read in reads if known(read)})))
+        pytest.xfail('; '.join(sorted({known(read) for read in reads if known(read)})) + f': {reads}')
 
 
 # ----------------------------------------------------------------------------- evaluation, resume
