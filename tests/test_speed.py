@@ -379,9 +379,10 @@ def test_gpu_check_runs_in_its_shortened_cpu_form_and_prints_its_table(tmp_path)
     table = result.stdout[result.stdout.index('check            result'):].splitlines()
     rows = {line[:16].strip(): line[16:].split()[0] for line in table[1:] if line[:16].strip()
             and not line.startswith('(')}
-    assert rows == {'device tests': 'ok', 'bench fp32': 'ok', 'bench amp': 'ok', 'train fp32': 'ok',
+    assert rows == {'gpu check': 'ok', 'device tests': 'ok', 'bench fp32': 'ok', 'bench amp': 'ok', 'train fp32': 'ok',
                     'fastmoe parity': 'ok' if _imports('fmoe') else 'skipped'}
     assert 'tokens/s' in result.stdout and '400k steps in' in result.stdout and 'MFU' in result.stdout
+    assert 'projected' in result.stdout and 'resume ok' in result.stdout and 'sdpa pinned to' in result.stdout
 
 
 def _imports(module):
