@@ -184,6 +184,17 @@ MUTATIONS = [
              'tests/test_gpu_path.py -k all_reduces_once'),
     Mutation('adam_not_fused_on_cuda', 'train.py', "**({'fused': True} if torch.device(device).type == 'cuda' else {})",
              '', 'tests/test_gpu_path.py -k fused'),
+    # the plain softmax's loss in chunks of rows (adaptive_softmax.py)
+    Mutation('chunked_loss_targets_off_by_one', 'adaptive_softmax.py', 'target.tensor_split(n_chunks)',
+             'target.roll(1).tensor_split(n_chunks)', 'tests/test_chunked_softmax.py'),
+    Mutation('chunked_loss_backward_keeps_the_logits', 'adaptive_softmax.py', 'if grad else self._plain_nll(h, t)',
+             'if False else self._plain_nll(h, t)', 'tests/test_chunked_softmax.py -k peaks'),
+    # the simulated-device tier: a tensor made on the CPU in the forward, a host read in every MoE forward
+    Mutation('sim_group_ends_made_on_the_cpu', 'moe_engine.py',
+             'groups = torch.arange(n_group, device=sorted_group.device, dtype=sorted_group.dtype)',
+             'groups = torch.arange(n_group, dtype=sorted_group.dtype)', 'tests/test_sim_device.py -k smoe-plain'),
+    Mutation('sim_host_read_per_moe_forward', 'moe.py', '    if k == num_expert:',
+             '    if k == num_expert or bool(top_idx.min() < -1):', 'tests/test_sim_device.py -k smoe-plain'),
 ]
 
 
