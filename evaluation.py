@@ -264,7 +264,7 @@ def run_hparams(config):
     """A train.py run's columns in TensorBoard's HParams table, from its config.json: the method as the tables
     name it, the router, k (the fixed k, or the schedule 'k_min-k_max mode'; 'all' for a dense model), the
     experts (0: a dense FFN), the model's size, the recipe, the data, the seed, and the kept checkpoint whose
-    test the k columns show (run_checkpoint's `training_k` rule, as the demo's table)."""
+    test the k columns show (table_checkpoint)."""
     args, model = config['args'], config['model_config']
     if not model['moe']:
         k = 'all'
@@ -276,7 +276,13 @@ def run_hparams(config):
             'experts': model['moe_num_expert'] if model['moe'] else 0, 'layers': model['n_layer'],
             'd_model': model['d_model'], 'dropout': model['dropout'], 'lr': args['lr'], 'steps': args['max_step'],
             'batch': args['batch_size'], 'dataset': args['dataset'], 'seed': args['seed'],
-            'checkpoint': run_checkpoint('training_k', config)}
+            'checkpoint': table_checkpoint(config)}
+
+
+def table_checkpoint(config):
+    """The kept checkpoint a run's HParams row shows: run_checkpoint's `training_k` rule for an MoE run; a dense
+    run keeps one, model_best.pt (`best`)."""
+    return run_checkpoint('training_k', config) if config['model_config']['moe'] else 'best'
 
 
 def table_ks(model_config, ks):
@@ -297,7 +303,7 @@ def result_scalars(entry, ks):
 
 def table_entry(config, entries):
     """The entry of the checkpoint that run_hparams names (None if it was not tested)."""
-    kind = run_checkpoint('training_k', config)
+    kind = table_checkpoint(config)
     return next((e for e in entries if e['checkpoint'] == kind), None)
 
 

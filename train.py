@@ -470,7 +470,7 @@ def final_test(trainer, args):
     entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', ks, args.max_eval_steps,
                                           trainer.ddp.device, log=log)
     evaluation.write_json(os.path.join(trainer.run_dir, 'results.json'), entries)
-    entry = evaluation.table_entry({'args': vars(args)}, entries)
+    entry = evaluation.table_entry({'args': vars(args), 'model_config': trainer.config}, entries)
     if entry is not None:
         log.record(entry['step'], 'test', **evaluation.result_scalars(entry, evaluation.table_ks(trainer.config, ks)))
     log.end_hparams()

@@ -104,7 +104,7 @@ def test_fine_tuning_learns_a_separable_task_and_is_tested_at_every_k(pretrained
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     scalars = set(EventAccumulator(run_dir).Reload().Tags()['scalars'])
-    assert {'train/loss', 'train/accuracy', 'train/lr', 'valid/accuracy', 'test/accuracy_k4'} <= scalars
+    assert {'train/loss', 'train/accuracy', 'train/lr', 'valid/accuracy', 'test/accuracy/k4'} <= scalars
 
     finetune.main(['--table', run_dir])
     first_row = capsys.readouterr().out.split('\n')[1].split()
