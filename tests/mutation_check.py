@@ -157,6 +157,20 @@ MUTATIONS = [
              PAPER_ANALYSES),
     Mutation('angle_of_the_closest_directions', 'analysis.py', 'math.degrees(math.acos(cos[-1].item()))',
              'math.degrees(math.acos(cos[0].item()))', PAPER_ANALYSES),
+    # TensorBoard: the HParams row, the --valid_ks curves, the charts (tests/test_tensorboard.py)
+    Mutation('hparams_test_of_the_wrong_checkpoint', 'evaluation.py', 'kind = table_checkpoint(config)',
+             "kind = 'best'", 'tests/test_tensorboard.py -k "hparams_row or dynamic_k_run"'),
+    Mutation('hparams_dense_value_in_the_first_column', 'evaluation.py', "max(ks) if k == 'dense'",
+             "min(ks) if k == 'dense'", 'tests/test_tensorboard.py -k dense_runs_one_value'),
+    Mutation('valid_ks_logs_the_training_k', 'train.py', 'set_top_k(self.model, k)',
+             'set_top_k(self.model, self.args.moe_top_k)', 'tests/test_tensorboard.py -k "valid_ks_curves"'),
+    Mutation('valid_ks_moves_the_rng', 'train.py',
+             'with torch.random.fork_rng(devices=[self.ddp.local_rank] if self.args.cuda else []):',
+             'with contextlib.nullcontext():', 'tests/test_tensorboard.py -k "valid_ks_leaves_a_thor_run"'),
+    Mutation('dropped_charts_for_dropless_runs', 'run_utils.py', 'if capacity:', 'if True:',
+             'tests/test_tensorboard.py -k dropped_fraction_charts'),
+    Mutation('eval_run_keeps_the_hparams_row', 'eval.py', "return 'test'", "return 'eval_test'",
+             'tests/test_tensorboard.py -k eval_run_adds'),
 ]
 
 
