@@ -416,16 +416,14 @@ class FineTuner:
         self.save_last()
 
     def dev_at_ks(self):
-        """--valid_ks: the dev accuracy at each k, logged as valid/accuracy/k<k>; the model returns to every expert
-        and the RNG to its state before, so the run trains as without the flag."""
+        """--valid_ks: the dev accuracy at each k, logged as valid/accuracy/k<k>; then back to every expert."""
         if not (self.args.valid_ks and self.n_expert):
             return
-        with torch.random.fork_rng(devices=[self.device.index or 0] if self.args.cuda else []):
-            values = {}
-            for k in evaluation.eval_ks(self.pretrained.model_config, self.args.valid_ks):
-                set_top_k(self.model, k)
-                values[f'accuracy/k{k}'] = accuracy(self.model, self.examples['dev'], self.pad_id,
-                                                    self.args.eval_batch_size, self.device, self.args.max_eval_batches)
+        values = {}
+        for k in evaluation.eval_ks(self.pretrained.model_config, self.args.valid_ks):
+            set_top_k(self.model, k)
+            values[f'accuracy/k{k}'] = accuracy(self.model, self.examples['dev'], self.pad_id,
+                                                self.args.eval_batch_size, self.device, self.args.max_eval_batches)
         set_top_k(self.model, self.n_expert)
         self.log('| dev accuracy at k ' + ', '.join(f'{name[10:]}: {value:6.2f}' for name, value in values.items()))
         self.log.record(self.step, 'valid', **values)

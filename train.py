@@ -343,16 +343,16 @@ class Trainer:
         return evaluation.evaluate(self.model, self.va_iter, vars(self.args), self.args.max_eval_steps)
 
     def _validate_at_ks(self, start):
-        """--valid_ks: the validation metric at each k, logged as valid/<metric>/k<k>. The RNG state is restored
-        afterwards (THOR routes at random in evaluation too), so the run trains and validates as without the flag."""
+        """--valid_ks: the validation metric at each k, logged as valid/<metric>/k<k>. Evaluation draws nothing from
+        the global RNG (THOR's random routing has its own stream, restarted by each evaluation), so the run trains
+        and validates as without the flag."""
         if not self.valid_ks:
             return
         began = time.time()
-        with torch.random.fork_rng(devices=[self.ddp.local_rank] if self.args.cuda else []):
-            values = {}
-            for k in self.valid_ks:
-                set_top_k(self.model, k)
-                values[f'{self.metric}/k{k}'] = loss_to_metric(self._valid_loss(), self.args.dataset)
+        values = {}
+        for k in self.valid_ks:
+            set_top_k(self.model, k)
+            values[f'{self.metric}/k{k}'] = loss_to_metric(self._valid_loss(), self.args.dataset)
         self.log(f'| valid {self.metric} at k ' + ', '.join(f'{name.split("/k")[1]}: {value:.5f}'
                                                           for name, value in values.items())
                  + f' | time: {time.time() - began:5.2f}s of the validation\'s {time.time() - start:5.2f}s')

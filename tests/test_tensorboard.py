@@ -155,7 +155,8 @@ def test_valid_ks_curves_hold_a_direct_evaluation_at_each_k_and_validation(fixed
 
 
 def test_valid_ks_leaves_a_thor_run_as_without_it(tmp_path, synthetic_dir):
-    """THOR routes at random in evaluation too: the extra validations must not move the training's RNG."""
+    """THOR routes at random in evaluation too: the extra validations must move neither the training's RNG nor
+    the standard validation's draws."""
     thor = [*RUN, '--gate_name', 'thor', '--moe-top-k', '1']
     plain = train_run(tmp_path / 'a', synthetic_dir, *thor)
     with_ks = train_run(tmp_path / 'b', synthetic_dir, *thor, '--valid_ks', '1,2')
