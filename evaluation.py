@@ -286,7 +286,7 @@ def table_checkpoint(config):
 
 
 def table_ks(model_config, ks):
-    """The k columns of a run's table: those of `ks` up to E; a dense model's value goes in the last (result_scalars)."""
+    """The k columns of a run's table: those of `ks` up to E (a dense model: all, its value in the last)."""
     return eval_ks(model_config, ks) if model_config['moe'] else sorted(ks)
 
 

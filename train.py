@@ -323,8 +323,7 @@ class Trainer:
         if self.ddp.is_main:
             losses = {}
             if self.args.moe:
-                set_top_k(self.model, self.args.moe_num_expert)
-                losses['best_dense'] = self._valid_loss()
+                losses['best_dense'] = self._valid_loss(self.args.moe_num_expert)
                 self._validate_at_ks(start)
                 set_top_k(self.model, self.args.moe_top_k)
             with record_router_stats(self.model) as stats:
@@ -339,7 +338,10 @@ class Trainer:
         self.ddp.barrier()
         self.window['start'] += time.time() - start
 
-    def _valid_loss(self):
+    def _valid_loss(self, k=None):
+        """The validation loss, at k experts per token (None: the k the model has)."""
+        if k is not None:
+            set_top_k(self.model, k)
         return evaluation.evaluate(self.model, self.va_iter, vars(self.args), self.args.max_eval_steps)
 
     def _validate_at_ks(self, start):
@@ -349,23 +351,17 @@ class Trainer:
         if not self.valid_ks:
             return
         began = time.time()
-        values = {}
-        for k in self.valid_ks:
-            set_top_k(self.model, k)
-            values[f'{self.metric}/k{k}'] = loss_to_metric(self._valid_loss(), self.args.dataset)
-        self.log(f'| valid {self.metric} at k ' + ', '.join(f'{name.split("/k")[1]}: {value:.5f}'
-                                                          for name, value in values.items())
+        metric = {k: loss_to_metric(self._valid_loss(k), self.args.dataset) for k in self.valid_ks}
+        self.log(f'| valid {self.metric} at k ' + ', '.join(f'{k}: {value:.5f}' for k, value in metric.items())
                  + f' | time: {time.time() - began:5.2f}s of the validation\'s {time.time() - start:5.2f}s')
-        self.log.record(self.step, 'valid', **values)
+        self.log.record(self.step, 'valid', **{f'{self.metric}/k{k}': value for k, value in metric.items()})
 
     def describe_valid_ks(self):
-        """The cost of --valid_ks, for the log: the extra passes over the validation windows."""
-        windows = len(self.va_iter) if self.args.max_eval_steps <= 0 else min(len(self.va_iter), self.args.max_eval_steps)
-        n_valid = -(-self.args.max_step // self.args.eval_interval)
-        return (f'--valid_ks: {len(self.valid_ks)} more passes (k = {", ".join(map(str, self.valid_ks))}) over the '
-                f'{windows} validation windows at each of the ~{n_valid} validations, besides the 2 at all experts '
-                f'and at k = {self.args.moe_top_k}: validation takes about {(2 + len(self.valid_ks)) / 2:.1f} times '
-                f'as long')
+        """The cost of --valid_ks, for the log: its passes over the validation windows besides the standard two."""
+        windows = min(len(self.va_iter), self.args.max_eval_steps if self.args.max_eval_steps > 0 else math.inf)
+        n = len(self.valid_ks)
+        return (f'--valid_ks {",".join(map(str, self.valid_ks))}: {n} more passes over the {windows} validation '
+                f'windows at every validation, which takes about {(2 + n) / 2:.1f} times as long')
 
     def _report_validation(self, kind, loss, elapsed):
         dense = kind == 'best_dense'
