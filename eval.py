@@ -64,7 +64,7 @@ def record_in_tensorboard(run_dir, config, entries, prefix):
     entry = evaluation.table_entry(config, entries)
     with SummaryWriter(run_dir) as tb:
         write_hparams(tb, evaluation.run_hparams(config),
-                      evaluation.result_tags(dataset_metric(config['args']['dataset']), ks))
+                      evaluation.result_tags(dataset_metric(config['args']['dataset']), ks), evaluation.SHOWN_HPARAMS)
         if entry is not None:
             for name, value in evaluation.result_scalars(entry, ks).items():
                 tb.add_scalar(f'{prefix}/{name}', value, entry['step'])

@@ -260,6 +260,10 @@ def fixed_training_k(config):
     return args.get('moe_top_k') if run_checkpoint('training_k', config) == 'best' else None
 
 
+# the HParams columns shown before the reader ticks more (TensorBoard shows five): what tells a table's rows apart
+SHOWN_HPARAMS = ('checkpoint', 'gate', 'k', 'method', 'seed')
+
+
 def run_hparams(config):
     """A train.py run's columns in TensorBoard's HParams table, from its config.json: the method as the tables
     name it, the router, k (the fixed k, or the schedule 'k_min-k_max mode'; 'all' for a dense model), the

@@ -551,7 +551,8 @@ def record_start(tuner, config, command):
     if tuner.args.restart:
         tuner.log.text('run/command', f'    {command}', tuner.step)
         return
-    tuner.log.hparams(run_hparams(tuner), evaluation.result_tags('accuracy', table_ks(tuner), tuner.args.eval_split))
+    tuner.log.hparams(run_hparams(tuner), evaluation.result_tags('accuracy', table_ks(tuner), tuner.args.eval_split),
+                      evaluation.SHOWN_HPARAMS)
     tuner.log.text('run/command', f'    {command}')
     tuner.log.text('run/config', '```\n' + json.dumps(config, indent=2) + '\n```')
 

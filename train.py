@@ -440,7 +440,8 @@ def record_start(log, config, args, command):
     """TensorBoard's record of a new run: its HParams row (the test columns fill at the end) and, in the Text
     tab, the command line and config.json that produced the curves."""
     ks = evaluation.table_ks(config['model_config'], evaluation.parse_ks(args.eval_ks))
-    log.hparams(evaluation.run_hparams(config), evaluation.result_tags(dataset_metric(args.dataset), ks))
+    log.hparams(evaluation.run_hparams(config), evaluation.result_tags(dataset_metric(args.dataset), ks),
+                evaluation.SHOWN_HPARAMS)
     log.text('run/command', f'    {command}')
     log.text('run/config', '```\n' + json.dumps(config, indent=2) + '\n```')
 

@@ -102,6 +102,9 @@ def test_a_runs_hparams_row_holds_its_settings_and_the_test_of_its_training_k_ch
     assert values == settings('SMoE', 'smoe', '2', 4, 'best')
     assert metrics == ['test/bpc/k1', 'test/bpc/k2', 'test/bpc/k4']
     assert status == 1                                           # STATUS_SUCCESS: the final test is done
+    content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)[hparams_metadata.EXPERIMENT_TAG]
+    shown = {h.name for h in hparams_metadata.parse_experiment_plugin_data(content).hparam_infos if h.differs}
+    assert shown == {'method', 'gate', 'k', 'seed', 'checkpoint'}     # the five the HParams tab shows at first
     best = read_results(run_dir)['best']
     for k in ('1', '2', '4'):
         assert scalar_points(events, f'test/bpc/k{k}') == [(best['step'], pytest.approx(best['results'][k], rel=1e-6))]
