@@ -265,6 +265,57 @@ def fixed_training_k(config):
     return args.get('moe_top_k') if run_checkpoint('training_k', config) == 'best' else None
 
 
+# the HParams columns shown before the reader ticks more (TensorBoard shows five): what tells a table's rows apart
+SHOWN_HPARAMS = ('checkpoint', 'gate', 'k', 'method', 'seed')
+
+
+def run_hparams(config):
+    """A train.py run's columns in TensorBoard's HParams table, from its config.json: the method as the tables
+    name it, the router, k (the fixed k, or the schedule 'k_min-k_max mode'; 'all' for a dense model), the
+    experts (0: a dense FFN), the model's size, the recipe, the data, the seed, and the kept checkpoint whose
+    test the k columns show (table_checkpoint)."""
+    args, model = config['args'], config['model_config']
+    if not model['moe']:
+        k = 'all'
+    elif args.get('dynamic_moe'):
+        k = f"{args['moe_top_k_min']}-{args['moe_top_k_max']} {args['dynamic_moe_mode']}"
+    else:
+        k = str(args['moe_top_k'])
+    return {'method': method_name(model), 'gate': model['gate_name'] if model['moe'] else 'dense', 'k': k,
+            'experts': model['moe_num_expert'] if model['moe'] else 0, 'layers': model['n_layer'],
+            'd_model': model['d_model'], 'dropout': model['dropout'], 'lr': args['lr'], 'steps': args['max_step'],
+            'batch': args['batch_size'], 'dataset': args['dataset'], 'seed': args['seed'],
+            'checkpoint': table_checkpoint(config)}
+
+
+def table_checkpoint(config):
+    """The kept checkpoint a run's HParams row shows: run_checkpoint's `training_k` rule for an MoE run; a dense
+    run keeps one, model_best.pt (`best`)."""
+    return run_checkpoint('training_k', config) if config['model_config']['moe'] else 'best'
+
+
+def table_ks(model_config, ks):
+    """The k columns of a run's table: those of `ks` up to E (a dense model: all, its value in the last)."""
+    return eval_ks(model_config, ks) if model_config['moe'] else sorted(ks)
+
+
+def result_tags(metric, ks, split='test'):
+    """The scalar tags of the HParams table's metric columns: <split>/<metric>/k<k> for each k."""
+    return [f'{split}/{metric}/k{k}' for k in ks]
+
+
+def result_scalars(entry, ks):
+    """{'<metric>/k<k>': value} of a results.json entry (result_tags without the split): a dense model's one value
+    under the largest of `ks`, where the tables put it."""
+    return {f"{entry['metric']}/k{max(ks) if k == 'dense' else k}": value for k, value in entry['results'].items()}
+
+
+def table_entry(config, entries):
+    """The entry of the checkpoint that run_hparams names (None if it was not tested)."""
+    kind = table_checkpoint(config)
+    return next((e for e in entries if e['checkpoint'] == kind), None)
+
+
 def read_runs(run_dirs, kind='best_dense'):
     """[(label, [(seed, run_dir, results.json entry)])]: the runs grouped by configuration (those that differ
     only in seed form one group, seeds.group_runs), labelled with the method's name; `kind` (TABLE_CHECKPOINTS)

@@ -308,12 +308,15 @@ class RunLog:
             if isinstance(value, (int, float)):
                 self.tb.add_scalar(f'{split}/{name}', value, step)
 
-    def router_stats(self, step, stats):
+    def router_stats(self, step, stats, capacity=False):
+        """Per MoE layer: the router entropy, the expert load (a histogram over expert ids) and, when the
+        evaluation has a `capacity`, the fraction of routed slots dropped over it (a dropless run has no such chart)."""
         if not self.enabled:
             return
         for layer, s in stats.items():
             self.tb.add_scalar(f'router/entropy/layer{layer}', s.mean_entropy, step)
-            self.tb.add_scalar(f'router/dropped/layer{layer}', s.drop_fraction, step)   # over capacity; 0 dropless
+            if capacity:
+                self.tb.add_scalar(f'router/dropped/layer{layer}', s.drop_fraction, step)
             counts = s.load.tolist()
             n_expert = len(counts)
             self.tb.add_histogram_raw(
@@ -321,11 +324,55 @@ class RunLog:
                 sum=sum(e * c for e, c in enumerate(counts)), sum_squares=sum(e * e * c for e, c in enumerate(counts)),
                 bucket_limits=[e + 0.5 for e in range(n_expert)], bucket_counts=counts, global_step=step)
 
+    def hparams(self, hparams, metric_tags, shown=()):
+        """Open this run's row of TensorBoard's HParams table (see write_hparams)."""
+        if self.enabled:
+            write_hparams(self.tb, hparams, metric_tags, shown)
+
+    def end_hparams(self):
+        """Mark this run's HParams row finished, once its test results are logged."""
+        if self.enabled:
+            end_hparams(self.tb)
+
+    def text(self, tag, text, step=0):
+        """A text for TensorBoard's Text tab (Markdown)."""
+        if self.enabled:
+            self.tb.add_text(tag, text, step)
+
     def close(self):
         if self.enabled:
             self.tb.close()
             self.log_file.close()
             self.metrics.close()
+
+
+def write_hparams(tb, hparams, metric_tags, shown=()):
+    """The HParams plugin's experiment and session-start summaries, written into the run's own event directory
+    (`tb`, a SummaryWriter), so that a run is one row of the HParams table: its `hparams` {name: number or text}
+    as columns, and a column for each of `metric_tags`, the tags of scalars the run logs (the plugin shows each
+    one's last value). TensorBoard takes the column list of one run it reads, so runs meant for one table give
+    the same hparams names and metric tags. The HParams tab lists the hparams marked as differing between runs
+    first, by name, and shows only the first five until the reader ticks more: `shown` are marked so."""
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+    experiment, session_start, _ = hparams_summaries(hparams, dict.fromkeys(metric_tags, 0.0))
+    plugin_data = experiment.value[0].metadata.plugin_data
+    content = metadata.parse_experiment_plugin_data(plugin_data.content)
+    for info in content.hparam_infos:
+        info.differs = info.name in shown
+    plugin_data.content = plugin_data_pb2.HParamsPluginData(
+        experiment=content, version=metadata.PLUGIN_DATA_VERSION).SerializeToString()
+    tb.file_writer.add_summary(experiment)
+    tb.file_writer.add_summary(session_start)
+    tb.flush()
+
+
+def end_hparams(tb):
+    """The session-end summary (status: success): the HParams table shows the run as finished."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+    _, _, session_end = hparams_summaries({}, {})       # always the end of a successful session
+    tb.file_writer.add_summary(session_end)
+    tb.flush()
 
 
 def make_progress(total, initial, enabled):

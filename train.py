@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -158,6 +159,7 @@ class Trainer:
         self.va_iter = corpus.get_iterator('valid', evaluation.EVAL_BATCH_SIZE, args.eval_tgt_len, ddp.device,
                                            args.ext_len)
         self.metric = dataset_metric(args.dataset)
+        self.valid_ks = evaluation.eval_ks(self.config, args.valid_ks) if args.moe and args.valid_ks else []
         self.data_signature = data_signature(corpus) if ddp.is_main else None
         self.step, self.epoch, self.batch = 0, 1, 0
         self.best = {'best': math.inf, 'best_dense': math.inf}
@@ -364,7 +366,8 @@ class Trainer:
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
 
     def validate(self):
-        """Validation with all experts and with k = --moe-top-k (main rank); keeps the best of each.
+        """Validation with all experts, at each k of --valid_ks, and at k = --moe-top-k (main rank); keeps the
+        best checkpoint of the first and the last.
 
         Its time (and the checkpoints') is left out of the speed that the next log line reports.
         """
@@ -372,14 +375,12 @@ class Trainer:
         if self.ddp.is_main:
             losses = {}
             if self.args.moe:
-                set_top_k(self.model, self.args.moe_num_expert)
-                losses['best_dense'] = evaluation.evaluate(self.model, self.va_iter, vars(self.args),
-                                                           self.args.max_eval_steps)
+                losses['best_dense'] = self._valid_loss(self.args.moe_num_expert)
+                self._validate_at_ks(start)
                 set_top_k(self.model, self.args.moe_top_k)
             with record_router_stats(self.model) as stats:
-                losses['best'] = evaluation.evaluate(self.model, self.va_iter, vars(self.args),
-                                                     self.args.max_eval_steps)
-            self.log.router_stats(self.step, stats)
+                losses['best'] = self._valid_loss()
+            self.log.router_stats(self.step, stats, capacity=self.args.eval_capacity_factor is not None)
             for kind, loss in losses.items():
                 self._report_validation(kind, loss, time.time() - start)
                 if loss < self.best[kind]:
@@ -388,6 +389,31 @@ class Trainer:
         self.save_last()
         self.ddp.barrier()
         self.window['start'] += time.time() - start
+
+    def _valid_loss(self, k=None):
+        """The validation loss, at k experts per token (None: the k the model has)."""
+        if k is not None:
+            set_top_k(self.model, k)
+        return evaluation.evaluate(self.model, self.va_iter, vars(self.args), self.args.max_eval_steps)
+
+    def _validate_at_ks(self, start):
+        """--valid_ks: the validation metric at each k, logged as valid/<metric>/k<k>. Evaluation draws nothing from
+        the global RNG (THOR's random routing has its own stream, restarted by each evaluation), so the run trains
+        and validates as without the flag."""
+        if not self.valid_ks:
+            return
+        began = time.time()
+        metric = {k: loss_to_metric(self._valid_loss(k), self.args.dataset) for k in self.valid_ks}
+        self.log(f'| valid {self.metric} at k ' + ', '.join(f'{k}: {value:.5f}' for k, value in metric.items())
+                 + f' | time: {time.time() - began:5.2f}s of the validation\'s {time.time() - start:5.2f}s')
+        self.log.record(self.step, 'valid', **{f'{self.metric}/k{k}': value for k, value in metric.items()})
+
+    def describe_valid_ks(self):
+        """The cost of --valid_ks, for the log: its passes over the validation windows besides the standard two."""
+        windows = min(len(self.va_iter), self.args.max_eval_steps if self.args.max_eval_steps > 0 else math.inf)
+        n = len(self.valid_ks)
+        return (f'--valid_ks {",".join(map(str, self.valid_ks))}: {n} more passes over the {windows} validation '
+                f'windows at every validation, which takes about {(2 + n) / 2:.1f} times as long')
 
     def _report_validation(self, kind, loss, elapsed):
         dense = kind == 'best_dense'
@@ -461,6 +487,17 @@ def write_config(run_dir, args, trainer, ddp):
               'start_step': trainer.step}
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
+    return config
+
+
+def record_start(log, config, args, command):
+    """TensorBoard's record of a new run: its HParams row (the test columns fill at the end) and, in the Text
+    tab, the command line and config.json that produced the curves."""
+    ks = evaluation.table_ks(config['model_config'], evaluation.parse_ks(args.eval_ks))
+    log.hparams(evaluation.run_hparams(config), evaluation.result_tags(dataset_metric(args.dataset), ks),
+                evaluation.SHOWN_HPARAMS)
+    log.text('run/command', f'    {command}')
+    log.text('run/config', '```\n' + json.dumps(config, indent=2) + '\n```')
 
 
 def record_resume(run_dir, ckpt, args):
@@ -475,31 +512,41 @@ def record_resume(run_dir, ckpt, args):
 
 
 def final_test(trainer, args):
-    """Test every kept checkpoint at k in --eval_ks, print the Table-1-shaped result, write results.json."""
+    """Test every kept checkpoint at k in --eval_ks, print the Table-1-shaped result, write results.json; the
+    test of the checkpoint the HParams row names goes to its columns (test/<metric>/k<k>, at that checkpoint's
+    step), which closes the row."""
     log = trainer.log
     log('=' * 100)
-    entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', evaluation.parse_ks(args.eval_ks),
-                                          args.max_eval_steps, trainer.ddp.device, log=log)
+    ks = evaluation.parse_ks(args.eval_ks)
+    entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', ks, args.max_eval_steps,
+                                          trainer.ddp.device, log=log)
     evaluation.write_json(os.path.join(trainer.run_dir, 'results.json'), entries)
+    entry = evaluation.table_entry({'args': vars(args), 'model_config': trainer.config}, entries)
+    if entry is not None:
+        log.record(entry['step'], 'test', **evaluation.result_scalars(entry, evaluation.table_ks(trainer.config, ks)))
+    log.end_hparams()
     log('=' * 100)
     log(f'results: {os.path.join(trainer.run_dir, "results.json")}')
 
 
-def train_in(run_dir, args, ddp, corpus, ckpt):
+def train_in(run_dir, args, ddp, corpus, ckpt, command):
     """Train in `run_dir` (None off the main rank); returns the exit status."""
     torch.manual_seed(args.seed)
     trainer = Trainer(args, ddp, corpus, run_dir, ckpt)
+    log = trainer.log
     if ddp.is_main:
         if ckpt is None:
-            write_config(run_dir, args, trainer, ddp)
+            record_start(log, write_config(run_dir, args, trainer, ddp), args, command)
         else:
             record_resume(run_dir, ckpt, args)
-    log = trainer.log
+            log.text('run/command', f'    {command}', trainer.step)
     log(f'run directory: {run_dir}' + (f' (resumed at step {trainer.step})' if ckpt else ''))
     log('    ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
     log(f'parameters: {param_breakdown(trainer.model)}')
     if args.moe:
         log(describe_engine(trainer.model, ddp.device, torch.bfloat16 if args.amp else torch.float32, args.compile))
+    if trainer.valid_ks:
+        log(trainer.describe_valid_ks())
     if args.cuda:
         log(f'fp32 matmuls in TF32: {"no (--no_tf32)" if args.no_tf32 else "yes (--no_tf32 turns it off)"}')
     try:
@@ -517,27 +564,29 @@ def train_in(run_dir, args, ddp, corpus, ckpt):
     return 128 + trainer.stop_signal if trainer.stop_signal else 0
 
 
-def start(args, ddp):
-    """Check the data (and the checkpoint to resume), claim the run directory, train; returns the exit status."""
+def start(args, ddp, command):
+    """Check the data (and the checkpoint to resume), claim the run directory, train; returns the exit status.
+    `command` is the command line, recorded with the run."""
     corpus = load_corpus(args, ddp)
     check_data_fits(corpus, args)
     if not args.restart:
         run_dir = make_run_dir(f'{args.work_dir}-{args.dataset}') if ddp.is_main else None
         with RunLock(run_dir) if ddp.is_main else contextlib.nullcontext():
-            return train_in(run_dir, args, ddp, corpus, None)
+            return train_in(run_dir, args, ddp, corpus, None, command)
     with RunLock(args.restart_dir) if ddp.is_main else contextlib.nullcontext():
         ckpt = evaluation.load_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT))
         check_resume(ckpt, args, corpus)
-        return train_in(args.restart_dir, args, ddp, corpus, ckpt)
+        return train_in(args.restart_dir, args, ddp, corpus, ckpt, command)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    command = shlex.join(['python', 'train.py', *(sys.argv[1:] if argv is None else argv)])
     keep_freed_memory()
     set_matmul_precision(args)
     ddp = Distributed(args.cuda)
     try:
-        status = start(args, ddp)
+        status = start(args, ddp, command)
     except (RunError, DataError) as err:
         sys.exit(f'error: {err}')
     except OSError as err:

@@ -182,6 +182,9 @@ def build_parser(description=None):
     add(run, '--eval-interval', type=int, default=4000, help='steps between validations and checkpoints')
     add(run, '--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
     add(run, '--eval_ks', default='1,2,4,8,16', help='k of the final test (those <= E)')
+    add(run, '--valid_ks', type=evaluation.parse_ks, default=None,
+        help='also validate at each of these k (those <= E; e.g. 1,2,4,8,16) at every validation, logged as '
+             'valid/<metric>/k<k>; off by default: each k is one more pass over the validation windows')
     add(run, '--work_dir', default='LM-TFM', help='runs go to <work_dir>-<dataset>/<time stamp>')
     add(run, '--restart', action='store_true', help='resume the run in --restart_dir')
     add(run, '--restart_dir', default='', help='run directory to resume')
@@ -286,7 +289,8 @@ def aux_weights(args):
 
 
 def check_eval_ks(args, parser):
-    """--eval_ks is read now, not after the last step: integers, and with --moe at least one k <= E."""
+    """--eval_ks is read now, not after the last step: integers, and with --moe at least one k <= E; the same
+    for --valid_ks, which also needs --moe."""
     try:
         ks = evaluation.parse_ks(args.eval_ks)
     except argparse.ArgumentTypeError as err:
@@ -294,6 +298,11 @@ def check_eval_ks(args, parser):
     if args.moe and min(ks) > args.moe_num_expert:
         parser.error(f'--eval_ks {args.eval_ks}: no k is at most --moe-num-expert {args.moe_num_expert}, so '
                      f'nothing would be tested; give k from 1 to {args.moe_num_expert}')
+    if args.valid_ks and not args.moe:
+        parser.error('--valid_ks needs --moe (a dense model has no k)')
+    if args.valid_ks and min(args.valid_ks) > args.moe_num_expert:
+        parser.error(f'--valid_ks: no k is at most --moe-num-expert {args.moe_num_expert}; give k from 1 to '
+                     f'{args.moe_num_expert}')
 
 
 def check_hash_xmoe_dts_args(args, parser):

@@ -195,6 +195,19 @@ MUTATIONS = [
              'groups = torch.arange(n_group, dtype=sorted_group.dtype)', 'tests/test_sim_device.py -k smoe-plain'),
     Mutation('sim_host_read_per_moe_forward', 'moe.py', '    if k == num_expert:',
              '    if k == num_expert or bool(top_idx.min() < -1):', 'tests/test_sim_device.py -k smoe-plain'),
+    # TensorBoard: the HParams row, the --valid_ks curves, the charts (tests/test_tensorboard.py)
+    Mutation('hparams_test_of_the_wrong_checkpoint', 'evaluation.py', 'kind = table_checkpoint(config)',
+             "kind = 'best'", 'tests/test_tensorboard.py -k "hparams_row or dynamic_k_run"'),
+    Mutation('hparams_dense_value_in_the_first_column', 'evaluation.py', "max(ks) if k == 'dense'",
+             "min(ks) if k == 'dense'", 'tests/test_tensorboard.py -k dense_runs_one_value'),
+    Mutation('valid_ks_logs_the_training_k', 'train.py', 'self._valid_loss(k)', 'self._valid_loss(self.args.moe_top_k)',
+             'tests/test_tensorboard.py -k "valid_ks_curves"'),
+    Mutation('valid_ks_leaves_its_last_k', 'train.py', 'set_top_k(self.model, self.args.moe_top_k)', 'pass',
+             'tests/test_tensorboard.py -k "valid_ks_leaves_a_thor_run"'),
+    Mutation('dropped_charts_for_dropless_runs', 'run_utils.py', 'if capacity:', 'if True:',
+             'tests/test_tensorboard.py -k dropped_fraction_charts'),
+    Mutation('eval_run_keeps_the_hparams_row', 'eval.py', "return 'test'", "return 'eval_test'",
+             'tests/test_tensorboard.py -k eval_run_adds'),
 ]
 
 
