@@ -210,8 +210,10 @@ def test_relative_attention_probs_and_their_gradients_match_the_definition(mask_
         torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=1e-12, msg=name)
 
 
-def test_relative_attention_probs_are_autograd_bit_for_bit_in_float32():
-    """The written-out backward keeps the numbers of autograd through the same fp32 ops (so runs did not move)."""
+def test_relative_attention_probs_are_autograd_in_float32():
+    """The written-out backward keeps autograd's numbers in fp32: the probabilities and the query and position
+    gradients bit for bit; the key gradient within fp32 rounding, since it is one matmul whose operands are
+    laid out otherwise than autograd's, and some BLAS builds (seen on an AMD EPYC) pick another kernel for it."""
     mask = attention_masks(qlen=16, mlen=16)['future']
     inputs = attention_inputs(torch.float32, n_head=4, bsz=2, qlen=16, mlen=16, d_head=8)
     mask_bias = torch.zeros(mask.shape).masked_fill(mask, float('-inf'))
@@ -224,8 +226,11 @@ def test_relative_attention_probs_are_autograd_bit_for_bit_in_float32():
     prob, grads = probs_and_grads(lambda *x: RelativeAttentionProbs.apply(*x, mask_bias), inputs, weight)
     prob_ref, grads_ref = probs_and_grads(autograd_probs, inputs, weight)
     assert torch.equal(prob, prob_ref)
-    for grad, grad_ref in zip(grads, grads_ref):
-        assert torch.equal(grad, grad_ref)
+    for name, grad, grad_ref in zip(['q_content', 'q_position', 'k', 'r_k'], grads, grads_ref):
+        if name == 'k':
+            torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(grad, grad_ref), name
 
 
 FAULTS_OF_LARGE_TENSORS = """
