@@ -13,7 +13,7 @@
 (d) a HyperRouter training step and evaluation forward against SMoE-Dropout's;
 (e) HyperMoE's HyperExpert, forward + backward at k = 2: one adapter generated per distinct expert set
     of the batch (ours) against one per token (the original's);
-(f) the simulated CUDA trace (tests/sim_device.py, shapes only, so it costs little CPU): a HyperRouter training
+(f) the simulated CUDA trace (sim_device.py, shapes only, so it costs little CPU): a HyperRouter training
     step (forward, backward, clipping, Adam) at k = 2, batch 22 x 512, memory 512, bf16 autocast on an sm90
     device (the grouped engine): host syncs per step (sim_host_syncs_per_step, target 0), operators per step per
     part as a proxy of kernel launches (sim_kernels_per_step), and a projected H100 step time from a stated
@@ -36,7 +36,7 @@ from mem_transformer import MemTransformerLM, PositionwiseFF
 from model_flops import FLOPS_FORMULA, SMALL, analytic_eval_flops, analytic_forward_flops
 from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF
 from run_utils import keep_freed_memory
-from tests.sim_device import SimulatedCuda
+from sim_device import SimulatedCuda
 
 # measured / target: 'max' ratios are times (lower is better), 'min' ratios speeds or utilisation
 TARGETS = {'moe_block_vs_floor': ('max', 1.0), 'train_hr_k2_vs_dense': ('min', 0.97), 'train_mfu': ('min', 0.55),

@@ -14,7 +14,7 @@ from mem_transformer import RelPartialLearnableMultiHeadAttn
 from moe import ROUTERS, MoEPositionwiseFF, describe_engine
 from run_utils import Distributed
 from tests.conftest import TINY_MOE_ARGS, tiny_model
-from tests.sim_device import SimDeviceError, SimTensor, SimulatedCuda
+from sim_device import SimDeviceError, SimTensor, SimulatedCuda
 
 PARTS = {RelPartialLearnableMultiHeadAttn: 'attention', MoEPositionwiseFF: 'moe'}
 # the tiny run in bf16 (--amp) on "cuda": d_inner 16, so that grouped_mm's rows are 16-byte aligned in bf16

@@ -1,4 +1,4 @@
-"""A simulated CUDA device for the tests: tensors that say they are on cuda:0 while their data lives elsewhere.
+"""A simulated CUDA device (tests, bench.py's trace): tensors that say they are on cuda:0, their data elsewhere.
 
     with SimulatedCuda() as sim:                        # torch.cuda.* answers as one H100 would
         model = tiny_model().to(sim.device)             # parameters become SimTensors on "cuda:0"
@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.abspath(__file__))
 CUDA = torch.device('cuda', 0)
 aten = torch.ops.aten
 
