@@ -86,7 +86,19 @@ def make_optimizer(params, args, device):
         return torch.optim.SGD(params, lr=args.lr, momentum=args.mom)
     if args.optim == 'adagrad':
         return torch.optim.Adagrad(params, lr=args.lr)
-    return torch.optim.Adam(params, lr=args.lr, **({'fused': True} if torch.device(device).type == 'cuda' else {}))
+    if torch.device(device).type != 'cuda':
+        return torch.optim.Adam(params, lr=args.lr)
+    optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)
+    optimizer.register_step_post_hook(mark_params_updated)
+    return optimizer
+
+
+def mark_params_updated(optimizer, args, kwargs):
+    """Step post hook of fused Adam: bump every parameter's version counter. torch._fused_adam_ writes the
+    parameters in place without bumping them (on every device: an op returning nothing gets no bump from
+    autograd's in-place codegen), and HyperRouter's cached router keys on those counters: without this, every
+    validation after the first would reuse the router generated at the first."""
+    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group['params']])
 
 
 @functools.lru_cache(maxsize=1)

@@ -182,8 +182,10 @@ MUTATIONS = [
              'with sdpa_backends(False):', 'tests/test_gpu_path.py -k pinned'),
     Mutation('ddp_all_reduces_every_chunk', 'train.py', 'if self.ddp_model is None or last_chunk:', 'if True:',
              'tests/test_gpu_path.py -k all_reduces_once'),
-    Mutation('adam_not_fused_on_cuda', 'train.py', "**({'fused': True} if torch.device(device).type == 'cuda' else {})",
-             '', 'tests/test_gpu_path.py -k fused'),
+    Mutation('adam_not_fused_on_cuda', 'train.py', 'torch.optim.Adam(params, lr=args.lr, fused=True)',
+             'torch.optim.Adam(params, lr=args.lr)', 'tests/test_gpu_path.py -k fused'),
+    Mutation('fused_adam_leaves_the_version_counters', 'train.py',
+             'optimizer.register_step_post_hook(mark_params_updated)', '', 'tests/test_gpu_path.py -k fused'),
     # the plain softmax's loss in chunks of rows (adaptive_softmax.py)
     Mutation('chunked_loss_targets_off_by_one', 'adaptive_softmax.py', 'target.tensor_split(n_chunks)',
              'target.roll(1).tensor_split(n_chunks)', 'tests/test_chunked_softmax.py'),

@@ -20,6 +20,7 @@ import moe_engine
 import torch_version
 import train
 from data_utils import Corpus, Vocab
+from hyper_router import HyperRouterGate
 from mem_transformer import RelPartialLearnableMultiHeadAttn
 from moe import ROUTERS, Experts, run_adapters, torch_moe
 from run_utils import Distributed
@@ -272,6 +273,27 @@ def test_adam_is_fused_on_cuda_and_torch_default_on_the_cpu():
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert train.make_optimizer(params, args, torch.device('cuda')).defaults['fused'] is True
     assert train.make_optimizer(params, args, torch.device('cpu')).defaults['fused'] is None     # CPU numbers kept
+
+
+def test_after_a_fused_adam_step_hyperrouter_validates_with_the_router_of_the_new_embedding():
+    """The fused kernel (run here on the CPU, as make_optimizer asks for CUDA) writes the embedding in place; the
+    router cached by the evaluation before the step must not be reused after it."""
+    torch.manual_seed(0)
+    gate = HyperRouterGate(8, 4, hyper_size=16)
+    optimizer = train.make_optimizer([gate.embedding], train.parse_args(['--lr', '0.1']), torch.device('cuda'))
+    with torch.no_grad():
+        before, _ = gate.router()                                         # cached, as a validation leaves it
+    weight, bias = gate.generate_router()
+    (weight.square().sum() + bias.sum()).backward()
+    optimizer.step()
+    first, second = gate.hypernet[0], gate.hypernet[2]
+    hidden = (gate.embedding.detach() @ first.weight.T + first.bias).clamp(min=0)          # [1, 16], by hand
+    expected = (hidden @ second.weight.T + second.bias).view(4, 9)                         # [E, d + 1]
+    with torch.no_grad():
+        weight, bias = gate.router()
+    assert not torch.allclose(before, expected[:, :-1], rtol=0, atol=1e-3)   # the step moved the router
+    torch.testing.assert_close(weight, expected[:, :-1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bias, expected[:, -1], rtol=1e-6, atol=1e-6)
 
 
 def ddp_step(rank, world_size, port, batch_chunk, folder):

@@ -250,8 +250,9 @@ def test_a_resume_on_another_device_loads_the_checkpoint_to_the_cpu(corpus, stop
                                        '--restart', '--restart_dir', run_dir))
     ddp = types.SimpleNamespace(device=torch.device('meta'), is_main=True, world_size=1, rank=0, barrier=lambda: None)
     handed = {}
-    monkeypatch.setattr(train, 'train_in', lambda run_dir, args, ddp, corpus, ckpt: handed.setdefault('ckpt', ckpt))
-    train.start(args, ddp)
+    monkeypatch.setattr(train, 'train_in',
+                        lambda run_dir, args, ddp, corpus, ckpt, command: handed.setdefault('ckpt', ckpt))
+    train.start(args, ddp, 'python train.py --restart')
     ckpt = handed['ckpt']
     assert cpu_tensors(ckpt)
     assert ckpt['rng']['torch'].dtype == torch.uint8
