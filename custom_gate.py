@@ -115,29 +115,14 @@ class FrozenNaiveGate(NaiveGate):
 THOR_INFERENCE = ('random', 'average')
 
 
-class RandomGate(BaseGate):
-    """THOR's routing (Zuo et al. 2022): no router; each token goes to k distinct experts drawn uniformly.
+class SeededEvalDraws(nn.Module):
+    """Random routing that also draws at evaluation, reproducibly: in training from the global RNG (which
+    checkpoints save, so a resumed run draws the same), in evaluation from the gate's own generator, seeded
+    with `eval_seed` each time the model changes mode, so every evaluation draws the same numbers and leaves
+    the training RNG untouched. Each layer has its own seed (its index), as the layers draw independently."""
 
-    The logits are all zero (the routing distribution is uniform, entropy log E), so the selected
-    experts share the scores 1/k and the gate contract holds. Training draws from the global RNG, which
-    checkpoints save, so a resumed run draws the same experts. (THOR's code draws one expert per layer
-    for the whole batch in training; here every token draws its own.) At inference (`inference`):
-    - 'random', THOR's own (experts "randomly activated for each input during training and inference";
-      its code's token-level inference): k random experts per token, drawn from a generator of the
-      gate seeded with `eval_seed` each time the model changes mode, so every evaluation draws the same
-      experts and the training RNG is left untouched. Each layer has its own seed, as the layers draw
-      independently in training;
-    - 'average': every expert with score 1/E whatever k, the expectation of the random choice over
-      experts (an expert ensemble costing k = E; the gate then returns E columns).
-    """
-
-    def __init__(self, d_model, num_expert, world_size=1, top_k=1, inference='random', eval_seed=0):
-        super().__init__(d_model, num_expert, world_size, top_k)
-        if inference not in THOR_INFERENCE:
-            raise ValueError(f'unknown THOR inference {inference!r}; choose one of {", ".join(THOR_INFERENCE)}')
-        self.inference = inference
-        self.eval_seed = eval_seed
-        self._eval_generator = None
+    eval_seed = 0
+    _eval_generator = None
 
     def train(self, mode=True):
         self._eval_generator = None          # the next evaluation restarts its stream
@@ -150,6 +135,28 @@ class RandomGate(BaseGate):
         if self._eval_generator is None or self._eval_generator.device != device:
             self._eval_generator = torch.Generator(device).manual_seed(self.eval_seed)
         return self._eval_generator
+
+
+class RandomGate(SeededEvalDraws, BaseGate):
+    """THOR's routing (Zuo et al. 2022): no router; each token goes to k distinct experts drawn uniformly.
+
+    The logits are all zero (the routing distribution is uniform, entropy log E), so the selected
+    experts share the scores 1/k and the gate contract holds. Training draws from the global RNG, which
+    checkpoints save, so a resumed run draws the same experts. (THOR's code draws one expert per layer
+    for the whole batch in training; here every token draws its own.) At inference (`inference`):
+    - 'random', THOR's own (experts "randomly activated for each input during training and inference";
+      its code's token-level inference): k random experts per token, drawn reproducibly (`SeededEvalDraws`,
+      seeded with `eval_seed`);
+    - 'average': every expert with score 1/E whatever k, the expectation of the random choice over
+      experts (an expert ensemble costing k = E; the gate then returns E columns).
+    """
+
+    def __init__(self, d_model, num_expert, world_size=1, top_k=1, inference='random', eval_seed=0):
+        super().__init__(d_model, num_expert, world_size, top_k)
+        if inference not in THOR_INFERENCE:
+            raise ValueError(f'unknown THOR inference {inference!r}; choose one of {", ".join(THOR_INFERENCE)}')
+        self.inference = inference
+        self.eval_seed = eval_seed
 
     def logits(self, x):
         return x.new_zeros(x.size(0), self.tot_expert)                       # [T, E], uniform routing
@@ -197,23 +204,34 @@ class SwitchGate(BaseGate):
         return F.softmax(logits, dim=-1).gather(1, top_idx)                          # [T, k]
 
 
-class GShardGate(BaseGate):
+GSHARD_EVAL_POLICIES = ('random', 'all')
+
+
+class GShardGate(SeededEvalDraws, BaseGate):
     """GShard's top-2 router (Lepikhin et al. 2021, Algorithm 1): a linear router W_g x, no bias, its two
     best experts with gates g1, g2 normalised over the two (the default scores).
 
-    Random routing, in training only: the second expert is kept with probability min(1, 2 g2), g2 the
-    second gate normalised over the top two (at most 1/2), else its slot is -1 (routed nowhere; the first
-    keeps its gate g1). The draw uses the global RNG. At k > 2 only the second slot is subject to it.
-    Defaults: balance loss weight 1e-2 (the coefficient of the reference Mesh TensorFlow code, whose
-    E^2-scaled loss is our `balance`), capacity factor 1.0 in training (the paper's C = 2N/E for two
-    experts per token) and 2.0 in evaluation.
+    Random routing: the second expert is kept with probability min(1, 2 g2), g2 the second gate normalised
+    over the top two (at most 1/2), else its slot is -1 (routed nowhere; the first keeps its gate g1). In
+    training the draw uses the global RNG. Evaluation applies it too by default (`eval_policy` 'random'), as
+    Algorithm 1, which has no training condition, and the reference code (mesh_tensorflow moe.py
+    `second_policy_eval="random"`, fastmoe gshard_gate.py) do, drawing reproducibly (`SeededEvalDraws`, seeded
+    with `eval_seed`); 'all' keeps every second expert in evaluation (deterministic). At k > 2 only the second
+    slot is subject to it. Defaults: balance loss weight 1e-2 (the coefficient of the reference Mesh TensorFlow
+    code, whose E^2-scaled loss is our `balance`), capacity factor 1.0 in training (the paper's C = 2N/E for
+    two experts per token) and 2.0 in evaluation.
     """
 
     default_aux_losses = {'balance': 0.01}
     default_capacity_factor = (1.0, 2.0)
 
-    def __init__(self, d_model, num_expert, world_size=1, top_k=2):
+    def __init__(self, d_model, num_expert, world_size=1, top_k=2, eval_policy='random', eval_seed=0):
         super().__init__(d_model, num_expert, world_size, top_k)
+        if eval_policy not in GSHARD_EVAL_POLICIES:
+            raise ValueError(f'unknown GShard evaluation policy {eval_policy!r}; choose one of '
+                             f'{", ".join(GSHARD_EVAL_POLICIES)}')
+        self.eval_policy = eval_policy
+        self.eval_seed = eval_seed
         self.gate = nn.Linear(d_model, self.tot_expert, bias=False)
 
     def logits(self, x):
@@ -221,9 +239,10 @@ class GShardGate(BaseGate):
 
     def choose(self, logits):
         top_val, top_idx = torch.topk(logits, self.top_k, dim=-1)                    # [T, k]
-        if self.training and self.top_k >= 2:
+        if self.top_k >= 2 and (self.training or self.eval_policy == 'random'):
             g2 = torch.sigmoid(top_val[:, 1] - top_val[:, 0])                        # [T], p2 / (p1 + p2)
-            dropped = torch.rand_like(g2) >= 2 * g2                                  # kept with prob. 2 g2
+            uniform = torch.rand(g2.shape, generator=self._generator(g2.device), device=g2.device, dtype=g2.dtype)
+            dropped = uniform >= 2 * g2                                              # kept with prob. 2 g2
             top_idx = top_idx.clone()
             top_idx[:, 1] = top_idx[:, 1].masked_fill(dropped, -1)
         return top_val, top_idx

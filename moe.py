@@ -73,6 +73,7 @@ def uses_thor(moe, gate_name):
 # the router_options each gate class takes: {option name (train.py flag): the gate's argument}
 ROUTER_OPTIONS = {
     SwitchGate: {'switch_jitter': 'jitter'},
+    GShardGate: {'gshard_eval_policy': 'eval_policy'},
     HashGate: {'n_token': 'n_token', 'hash_seed': 'seed'},
     XMoEGate: {'xmoe_dim': 'dim', 'xmoe_temperature': 'temperature'},
     DTSGate: {'dts_max_temp': 'max_temp', 'dts_min_temp': 'min_temp', 'dts_anneal_steps': 'anneal_steps',
@@ -93,6 +94,8 @@ def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_infer
         extra = {'hyper_size': hyper_size}
     elif issubclass(gate_cls, RandomGate):
         extra = {'inference': thor_inference, 'eval_seed': layer_index}
+    elif issubclass(gate_cls, GShardGate):
+        extra['eval_seed'] = layer_index
     elif issubclass(gate_cls, HashGate):
         extra['layer_index'] = layer_index
     return gate_cls(d_model, num_expert, 1, top_k, **extra)

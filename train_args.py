@@ -12,7 +12,7 @@ import os
 import torch
 
 import evaluation
-from custom_gate import THOR_INFERENCE
+from custom_gate import GSHARD_EVAL_POLICIES, THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES
 from moe import AUX_LOSSES, BACKENDS, GATES, MOE_VARIANTS, routers_giving
 from moe_engine import ENGINES, grouped_mm_problem
@@ -26,7 +26,7 @@ ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inn
                      'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'hyper_size', 'adaptive', 'not_tied',
                      'moe_variant', 'hypermoe_emb_dim', 'hypermoe_hidden', 'hypermoe_layer_emb_dim',
                      'hypermoe_adapter_dim', 'hash_seed', 'xmoe_dim', 'xmoe_temperature', 'dts_max_temp',
-                     'dts_min_temp', 'dts_anneal_steps', 'dts_threshold')
+                     'dts_min_temp', 'dts_anneal_steps', 'dts_threshold', 'gshard_eval_policy')
 # How the data is cut into training windows: a resume with others would read other data than the checkpoint's.
 DATA_LAYOUT_ARGS = ('dataset', 'batch_size', 'tgt_len', 'ext_len', 'batch_chunk')
 POSITIVE_ARGS = ('max_step', 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'batch_size', 'batch_chunk',
@@ -80,6 +80,11 @@ def add_method_args(p):
     switch = p.add_argument_group('Switch Transformer (--gate_name switch)')
     add(switch, '--switch_jitter', type=float, default=0.01,
         help='in training the router reads x * U(1 - eps, 1 + eps), eps this value (the paper\'s 1e-2; 0: off)')
+    gshard = p.add_argument_group('GShard (--gate_name gshard)')
+    add(gshard, '--gshard_eval_policy', default='random', choices=GSHARD_EVAL_POLICIES,
+        help='random: the second expert is kept with probability 2 g2 in evaluation too (Algorithm 1; Mesh '
+             'TensorFlow\'s second_policy_eval="random"), drawn from a fixed per-layer seed so every evaluation draws '
+             'the same; all: always kept in evaluation (deterministic)')
     hmoe = p.add_argument_group('HyperMoE (--moe_variant hypermoe): HyperExpert generated from the unselected experts')
     add(hmoe, '--moe_variant', default='plain', choices=MOE_VARIANTS,
         help='hypermoe: add to every MoE block the HyperExpert of HyperMoE (Zhao et al. 2024); works with any router')
@@ -331,4 +336,5 @@ def model_config(args, n_token):
                 hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim,
                 switch_jitter=args.switch_jitter, hash_seed=args.hash_seed, xmoe_dim=args.xmoe_dim,
                 xmoe_temperature=args.xmoe_temperature, dts_max_temp=args.dts_max_temp, dts_min_temp=args.dts_min_temp,
-                dts_anneal_steps=dts_anneal_steps(args), dts_threshold=args.dts_threshold)
+                dts_anneal_steps=dts_anneal_steps(args), dts_threshold=args.dts_threshold,
+                gshard_eval_policy=args.gshard_eval_policy)

@@ -132,7 +132,40 @@ def test_gshard_drops_the_second_expert_at_rate_one_minus_two_g2():
     torch.testing.assert_close(top_score, torch.tensor([1 - g2, g2]).repeat(n, 1))   # g1 not renormalised
     tie = torch.tensor([1.0, 1.0, -5.0, -5.0]).repeat(n, 1)
     assert (gate(tie)[0] >= 0).all()
-    assert (gate.eval()(x)[0][:, 1] == 1).all()                          # evaluation: never dropped
+
+
+def test_gshard_drops_the_second_expert_in_evaluation_too_the_same_draws_every_evaluation():
+    """Algorithm 1 (Lepikhin et al. 2021) has no training condition, and Mesh TensorFlow's default is
+    second_policy_eval="random": in evaluation the second expert is dropped at rate 1 - 2 g2 too, from the gate's
+    own seeded stream, so two evaluations give the same routing and the global RNG is left as it was."""
+    gate = identity_router(GShardGate, top_k=2).eval()
+    n = 20000
+    x = torch.tensor([2.0, 1.0, -5.0, -5.0]).repeat(n, 1)
+    g2 = math.exp(1) / (math.exp(2) + math.exp(1))
+    torch.manual_seed(0)
+    first = gate(x)[0]
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))                             # the global RNG is left untouched
+    dropped = int((first[:, 1] == -1).sum())
+    assert abs(dropped - n * (1 - 2 * g2)) < binomial_bound(n, 1 - 2 * g2)
+    gate.train()
+    gate(x)
+    gate.eval()
+    assert torch.equal(gate(x)[0], first)                                # the next evaluation draws the same
+    other_layer = identity_router(GShardGate, top_k=2, eval_seed=1).eval()
+    assert not torch.equal(other_layer(x)[0], first)                     # each layer its own seed
+
+
+def test_gshard_eval_policy_all_keeps_every_second_expert_in_evaluation_only():
+    gate = identity_router(GShardGate, top_k=2, eval_policy='all')
+    x = torch.tensor([2.0, 1.0, -5.0, -5.0]).repeat(2000, 1)
+    assert (gate.eval()(x)[0][:, 1] == 1).all()
+    assert (gate.train()(x)[0][:, 1] == -1).any()
+    with pytest.raises(ValueError, match='unknown GShard evaluation policy'):
+        GShardGate(D, E, eval_policy='none')
+    with pytest.raises(SystemExit):
+        train.parse_args(['--moe', '--gate_name', 'gshard', '--gshard_eval_policy', 'none'])
 
 
 def test_gshard_drop_rate_follows_each_tokens_own_gate():
