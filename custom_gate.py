@@ -395,19 +395,22 @@ def dts_temperature(step, max_temp, min_temp, anneal_steps):
 class DTSGate(BaseGate):
     """DTS-Gate (Nie et al. 2021, EvoMoE): dense-to-sparse routing by an annealed Gumbel softmax.
 
-    Logits: a linear router without bias (as EvoMoE's). In training, up to `anneal_steps`, the weights are
-    w = softmax((logits + g) / tau), g Gumbel noise and tau decaying from max_temp to min_temp (see
-    dts_temperature); a token goes to every expert whose weight exceeds `threshold` (EvoMoE's content-based
-    selection, 0.001), with gate value w: at tau = 2 that is practically every expert (dense), and fewer as
-    tau falls. The gate returns E columns in that phase, best first, the unselected slots -1. From
-    anneal_steps on, the gate is sparse: the top k of logits + g, gate values w at min_temp (not
-    renormalised, as EvoMoE's hard phase keeps the Gumbel weight). Evaluation uses that final sparse state
-    without noise, whatever the checkpoint's step: the top k of the logits, gate values
-    softmax(logits / min_temp) of the chosen. The step comes from the trainer's set_step before every step
-    (also the first after a resume), and the noise from the global RNG, which checkpoints save.
+    Logits: a linear router without bias (as EvoMoE's). The Gumbel softmax only *selects* the experts: in
+    training, up to `anneal_steps`, w = softmax((logits + g) / tau), g Gumbel noise and tau decaying from
+    max_temp to min_temp (see dts_temperature), and a token goes to every expert whose w exceeds `threshold`
+    (EvoMoE's content-based selection, 0.001): practically every expert at first, fewer as tau falls. The
+    gate returns E columns in that phase, best first, the unselected slots -1. From anneal_steps on it is
+    sparse: the top k of logits + g. Evaluation routes by the top k of the logits, without noise, whatever
+    the checkpoint's step. The gate value of a chosen expert is always softmax(logits) at temperature 1, its
+    probability under the router's full softmax, not renormalised over the chosen: EvoMoE's default gate
+    (without --use-gumbel-gates, topkgate.py lines 63-68 in training, its top-1 gate at evaluation,
+    top1gate.py line 51), so training and evaluation scale an expert's output alike. The step comes from the
+    trainer's set_step before every step (also the first after a resume), and the noise from the global RNG,
+    which checkpoints save. Defaults: temperatures 1.0 -> 0.5, EvoMoE's flag defaults (--max-temperature,
+    --min-temperature, fairseq/dataclass/configs.py).
     """
 
-    def __init__(self, d_model, num_expert, world_size=1, top_k=1, max_temp=2.0, min_temp=0.3,
+    def __init__(self, d_model, num_expert, world_size=1, top_k=1, max_temp=1.0, min_temp=0.5,
                  anneal_steps=200_000, threshold=0.001):
         super().__init__(d_model, num_expert, world_size, top_k)
         if not 0 < min_temp <= max_temp:
@@ -435,7 +438,8 @@ class DTSGate(BaseGate):
         return F.linear(x, self.gate.weight.to(x.dtype))
 
     def choose(self, logits):
-        """In training the values returned are the Gumbel weights w of the chosen experts, not their logits."""
+        """The chosen experts by the Gumbel weights in training (returned as their values), by the logits in
+        evaluation."""
         if not self.training:
             return torch.topk(logits, self.top_k, dim=-1)
         uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)          # (0, 1): no log(0)
@@ -447,6 +451,6 @@ class DTSGate(BaseGate):
         return top_w, top_idx.masked_fill(top_w <= self.threshold, -1)
 
     def scores(self, logits, top_val, top_idx):
-        if self.training:
-            return top_val * (top_idx >= 0)                                                  # the Gumbel weights
-        return F.softmax(logits / self.min_temp, dim=-1).gather(1, top_idx)
+        """softmax(logits) of each chosen expert (0 in a -1 slot), in training and evaluation alike."""
+        probs = F.softmax(logits, dim=-1).gather(1, top_idx.clamp(min=0))                    # [T, k]
+        return probs * (top_idx >= 0)

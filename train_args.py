@@ -105,8 +105,10 @@ def add_hash_xmoe_dts_args(p):
     add(xmoe, '--xmoe_dim', type=int, default=16, help='dimension of the routing space (the paper\'s 16)')
     add(xmoe, '--xmoe_temperature', type=float, default=0.07, help='initial value of the learnable temperature')
     dts = p.add_argument_group('DTS-Gate (--gate_name dts): Gumbel softmax annealed from dense to top-k routing')
-    add(dts, '--dts_max_temp', type=float, default=2.0, help='Gumbel temperature at step 0')
-    add(dts, '--dts_min_temp', type=float, default=0.3, help='Gumbel temperature at the end of the annealing')
+    add(dts, '--dts_max_temp', type=float, default=1.0,
+        help='Gumbel temperature at step 0 (EvoMoE\'s --max-temperature default)')
+    add(dts, '--dts_min_temp', type=float, default=0.5,
+        help='Gumbel temperature at the end of the annealing (EvoMoE\'s --min-temperature default)')
     add(dts, '--dts_anneal_steps', type=int, default=-1,
         help='steps of the dense-to-sparse phase (exponential decay of the temperature, experts kept by '
              '--dts_threshold); top-k routing after it (default: half of max_step)')
