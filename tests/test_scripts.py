@@ -160,7 +160,7 @@ DEVIATIONS = {
     'LargeScale': ['layers 0-3 MoE', '18 layers, batch 44 and 50k steps'],
     'Hash': ['our extension'],
     'X-MoE': ['second expert', 'capacity'],
-    'DTS-Gate': ['expert-diversify phase', "its code's flag defaults are 1.0 and 0.5"],
+    'DTS-Gate': ['expert-diversify phase', '--max-temperature 1.0, --min-temperature 0.5', 'without --use-gumbel-gates'],
 }
 # Departures of one script alone
 SCRIPT_DEVIATIONS = {'table1/directly_dense_dropout_wiki103.sh': ['batch 66', '134,000 steps']}
