@@ -23,6 +23,8 @@ What a gate may declare (class attributes and hooks, all with neutral defaults h
 - `default_capacity_factor`: (training, evaluation) expert capacity factors the method uses unless a
   flag says otherwise; None is dropless (the engine applies capacity, moe.py).
 - `aux_terms()`: the gate's own auxiliary losses of its last forward, {name: scalar tensor}.
+- `balance_logits(logits)`: the logits the engine's balance loss reads (here the routing logits; X-MoE's are
+  at a fixed temperature).
 - `set_step(step)`: called by the trainer before every training step (routers with a schedule).
 """
 import torch
@@ -75,6 +77,10 @@ class BaseGate(nn.Module):
 
     def set_step(self, step):
         """Told the training step (counted from 0) before each step; a fixed router ignores it."""
+
+    def balance_logits(self, logits):
+        """The logits [T, E] of the last forward that the balance loss reads: the routing logits here."""
+        return logits
 
     def forward(self, x, token_ids=None, return_logits=False):
         if self.needs_token_ids and token_ids is None:
@@ -353,17 +359,24 @@ class HashGate(BaseGate):
         return logits.scatter(1, chosen, 0.0)
 
 
+XMOE_BALANCE_TEMPERATURE = 0.07
+
+
 class XMoEGate(BaseGate):
     """X-MoE router (Chi et al. 2022): s_i = cos(W h, e_i) / tau, routing in a low-dimensional hypersphere.
 
     W [r, d] (no bias) projects the token to r = `dim` dimensions; the expert embeddings e [E, r] start
     orthogonal with gain 0.32 (as the reference code). Both the projected token and the embeddings are
-    L2-normalised (the paper; the released code normalises only the embeddings), so the scores lie in
-    [-1 / tau, 1 / tau] and do not depend on the token's norm. tau is a learnable scalar, initialised at
-    `temperature` and floored at 1e-4 (the reference code's floor). Gate values: the softmax renormalised
-    over the top k for k >= 2 (the reference LM recipe, --moe-normalize-gate-prob-before-dropping), the
-    full-softmax probability at k = 1 (its top-1 gating; renormalising one expert would give the router no
-    gradient). Trained with the balance loss at 0.01 as the reference recipe (--moe-gate-loss-wt 0.01).
+    L2-normalised (the paper's formula), so the scores lie in [-1 / tau, 1 / tau] and do not depend on the
+    token's norm; torchscale's routing.py normalises only the embeddings, which it also rescales in place to
+    norm 1.5 every forward (lines 495-498, 513-518; the rescaling is then undone by the normalisation), and has
+    no learned temperature. tau is a learnable scalar, initialised at `temperature` and floored at 1e-4 (as
+    the X-MoE-lineage gates that learn one, `gating_t`). The balance loss reads the cosines at the fixed
+    temperature 0.07 (`balance_logits`; routing.py's TEMPERATURE_FOR_L_UAX, "use a fixed temperature to
+    compute balance loss"), so it never pushes tau. Gate values: the softmax renormalised over the top k for
+    k >= 2 (the reference LM recipe, --moe-normalize-gate-prob-before-dropping), the full-softmax probability at
+    k = 1 (its top-1 gating; renormalising one expert would give the router no gradient). Trained with the
+    balance loss at 0.01 as the reference recipe (--moe-gate-loss-wt 0.01).
     """
 
     default_aux_losses = {'balance': 0.01}
@@ -373,11 +386,21 @@ class XMoEGate(BaseGate):
         self.project = nn.Linear(d_model, dim, bias=False)
         self.expert_emb = nn.Parameter(nn.init.orthogonal_(torch.empty(self.tot_expert, dim), gain=0.32))
         self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+        self._cosine = None
+
+    def routing_temperature(self):
+        """tau as the scores use it (floored at 1e-4), a 0-d tensor."""
+        return self.temperature.clamp(min=1e-4)
 
     def logits(self, x):
         token = F.normalize(F.linear(x, self.project.weight.to(x.dtype)), dim=-1, eps=1e-4)   # [T, r]
         experts = F.normalize(self.expert_emb.to(x.dtype), dim=-1, eps=1e-4)                  # [E, r]
-        return token @ experts.t() / self.temperature.to(x.dtype).clamp(min=1e-4)             # [T, E]
+        self._cosine = token @ experts.t()                                                    # [T, E]
+        return self._cosine / self.routing_temperature().to(x.dtype)
+
+    def balance_logits(self, logits):
+        """The cosines of the last forward over the fixed 0.07, without tau [T, E]."""
+        return self._cosine / XMOE_BALANCE_TEMPERATURE
 
     def scores(self, logits, top_val, top_idx):
         if self.top_k == 1:

@@ -369,9 +369,9 @@ def router_z_loss(logits):
 
 AUX_LOSSES = ('balance', 'importance', 'load', 'z')
 ENGINE_AUX_LOSSES = {
-    'balance': lambda logits, top_idx, top_score: switch_balance_loss(logits, top_idx),
-    'importance': lambda logits, top_idx, top_score: importance_loss(top_idx, top_score, logits.size(-1)),
-    'z': lambda logits, top_idx, top_score: router_z_loss(logits),
+    'balance': lambda gate, logits, top_idx, top_score: switch_balance_loss(gate.balance_logits(logits), top_idx),
+    'importance': lambda gate, logits, top_idx, top_score: importance_loss(top_idx, top_score, logits.size(-1)),
+    'z': lambda gate, logits, top_idx, top_score: router_z_loss(logits),
 }
 
 
@@ -392,7 +392,7 @@ def aux_losses(gate, names, logits, top_idx, top_score):
         if name in gate.own_aux_losses:
             losses[name] = own[name]
         elif name in ENGINE_AUX_LOSSES:
-            losses[name] = ENGINE_AUX_LOSSES[name](logits, top_idx, top_score)
+            losses[name] = ENGINE_AUX_LOSSES[name](gate, logits, top_idx, top_score)
         else:
             raise ValueError(f'{type(gate).__name__} cannot give the auxiliary loss {name!r}; routers that can: '
                              f'{", ".join(routers_giving(name)) or "none"}')
@@ -642,6 +642,12 @@ def describe_engine(model, device, dtype, compiling=False):
 def moe_blocks(model):
     """{layer index: MoEPositionwiseFF} of the model's MoE layers."""
     return {i: layer.pos_ff for i, layer in enumerate(model.layers) if isinstance(layer.pos_ff, MoEPositionwiseFF)}
+
+
+def learned_temperatures(model):
+    """{layer index: tau as it routes} of the MoE layers whose router learns a temperature (X-MoE)."""
+    return {i: block.gate.routing_temperature().item() for i, block in moe_blocks(model).items()
+            if hasattr(block.gate, 'routing_temperature')}
 
 
 @contextlib.contextmanager

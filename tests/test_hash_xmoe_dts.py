@@ -14,7 +14,7 @@ import evaluation
 import train
 from custom_gate import DTSGate, HashGate, XMoEGate
 from hyper_router import param_breakdown, set_top_k
-from moe import MoEPositionwiseFF, RouterStats
+from moe import MoEPositionwiseFF, RouterStats, aux_losses
 from tests.conftest import TINY, tiny_model
 
 E, D, V = 4, 16, 37
@@ -167,6 +167,25 @@ def test_xmoe_starts_at_the_papers_temperature_and_trains_it_with_the_projection
         gate.temperature.fill_(-1.0)                                   # floored at 1e-4, never divides by <= 0
     assert torch.isfinite(gate(torch.randn(5, D), return_logits=True)[2]).all()
     assert XMoEGate.default_aux_losses == {'balance': 0.01}
+
+
+def test_xmoe_balance_loss_reads_the_cosines_at_the_fixed_temperature_0_07_and_never_pushes_tau():
+    """torchscale routing.py's TEMPERATURE_FOR_L_UAX: the balance loss E * sum_e f_e P_e with P_e the mean of
+    softmax(cos / 0.07), whatever the learned tau; so its gradient reaches W and e but not tau."""
+    gate = xmoe_gate(k=2)
+    with torch.no_grad():
+        gate.temperature.fill_(0.25)
+    x = torch.randn(40, D)
+    top_idx, top_score, logits = gate(x, return_logits=True)
+    [loss] = aux_losses(gate, ('balance',), logits, top_idx, top_score).values()
+    h = F.normalize(x @ gate.project.weight.detach().t(), dim=-1)
+    cos = h @ F.normalize(gate.expert_emb.detach(), dim=-1).t()                 # [T, E] by hand
+    frac = torch.bincount(top_idx.flatten(), minlength=E).float() / top_idx.numel()
+    expected = E * (frac * F.softmax(cos / 0.07, -1).mean(0)).sum()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert gate.temperature.grad is None or gate.temperature.grad.item() == 0
+    assert gate.project.weight.grad.abs().sum() > 0 and gate.expert_emb.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- DTS-Gate
@@ -336,6 +355,21 @@ def test_a_hash_run_evaluates_with_the_table_of_its_checkpoint(router_runs):
     fresh = tiny_model(gate_name='hash', n_token=ckpt['model_config']['n_token'], hash_seed=0)
     assert torch.equal(model.state_dict()[key], ckpt['model'][key])
     assert not torch.equal(model.state_dict()[key], fresh.state_dict()[key])
+
+
+def test_xmoe_logs_its_learned_temperature_per_layer_to_tensorboard(router_runs):
+    """router/temperature/layer<i>: tau as it routes, the last record that of the saved checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = router_runs['xmoe']
+    events = EventAccumulator(run_dir).Reload()
+    model = torch.load(os.path.join(run_dir, 'checkpoint_last.pt'), weights_only=True)['model']
+    for layer in range(2):
+        last = events.Scalars(f'router/temperature/layer{layer}')[-1]
+        saved = model[f'layers.{layer}.pos_ff.gate.temperature'].item()
+        assert last.step == 6 and last.value == pytest.approx(saved, rel=1e-6)
+        assert saved != pytest.approx(0.07, abs=1e-7)                           # it did learn
+    tags = EventAccumulator(router_runs['hash']).Reload().Tags()['scalars']
+    assert not any(tag.startswith('router/temperature') for tag in tags)        # no learned temperature, none logged
 
 
 def test_a_dts_checkpoint_routes_densely_before_its_anneal_step_and_top_k_from_it(router_runs):
