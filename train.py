@@ -144,7 +144,7 @@ class Trainer:
         self.config = model_config(args, len(corpus.vocab))
         torch.manual_seed(args.seed)
         self.model = MemTransformerLM(**self.config).to(ddp.device)
-        set_capacity(self.model, args.capacity_factor, args.eval_capacity_factor)
+        set_capacity(self.model, args.capacity_factor, args.eval_capacity_factor, args.capacity_group_size)
         self.aux_weights = {name: weight for name, weight in aux_weights(args).items() if weight > 0}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, args)

@@ -14,7 +14,7 @@ import torch
 import evaluation
 from custom_gate import GSHARD_EVAL_POLICIES, THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES
-from moe import AUX_LOSSES, BACKENDS, GATES, MOE_VARIANTS, routers_giving
+from moe import AUX_LOSSES, BACKENDS, DEFAULT_GROUP_SIZE, GATES, MOE_VARIANTS, routers_giving
 from moe_engine import ENGINES, grouped_mm_problem
 
 DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')
@@ -30,7 +30,8 @@ ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inn
 # How the data is cut into training windows: a resume with others would read other data than the checkpoint's.
 DATA_LAYOUT_ARGS = ('dataset', 'batch_size', 'tgt_len', 'ext_len', 'batch_chunk')
 POSITIVE_ARGS = ('max_step', 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'batch_size', 'batch_chunk',
-                 'n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'moe_num_expert', 'hyper_size')
+                 'n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'moe_num_expert', 'hyper_size',
+                 'capacity_group_size')
 
 
 def add(parser, *names, **kwargs):
@@ -64,6 +65,10 @@ def add_routing_args(p):
              'the residual); none: dropless')
     add(cap, '--eval_capacity_factor', type=evaluation.parse_capacity_factor, default=None,
         help='F in evaluation (validation, the final test, and eval.py unless told otherwise); none: dropless')
+    add(cap, '--capacity_group_size', type=int, default=DEFAULT_GROUP_SIZE,
+        help='tokens a capacity is computed over: G consecutive positions of one sequence, each group giving an '
+             'expert ceil(F * n * k / E) of its n tokens, so drops do not depend on the number of GPUs or '
+             '--batch_chunk (default: Mesh TensorFlow\'s group_size 1024; a shorter sequence is one group)')
 
 
 def add_method_args(p):
