@@ -60,9 +60,9 @@ def add_routing_args(p):
     cap = p.add_argument_group('expert capacity (any router; default: the router\'s default_capacity_factor, '
                                'else dropless)')
     add(cap, '--capacity_factor', type=evaluation.parse_capacity_factor, default=None,
-        help='F in training: each expert takes at most ceil(F * T * k / E) of a batch\'s T tokens, first choices '
-             'first, then in token order; the others skip it (a token dropped by all its experts passes through '
-             'the residual); none: dropless')
+        help='F in training: each expert takes at most ceil(F * n * k / E) of each group of n tokens '
+             '(--capacity_group_size), first choices first, then in time order; the others skip it (a token '
+             'dropped by all its experts passes through the residual); none: dropless')
     add(cap, '--eval_capacity_factor', type=evaluation.parse_capacity_factor, default=None,
         help='F in evaluation (validation, the final test, and eval.py unless told otherwise); none: dropless')
     add(cap, '--capacity_group_size', type=int, default=DEFAULT_GROUP_SIZE,
