@@ -15,7 +15,7 @@ import evaluation
 import train
 from custom_gate import GShardGate, NoisyTopKGate, SwitchGate, prob_in_top_k
 from hyper_router import param_breakdown
-from moe import MoEPositionwiseFF
+from moe import GATES, MoEPositionwiseFF
 from tests.conftest import TINY, tiny_model
 from tests.test_train import MOE_ARGS, TINY_ARGS, read_metrics
 
@@ -291,6 +291,35 @@ def test_each_router_trains_with_its_papers_defaults():
     assert NoisyTopKGate.own_aux_losses == ('load',)
     assert NoisyTopKGate.default_capacity_factor == (None, None)                           # dropless
     assert SwitchGate(D, E).top_k == 1 and GShardGate(D, E).top_k == 2
+
+
+def methods_table():
+    """{method: {column: cell}} of the methods table in docs/routing.md."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'docs', 'routing.md')) as f:
+        lines = [line for line in f if line.startswith('| ')]
+    header = [cell.strip() for cell in lines[0].strip().strip('|').split(' | ')]
+    rows = [[cell.strip() for cell in line.strip().strip('|').split(' | ')] for line in lines[1:]]
+    return {row[0]: dict(zip(header, row)) for row in rows if len(row) == len(header)}
+
+
+def test_the_methods_table_states_each_routers_loss_weights_and_hypermoes_differ_from_noisy_topks():
+    """Each row's auxiliary losses are its router's defaults (GATES[...].default_aux_losses); HyperMoE's are its
+    scripts' (0.01 each, its LM code), next to noisy top-k's 0.1 each (Shazeer et al. 2017, Appendix C.1)."""
+    table = methods_table()
+    for method, row in table.items():
+        if method == 'HyperMoE':
+            with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'script', 'table1',
+                                   'hypermoe_enwik8.sh')) as f:
+                script = f.read()
+            assert '--importance_loss 0.01' in script and '--load_loss 0.01' in script
+            expected = 'importance 0.01, load 0.01'
+        else:
+            gate_name = row['`--gate_name`'].split('`')[1]
+            weights = GATES[gate_name].default_aux_losses
+            expected = ', '.join(f'{name} {weight:g}' for name, weight in weights.items()) or 'none'
+        assert row['auxiliary losses (weight)'].startswith(expected), method
+    assert 'Appendix C.1' in table['Noisy top-k']['auxiliary losses (weight)']
+    assert 'tensor2tensor' in table['Noisy top-k']['auxiliary losses (weight)']
 
 
 # ----------------------------------------------------------------------------- Tables A3 / A4
