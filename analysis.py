@@ -29,7 +29,7 @@ from figures import (entropy_of, plot_entropy, plot_framework, plot_load, plot_l
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
 from model_flops import SMALL, analytic_eval_flops
-from moe import ROUTERS, moe_blocks, record_router_stats, set_capacity, uses_thor
+from moe import DEFAULT_GROUP_SIZE, ROUTERS, moe_blocks, record_router_stats, set_capacity, uses_thor
 from run_utils import RunError
 from seeds import group_runs, mean_std, read_config
 
@@ -50,7 +50,8 @@ def load_model(run_dir, checkpoint='best_dense'):
         config = read_config(run_dir)
         torch.manual_seed(config['args']['seed'])
         model = MemTransformerLM(**dict(config['model_config'], moe_backend='auto'))
-        set_capacity(model, config['args'].get('capacity_factor'), config['args'].get('eval_capacity_factor'))
+        set_capacity(model, config['args'].get('capacity_factor'), config['args'].get('eval_capacity_factor'),
+                     config['args'].get('capacity_group_size', DEFAULT_GROUP_SIZE))
         return dict(config, step=0), model.eval()
     path = os.path.join(run_dir, CHECKPOINT_FILES.get(checkpoint, checkpoint))
     if not os.path.isfile(path) and os.path.isfile(checkpoint):

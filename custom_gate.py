@@ -23,6 +23,8 @@ What a gate may declare (class attributes and hooks, all with neutral defaults h
 - `default_capacity_factor`: (training, evaluation) expert capacity factors the method uses unless a
   flag says otherwise; None is dropless (the engine applies capacity, moe.py).
 - `aux_terms()`: the gate's own auxiliary losses of its last forward, {name: scalar tensor}.
+- `balance_logits(logits)`: the logits the engine's balance loss reads (here the routing logits; X-MoE's are
+  at a fixed temperature).
 - `set_step(step)`: called by the trainer before every training step (routers with a schedule).
 """
 import torch
@@ -76,6 +78,10 @@ class BaseGate(nn.Module):
     def set_step(self, step):
         """Told the training step (counted from 0) before each step; a fixed router ignores it."""
 
+    def balance_logits(self, logits):
+        """The logits [T, E] of the last forward that the balance loss reads: the routing logits here."""
+        return logits
+
     def forward(self, x, token_ids=None, return_logits=False):
         if self.needs_token_ids and token_ids is None:
             raise ValueError(f'{type(self).__name__} routes by token id: call it with token_ids [T]')
@@ -115,29 +121,14 @@ class FrozenNaiveGate(NaiveGate):
 THOR_INFERENCE = ('random', 'average')
 
 
-class RandomGate(BaseGate):
-    """THOR's routing (Zuo et al. 2022): no router; each token goes to k distinct experts drawn uniformly.
+class SeededEvalDraws(nn.Module):
+    """Random routing that also draws at evaluation, reproducibly: in training from the global RNG (which
+    checkpoints save, so a resumed run draws the same), in evaluation from the gate's own generator, seeded
+    with `eval_seed` each time the model changes mode, so every evaluation draws the same numbers and leaves
+    the training RNG untouched. Each layer has its own seed (its index), as the layers draw independently."""
 
-    The logits are all zero (the routing distribution is uniform, entropy log E), so the selected
-    experts share the scores 1/k and the gate contract holds. Training draws from the global RNG, which
-    checkpoints save, so a resumed run draws the same experts. (THOR's code draws one expert per layer
-    for the whole batch in training; here every token draws its own.) At inference (`inference`):
-    - 'random', THOR's own (experts "randomly activated for each input during training and inference";
-      its code's token-level inference): k random experts per token, drawn from a generator of the
-      gate seeded with `eval_seed` each time the model changes mode, so every evaluation draws the same
-      experts and the training RNG is left untouched. Each layer has its own seed, as the layers draw
-      independently in training;
-    - 'average': every expert with score 1/E whatever k, the expectation of the random choice over
-      experts (an expert ensemble costing k = E; the gate then returns E columns).
-    """
-
-    def __init__(self, d_model, num_expert, world_size=1, top_k=1, inference='random', eval_seed=0):
-        super().__init__(d_model, num_expert, world_size, top_k)
-        if inference not in THOR_INFERENCE:
-            raise ValueError(f'unknown THOR inference {inference!r}; choose one of {", ".join(THOR_INFERENCE)}')
-        self.inference = inference
-        self.eval_seed = eval_seed
-        self._eval_generator = None
+    eval_seed = 0
+    _eval_generator = None
 
     def train(self, mode=True):
         self._eval_generator = None          # the next evaluation restarts its stream
@@ -150,6 +141,28 @@ class RandomGate(BaseGate):
         if self._eval_generator is None or self._eval_generator.device != device:
             self._eval_generator = torch.Generator(device).manual_seed(self.eval_seed)
         return self._eval_generator
+
+
+class RandomGate(SeededEvalDraws, BaseGate):
+    """THOR's routing (Zuo et al. 2022): no router; each token goes to k distinct experts drawn uniformly.
+
+    The logits are all zero (the routing distribution is uniform, entropy log E), so the selected
+    experts share the scores 1/k and the gate contract holds. Training draws from the global RNG, which
+    checkpoints save, so a resumed run draws the same experts. (THOR's code draws one expert per layer
+    for the whole batch in training; here every token draws its own.) At inference (`inference`):
+    - 'random', THOR's own (experts "randomly activated for each input during training and inference";
+      its code's token-level inference): k random experts per token, drawn reproducibly (`SeededEvalDraws`,
+      seeded with `eval_seed`);
+    - 'average': every expert with score 1/E whatever k, the expectation of the random choice over
+      experts (an expert ensemble costing k = E; the gate then returns E columns).
+    """
+
+    def __init__(self, d_model, num_expert, world_size=1, top_k=1, inference='random', eval_seed=0):
+        super().__init__(d_model, num_expert, world_size, top_k)
+        if inference not in THOR_INFERENCE:
+            raise ValueError(f'unknown THOR inference {inference!r}; choose one of {", ".join(THOR_INFERENCE)}')
+        self.inference = inference
+        self.eval_seed = eval_seed
 
     def logits(self, x):
         return x.new_zeros(x.size(0), self.tot_expert)                       # [T, E], uniform routing
@@ -197,23 +210,34 @@ class SwitchGate(BaseGate):
         return F.softmax(logits, dim=-1).gather(1, top_idx)                          # [T, k]
 
 
-class GShardGate(BaseGate):
+GSHARD_EVAL_POLICIES = ('random', 'all')
+
+
+class GShardGate(SeededEvalDraws, BaseGate):
     """GShard's top-2 router (Lepikhin et al. 2021, Algorithm 1): a linear router W_g x, no bias, its two
     best experts with gates g1, g2 normalised over the two (the default scores).
 
-    Random routing, in training only: the second expert is kept with probability min(1, 2 g2), g2 the
-    second gate normalised over the top two (at most 1/2), else its slot is -1 (routed nowhere; the first
-    keeps its gate g1). The draw uses the global RNG. At k > 2 only the second slot is subject to it.
-    Defaults: balance loss weight 1e-2 (the coefficient of the reference Mesh TensorFlow code, whose
-    E^2-scaled loss is our `balance`), capacity factor 1.0 in training (the paper's C = 2N/E for two
-    experts per token) and 2.0 in evaluation.
+    Random routing: the second expert is kept with probability min(1, 2 g2), g2 the second gate normalised
+    over the top two (at most 1/2), else its slot is -1 (routed nowhere; the first keeps its gate g1). In
+    training the draw uses the global RNG. Evaluation applies it too by default (`eval_policy` 'random'), as
+    Algorithm 1, which has no training condition, and the reference code (mesh_tensorflow moe.py
+    `second_policy_eval="random"`, fastmoe gshard_gate.py) do, drawing reproducibly (`SeededEvalDraws`, seeded
+    with `eval_seed`); 'all' keeps every second expert in evaluation (deterministic). At k > 2 only the second
+    slot is subject to it. Defaults: balance loss weight 1e-2 (the coefficient of the reference Mesh TensorFlow
+    code, whose E^2-scaled loss is our `balance`), capacity factor 1.0 in training (the paper's C = 2N/E for
+    two experts per token) and 2.0 in evaluation.
     """
 
     default_aux_losses = {'balance': 0.01}
     default_capacity_factor = (1.0, 2.0)
 
-    def __init__(self, d_model, num_expert, world_size=1, top_k=2):
+    def __init__(self, d_model, num_expert, world_size=1, top_k=2, eval_policy='random', eval_seed=0):
         super().__init__(d_model, num_expert, world_size, top_k)
+        if eval_policy not in GSHARD_EVAL_POLICIES:
+            raise ValueError(f'unknown GShard evaluation policy {eval_policy!r}; choose one of '
+                             f'{", ".join(GSHARD_EVAL_POLICIES)}')
+        self.eval_policy = eval_policy
+        self.eval_seed = eval_seed
         self.gate = nn.Linear(d_model, self.tot_expert, bias=False)
 
     def logits(self, x):
@@ -221,9 +245,10 @@ class GShardGate(BaseGate):
 
     def choose(self, logits):
         top_val, top_idx = torch.topk(logits, self.top_k, dim=-1)                    # [T, k]
-        if self.training and self.top_k >= 2:
+        if self.top_k >= 2 and (self.training or self.eval_policy == 'random'):
             g2 = torch.sigmoid(top_val[:, 1] - top_val[:, 0])                        # [T], p2 / (p1 + p2)
-            dropped = torch.rand_like(g2) >= 2 * g2                                  # kept with prob. 2 g2
+            uniform = torch.rand(g2.shape, generator=self._generator(g2.device), device=g2.device, dtype=g2.dtype)
+            dropped = uniform >= 2 * g2                                              # kept with prob. 2 g2
             top_idx = top_idx.clone()
             top_idx[:, 1] = top_idx[:, 1].masked_fill(dropped, -1)
         return top_val, top_idx
@@ -334,17 +359,24 @@ class HashGate(BaseGate):
         return logits.scatter(1, chosen, 0.0)
 
 
+XMOE_BALANCE_TEMPERATURE = 0.07
+
+
 class XMoEGate(BaseGate):
     """X-MoE router (Chi et al. 2022): s_i = cos(W h, e_i) / tau, routing in a low-dimensional hypersphere.
 
     W [r, d] (no bias) projects the token to r = `dim` dimensions; the expert embeddings e [E, r] start
     orthogonal with gain 0.32 (as the reference code). Both the projected token and the embeddings are
-    L2-normalised (the paper; the released code normalises only the embeddings), so the scores lie in
-    [-1 / tau, 1 / tau] and do not depend on the token's norm. tau is a learnable scalar, initialised at
-    `temperature` and floored at 1e-4 (the reference code's floor). Gate values: the softmax renormalised
-    over the top k for k >= 2 (the reference LM recipe, --moe-normalize-gate-prob-before-dropping), the
-    full-softmax probability at k = 1 (its top-1 gating; renormalising one expert would give the router no
-    gradient). Trained with the balance loss at 0.01 as the reference recipe (--moe-gate-loss-wt 0.01).
+    L2-normalised (the paper's formula), so the scores lie in [-1 / tau, 1 / tau] and do not depend on the
+    token's norm; torchscale's routing.py normalises only the embeddings, which it also rescales in place to
+    norm 1.5 every forward (lines 495-498, 513-518; the rescaling is then undone by the normalisation), and has
+    no learned temperature. tau is a learnable scalar, initialised at `temperature` and floored at 1e-4 (as
+    the X-MoE-lineage gates that learn one, `gating_t`). The balance loss reads the cosines at the fixed
+    temperature 0.07 (`balance_logits`; routing.py's TEMPERATURE_FOR_L_UAX, "use a fixed temperature to
+    compute balance loss"), so it never pushes tau. Gate values: the softmax renormalised over the top k for
+    k >= 2 (the reference LM recipe, --moe-normalize-gate-prob-before-dropping), the full-softmax probability at
+    k = 1 (its top-1 gating; renormalising one expert would give the router no gradient). Trained with the
+    balance loss at 0.01 as the reference recipe (--moe-gate-loss-wt 0.01).
     """
 
     default_aux_losses = {'balance': 0.01}
@@ -354,11 +386,21 @@ class XMoEGate(BaseGate):
         self.project = nn.Linear(d_model, dim, bias=False)
         self.expert_emb = nn.Parameter(nn.init.orthogonal_(torch.empty(self.tot_expert, dim), gain=0.32))
         self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+        self._cosine = None
+
+    def routing_temperature(self):
+        """tau as the scores use it (floored at 1e-4), a 0-d tensor."""
+        return self.temperature.clamp(min=1e-4)
 
     def logits(self, x):
         token = F.normalize(F.linear(x, self.project.weight.to(x.dtype)), dim=-1, eps=1e-4)   # [T, r]
         experts = F.normalize(self.expert_emb.to(x.dtype), dim=-1, eps=1e-4)                  # [E, r]
-        return token @ experts.t() / self.temperature.to(x.dtype).clamp(min=1e-4)             # [T, E]
+        self._cosine = token @ experts.t()                                                    # [T, E]
+        return self._cosine / self.routing_temperature().to(x.dtype)
+
+    def balance_logits(self, logits):
+        """The cosines of the last forward over the fixed 0.07, without tau [T, E]."""
+        return self._cosine / XMOE_BALANCE_TEMPERATURE
 
     def scores(self, logits, top_val, top_idx):
         if self.top_k == 1:
@@ -376,19 +418,22 @@ def dts_temperature(step, max_temp, min_temp, anneal_steps):
 class DTSGate(BaseGate):
     """DTS-Gate (Nie et al. 2021, EvoMoE): dense-to-sparse routing by an annealed Gumbel softmax.
 
-    Logits: a linear router without bias (as EvoMoE's). In training, up to `anneal_steps`, the weights are
-    w = softmax((logits + g) / tau), g Gumbel noise and tau decaying from max_temp to min_temp (see
-    dts_temperature); a token goes to every expert whose weight exceeds `threshold` (EvoMoE's content-based
-    selection, 0.001), with gate value w: at tau = 2 that is practically every expert (dense), and fewer as
-    tau falls. The gate returns E columns in that phase, best first, the unselected slots -1. From
-    anneal_steps on, the gate is sparse: the top k of logits + g, gate values w at min_temp (not
-    renormalised, as EvoMoE's hard phase keeps the Gumbel weight). Evaluation uses that final sparse state
-    without noise, whatever the checkpoint's step: the top k of the logits, gate values
-    softmax(logits / min_temp) of the chosen. The step comes from the trainer's set_step before every step
-    (also the first after a resume), and the noise from the global RNG, which checkpoints save.
+    Logits: a linear router without bias (as EvoMoE's). The Gumbel softmax only *selects* the experts: in
+    training, up to `anneal_steps`, w = softmax((logits + g) / tau), g Gumbel noise and tau decaying from
+    max_temp to min_temp (see dts_temperature), and a token goes to every expert whose w exceeds `threshold`
+    (EvoMoE's content-based selection, 0.001): practically every expert at first, fewer as tau falls. The
+    gate returns E columns in that phase, best first, the unselected slots -1. From anneal_steps on it is
+    sparse: the top k of logits + g. Evaluation routes by the top k of the logits, without noise, whatever
+    the checkpoint's step. The gate value of a chosen expert is always softmax(logits) at temperature 1, its
+    probability under the router's full softmax, not renormalised over the chosen: EvoMoE's default gate
+    (without --use-gumbel-gates, topkgate.py lines 63-68 in training, its top-1 gate at evaluation,
+    top1gate.py line 51), so training and evaluation scale an expert's output alike. The step comes from the
+    trainer's set_step before every step (also the first after a resume), and the noise from the global RNG,
+    which checkpoints save. Defaults: temperatures 1.0 -> 0.5, EvoMoE's flag defaults (--max-temperature,
+    --min-temperature, fairseq/dataclass/configs.py).
     """
 
-    def __init__(self, d_model, num_expert, world_size=1, top_k=1, max_temp=2.0, min_temp=0.3,
+    def __init__(self, d_model, num_expert, world_size=1, top_k=1, max_temp=1.0, min_temp=0.5,
                  anneal_steps=200_000, threshold=0.001):
         super().__init__(d_model, num_expert, world_size, top_k)
         if not 0 < min_temp <= max_temp:
@@ -416,7 +461,8 @@ class DTSGate(BaseGate):
         return F.linear(x, self.gate.weight.to(x.dtype))
 
     def choose(self, logits):
-        """In training the values returned are the Gumbel weights w of the chosen experts, not their logits."""
+        """The chosen experts by the Gumbel weights in training (returned as their values), by the logits in
+        evaluation."""
         if not self.training:
             return torch.topk(logits, self.top_k, dim=-1)
         uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)          # (0, 1): no log(0)
@@ -428,6 +474,6 @@ class DTSGate(BaseGate):
         return top_w, top_idx.masked_fill(top_w <= self.threshold, -1)
 
     def scores(self, logits, top_val, top_idx):
-        if self.training:
-            return top_val * (top_idx >= 0)                                                  # the Gumbel weights
-        return F.softmax(logits / self.min_temp, dim=-1).gather(1, top_idx)
+        """softmax(logits) of each chosen expert (0 in a -1 slot), in training and evaluation alike."""
+        probs = F.softmax(logits, dim=-1).gather(1, top_idx.clamp(min=0))                    # [T, k]
+        return probs * (top_idx >= 0)

@@ -124,8 +124,8 @@ def main(argv=None):
                         help="a THOR run's inference, if not the one it was trained with: random (k random experts "
                              'per token) or average (every expert, weight 1/E)')
     parser.add_argument('--eval_capacity_factor', type=evaluation.parse_capacity_factor,
-                        help='expert capacity factor F of evaluation (each expert takes at most ceil(F * T * k / E) '
-                             'of a batch\'s T tokens), or none (dropless); default: the run\'s own (its '
+                        help='expert capacity factor F of evaluation (each expert takes at most ceil(F * n * k / E) '
+                             'of each group of n tokens, the run\'s --capacity_group_size), or none (dropless); default: the run\'s own (its '
                              '--eval_capacity_factor), so a checkpoint is evaluated as trained')
     analysis.add_arguments(parser)
     argv, compare_b = split_compare(sys.argv[1:] if argv is None else list(argv))

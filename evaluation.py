@@ -17,7 +17,7 @@ import seeds
 from data_utils import dataset_metric, loss_to_metric
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
-from moe import set_capacity
+from moe import DEFAULT_GROUP_SIZE, set_capacity
 from run_utils import RunError
 
 EVAL_BATCH_SIZE = 10
@@ -56,7 +56,8 @@ def model_from_checkpoint(ckpt, device='cpu', eval_capacity_factor=None, **confi
     if eval_capacity_factor is None:
         eval_capacity_factor = run_args.get('eval_capacity_factor')
     eval_factor = None if eval_capacity_factor == 'none' else eval_capacity_factor
-    set_capacity(model, run_args.get('capacity_factor'), eval_factor)
+    set_capacity(model, run_args.get('capacity_factor'), eval_factor,
+                 run_args.get('capacity_group_size', DEFAULT_GROUP_SIZE))
     return model.to(device).eval()
 
 

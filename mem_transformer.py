@@ -224,8 +224,8 @@ class MemTransformerLM(nn.Module):
                  hyper_size=256, moe_backend='auto', init='normal', init_range=0.1, init_std=0.02,
                  proj_init_std=0.01, thor_inference='random', moe_variant='plain', hypermoe_emb_dim=128,
                  hypermoe_hidden=128, hypermoe_layer_emb_dim=10, hypermoe_adapter_dim=64, moe_engine='auto',
-                 switch_jitter=0.01, hash_seed=0, xmoe_dim=16, xmoe_temperature=0.07, dts_max_temp=2.0,
-                 dts_min_temp=0.3, dts_anneal_steps=200_000, dts_threshold=0.001):
+                 switch_jitter=0.01, hash_seed=0, xmoe_dim=16, xmoe_temperature=0.07, dts_max_temp=1.0,
+                 dts_min_temp=0.5, dts_anneal_steps=200_000, dts_threshold=0.001, gshard_eval_policy='random'):
         super().__init__()
         d_embed = d_model if d_embed is None or d_embed < 0 else d_embed
         cutoffs = list(cutoffs)
@@ -256,7 +256,8 @@ class MemTransformerLM(nn.Module):
                           router_options=dict(n_token=n_token, switch_jitter=switch_jitter, hash_seed=hash_seed,
                                               xmoe_dim=xmoe_dim, xmoe_temperature=xmoe_temperature,
                                               dts_max_temp=dts_max_temp, dts_min_temp=dts_min_temp,
-                                              dts_anneal_steps=dts_anneal_steps, dts_threshold=dts_threshold))
+                                              dts_anneal_steps=dts_anneal_steps, dts_threshold=dts_threshold,
+                                              gshard_eval_policy=gshard_eval_policy))
         self.layers = nn.ModuleList(
             RelPartialLearnableDecoderLayer(n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm,
                                             dict(moe_kwargs, layer_index=i) if i in self.moe_index else None)

@@ -22,7 +22,7 @@ embeddings of the experts the token did NOT select; see `HyperExpert`.
 
 Capacity and auxiliary losses, for any router: a slot of index -1 in top_idx is routed nowhere (not
 computed, not counted); `drop_over_capacity` turns the slots beyond an expert's capacity into -1 (the
-block's `capacity_factor`, set by `set_capacity`); `aux_losses` computes the balance, importance and z
+block's `capacity_factor`, per group of tokens, set by `set_capacity`); `aux_losses` computes the balance, importance and z
 losses (and takes a gate's own, e.g. noisy top-k's load), collected per forward by `record_routing`.
 
 Shapes: T tokens (time x batch flattened), d = d_model, h = d_inner, E experts, k top-k,
@@ -64,6 +64,7 @@ ROUTERS = ('smoe', 'smoe_dropout', 'hyper_router', 'thor', 'switch', 'gshard', '
 BACKENDS = ('auto', 'torch', 'fastmoe')
 MOE_VARIANTS = ('plain', 'hypermoe')
 GROUPED_MAX_SETS = 256   # HyperExpert: tokens grouped by expert set up to this many sets, else gathered
+DEFAULT_GROUP_SIZE = 1024   # tokens a capacity is computed over: Mesh TensorFlow's moe.py default group_size
 
 
 def uses_thor(moe, gate_name):
@@ -74,6 +75,7 @@ def uses_thor(moe, gate_name):
 # the router_options each gate class takes: {option name (train.py flag): the gate's argument}
 ROUTER_OPTIONS = {
     SwitchGate: {'switch_jitter': 'jitter'},
+    GShardGate: {'gshard_eval_policy': 'eval_policy'},
     HashGate: {'n_token': 'n_token', 'hash_seed': 'seed'},
     XMoEGate: {'xmoe_dim': 'dim', 'xmoe_temperature': 'temperature'},
     DTSGate: {'dts_max_temp': 'max_temp', 'dts_min_temp': 'min_temp', 'dts_anneal_steps': 'anneal_steps',
@@ -94,6 +96,8 @@ def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_infer
         extra = {'hyper_size': hyper_size}
     elif issubclass(gate_cls, RandomGate):
         extra = {'inference': thor_inference, 'eval_seed': layer_index}
+    elif issubclass(gate_cls, GShardGate):
+        extra['eval_seed'] = layer_index
     elif issubclass(gate_cls, HashGate):
         extra['layer_index'] = layer_index
     return gate_cls(d_model, num_expert, 1, top_k, **extra)
@@ -314,18 +318,44 @@ def expert_capacity(factor, n_tok, k, num_expert):
 
 
 def drop_over_capacity(top_idx, capacity, num_expert):
-    """top_idx [T, k] -> the same with every slot beyond its expert's first `capacity` set to -1.
+    """top_idx [..., T, k] -> the same with every slot beyond its expert's first `capacity` set to -1, each
+    [T, k] a group of its own; capacity an int, or a tensor [...] of one per group.
 
     Priority: every token's first choice before any second choice, then token order; GShard's
     Algorithm 1 (Lepikhin et al. 2021: the position of a second choice in its expert's buffer starts
     after all first choices) and Switch's top-1 in token order (mesh_tensorflow's `_switch_gating`).
     Slots already -1 stay -1 and take no room. No host sync.
     """
-    by_priority = top_idx.t().reshape(-1)                                     # [k * T]: choice 1 of all, then 2, ...
-    one_hot = F.one_hot(spare_bin(by_priority, num_expert), num_expert + 1)   # [k * T, E + 1]
-    position = (one_hot.cumsum(0) * one_hot).sum(1) - 1                      # [k * T], rank in the expert's queue
+    n_tok, k = top_idx.shape[-2:]
+    capacity = torch.as_tensor(capacity, device=top_idx.device).unsqueeze(-1)          # [..., 1]
+    by_priority = top_idx.transpose(-1, -2).flatten(-2)                     # [..., k * T]: choice 1 of all, then 2, ...
+    one_hot = F.one_hot(spare_bin(by_priority, num_expert), num_expert + 1)   # [..., k * T, E + 1]
+    position = (one_hot.cumsum(-2) * one_hot).sum(-1) - 1                   # [..., k * T], rank in the expert's queue
     kept = torch.where((position < capacity) & (by_priority >= 0), by_priority, -1)
-    return kept.view(top_idx.size(1), -1).t()                                 # [T, k]
+    return kept.unflatten(-1, (k, n_tok)).transpose(-1, -2)                 # [..., T, k]
+
+
+def drop_over_group_capacity(top_idx, factor, num_expert, n_seq=1, group_size=DEFAULT_GROUP_SIZE):
+    """Capacity per group of tokens: top_idx [T * B, k] of B sequences, rows time-major (row t * B + b), -> the
+    same with the slots past their group's capacity set to -1.
+
+    A group is `group_size` consecutive positions of one sequence (the last of a sequence the remainder, a
+    sequence shorter than group_size one group), so how the batch is split over GPUs or --batch_chunk
+    chunks never changes a group, nor what it drops. A group of n tokens gives each expert
+    C = expert_capacity(factor, n, k, E) slots (Mesh TensorFlow computes capacity per group of `group_size`
+    tokens, moe.py `_split_into_groups`; its groups may span sequences), filled in time order.
+    """
+    n_rows, k = top_idx.shape
+    seq_len = n_rows // n_seq
+    n_groups = -(-seq_len // group_size)
+    by_seq = top_idx.view(seq_len, n_seq, k).transpose(0, 1)                # [B, T, k]
+    by_seq = F.pad(by_seq, (0, 0, 0, n_groups * group_size - seq_len), value=-1)   # [B, n_groups * G, k]
+    groups = by_seq.reshape(n_seq * n_groups, group_size, k)                 # [B * n_groups, G, k]
+    sizes = [min(group_size, seq_len - g * group_size) for g in range(n_groups)]
+    capacity = torch.tensor([expert_capacity(factor, n, k, num_expert) for n in sizes] * n_seq)   # [B * n_groups]
+    kept = drop_over_capacity(groups, capacity, num_expert)                  # [B * n_groups, G, k]
+    kept = kept.reshape(n_seq, n_groups * group_size, k)[:, :seq_len]        # [B, T, k]
+    return kept.transpose(0, 1).reshape(n_rows, k)                           # [T * B, k], time-major
 
 
 def dropped_fraction(top_idx, kept_idx):
@@ -334,13 +364,17 @@ def dropped_fraction(top_idx, kept_idx):
     return (routed & (kept_idx < 0)).sum() / routed.sum().clamp(min=1)
 
 
-def set_capacity(model, train_factor=None, eval_factor=None):
-    """Capacity factors of every MoE block of `model` in training and in evaluation (None: dropless)."""
+def set_capacity(model, train_factor=None, eval_factor=None, group_size=DEFAULT_GROUP_SIZE):
+    """Capacity factors of every MoE block of `model` in training and in evaluation (None: dropless), and the
+    group of tokens a capacity is computed over (`drop_over_group_capacity`)."""
     for name, factor in (('capacity_factor', train_factor), ('eval_capacity_factor', eval_factor)):
         if factor is not None and not factor > 0:
             raise ValueError(f'{name} must be positive (or None for dropless); got {factor}')
+    if group_size < 1:
+        raise ValueError(f'capacity_group_size must be at least 1; got {group_size}')
     for block in moe_blocks(model).values():
         block.capacity_factor = (train_factor, eval_factor)
+        block.capacity_group_size = group_size
 
 
 # ----------------------------------------------------------------------------- auxiliary losses
@@ -374,9 +408,9 @@ def router_z_loss(logits):
 
 AUX_LOSSES = ('balance', 'importance', 'load', 'z')
 ENGINE_AUX_LOSSES = {
-    'balance': lambda logits, top_idx, top_score: switch_balance_loss(logits, top_idx),
-    'importance': lambda logits, top_idx, top_score: importance_loss(top_idx, top_score, logits.size(-1)),
-    'z': lambda logits, top_idx, top_score: router_z_loss(logits),
+    'balance': lambda gate, logits, top_idx, top_score: switch_balance_loss(gate.balance_logits(logits), top_idx),
+    'importance': lambda gate, logits, top_idx, top_score: importance_loss(top_idx, top_score, logits.size(-1)),
+    'z': lambda gate, logits, top_idx, top_score: router_z_loss(logits),
 }
 
 
@@ -397,7 +431,7 @@ def aux_losses(gate, names, logits, top_idx, top_score):
         if name in gate.own_aux_losses:
             losses[name] = own[name]
         elif name in ENGINE_AUX_LOSSES:
-            losses[name] = ENGINE_AUX_LOSSES[name](logits, top_idx, top_score)
+            losses[name] = ENGINE_AUX_LOSSES[name](gate, logits, top_idx, top_score)
         else:
             raise ValueError(f'{type(gate).__name__} cannot give the auxiliary loss {name!r}; routers that can: '
                              f'{", ".join(routers_giving(name)) or "none"}')
@@ -565,8 +599,9 @@ class MoEPositionwiseFF(nn.Module):
     evaluation draws and the hash table of Hash layers. `router_options`: see build_gate. `engine`
     (auto|grouped|loop) computes the experts of the torch backend (see choose_engine); it is no part of the
     checkpoint. `capacity_factor` (training, evaluation), each None
-    (dropless) or F: each expert then takes at most C = ceil(F T k / E) of a batch's T tokens
-    (`drop_over_capacity`), and a token dropped from all its slots passes through the residual alone
+    (dropless) or F: each expert then takes at most C = ceil(F n k / E) of each group of n tokens
+    (`capacity_group_size` consecutive positions of one sequence, `drop_over_group_capacity`), and a token
+    dropped from all its slots passes through the residual alone
     (its HyperExpert, which has no capacity, still runs, conditioned on the experts that kept it).
     Set by `set_capacity` from the run's flags, not saved in the model configuration.
     """
@@ -592,22 +627,23 @@ class MoEPositionwiseFF(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layer_index = layer_index
         self.capacity_factor = (None, None)     # (training, evaluation); None: dropless
+        self.capacity_group_size = DEFAULT_GROUP_SIZE
         self.stats = None    # a RouterStats while statistics are being recorded
         self.record = None   # a RoutingRecord collecting auxiliary losses and dropped fractions while training
 
     def _use_fastmoe(self, x):
         return self.backend == 'fastmoe' or (self.backend == 'auto' and x.is_cuda and fastmoe_available())
 
-    def moe(self, x, token_ids=None):
-        """x [T, d], token_ids [T] or None -> [T, d]: route (dropping slots past capacity), mix the outputs of each
-        token's top-k experts, drop (the block's dropout), then add the HyperExpert if any."""
+    def moe(self, x, token_ids=None, n_seq=1):
+        """x [T * B, d] of B sequences, rows time-major, token_ids [T * B] or None -> [T * B, d]: route (dropping
+        slots past capacity, per group of tokens), mix the outputs of each token's top-k experts, drop (the
+        block's dropout), then add the HyperExpert if any."""
         routed_idx, top_score, logits = self.gate(x, token_ids, return_logits=True)   # [T, k], [T, k], [T, E]
         factor = self.capacity_factor[0 if self.training else 1]
         top_idx = routed_idx
         if factor is not None:
-            num_expert = self.gate.tot_expert
-            capacity = expert_capacity(factor, routed_idx.size(0), routed_idx.size(1), num_expert)
-            top_idx = drop_over_capacity(routed_idx, capacity, num_expert)           # [T, k], -1 past capacity
+            top_idx = drop_over_group_capacity(routed_idx, factor, self.gate.tot_expert, n_seq,
+                                               self.capacity_group_size)    # [T, k], -1 past capacity
         if self.stats is not None:
             self.stats.update(logits, routed_idx, top_idx if factor is not None else None)
         if self.record is not None:
@@ -628,7 +664,7 @@ class MoEPositionwiseFF(nn.Module):
         """inp [T, B, d], token_ids [T, B] (the segment's input tokens) or None -> [T, B, d]."""
         x = self.layer_norm(inp) if self.pre_lnorm else inp
         flat_ids = None if token_ids is None else token_ids.reshape(-1)       # [T * B]
-        core_out = self.moe(x.reshape(-1, x.size(-1)), flat_ids).view_as(x)
+        core_out = self.moe(x.reshape(-1, x.size(-1)), flat_ids, x.size(1)).view_as(x)
         return inp + core_out if self.pre_lnorm else self.layer_norm(inp + core_out)
 
 
@@ -649,6 +685,12 @@ def describe_engine(model, device, dtype, compiling=False):
 def moe_blocks(model):
     """{layer index: MoEPositionwiseFF} of the model's MoE layers."""
     return {i: layer.pos_ff for i, layer in enumerate(model.layers) if isinstance(layer.pos_ff, MoEPositionwiseFF)}
+
+
+def learned_temperatures(model):
+    """{layer index: tau as it routes} of the MoE layers whose router learns a temperature (X-MoE)."""
+    return {i: block.gate.routing_temperature().item() for i, block in moe_blocks(model).items()
+            if hasattr(block.gate, 'routing_temperature')}
 
 
 @contextlib.contextmanager

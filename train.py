@@ -28,7 +28,8 @@ import train_args
 from data_utils import DataError, dataset_metric, get_lm_corpus, loss_to_metric
 from hyper_router import moe_gates, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
-from moe import AUX_LOSSES, describe_engine, record_router_stats, record_routing, set_capacity, uses_thor
+from moe import (AUX_LOSSES, describe_engine, learned_temperatures, record_router_stats, record_routing, set_capacity,
+                 uses_thor)
 from run_records import check_data_fits, check_resume, data_signature, record_resume, record_start, write_config
 from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, keep_freed_memory,
                        make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
@@ -107,7 +108,7 @@ class Trainer:
         self.config = model_config(args, len(corpus.vocab))
         torch.manual_seed(args.seed)
         self.model = MemTransformerLM(**self.config).to(ddp.device)
-        set_capacity(self.model, args.capacity_factor, args.eval_capacity_factor)
+        set_capacity(self.model, args.capacity_factor, args.eval_capacity_factor, args.capacity_group_size)
         self.aux_weights = {name: weight for name, weight in aux_weights(args).items() if weight > 0}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, args, ddp.device)
@@ -324,6 +325,9 @@ class Trainer:
         if self.dropped:
             names = [f'train_dropped/layer{layer}' for layer in self.dropped]
             self.log.record(self.step, 'router', **{name: w[name] / w['steps'] for name in names})   # TensorBoard
+        temperatures = learned_temperatures(self.model)
+        if temperatures:                                                # TensorBoard router/temperature/layer<i>
+            self.log.record(self.step, 'router', **{f'temperature/layer{i}': t for i, t in temperatures.items()})
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
 
     def validate(self):

@@ -12,9 +12,9 @@ import os
 import torch
 
 import evaluation
-from custom_gate import THOR_INFERENCE
+from custom_gate import GSHARD_EVAL_POLICIES, THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES
-from moe import AUX_LOSSES, BACKENDS, GATES, MOE_VARIANTS, routers_giving
+from moe import AUX_LOSSES, BACKENDS, DEFAULT_GROUP_SIZE, GATES, MOE_VARIANTS, routers_giving
 from moe_engine import ENGINES, grouped_mm_problem
 
 DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')
@@ -26,11 +26,12 @@ ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inn
                      'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'hyper_size', 'adaptive', 'not_tied',
                      'moe_variant', 'hypermoe_emb_dim', 'hypermoe_hidden', 'hypermoe_layer_emb_dim',
                      'hypermoe_adapter_dim', 'hash_seed', 'xmoe_dim', 'xmoe_temperature', 'dts_max_temp',
-                     'dts_min_temp', 'dts_anneal_steps', 'dts_threshold')
+                     'dts_min_temp', 'dts_anneal_steps', 'dts_threshold', 'gshard_eval_policy')
 # How the data is cut into training windows: a resume with others would read other data than the checkpoint's.
 DATA_LAYOUT_ARGS = ('dataset', 'batch_size', 'tgt_len', 'ext_len', 'batch_chunk')
 POSITIVE_ARGS = ('max_step', 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'batch_size', 'batch_chunk',
-                 'n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'moe_num_expert', 'hyper_size')
+                 'n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'moe_num_expert', 'hyper_size',
+                 'capacity_group_size')
 
 
 def add(parser, *names, **kwargs):
@@ -59,11 +60,15 @@ def add_routing_args(p):
     cap = p.add_argument_group('expert capacity (any router; default: the router\'s default_capacity_factor, '
                                'else dropless)')
     add(cap, '--capacity_factor', type=evaluation.parse_capacity_factor, default=None,
-        help='F in training: each expert takes at most ceil(F * T * k / E) of a batch\'s T tokens, first choices '
-             'first, then in token order; the others skip it (a token dropped by all its experts passes through '
-             'the residual); none: dropless')
+        help='F in training: each expert takes at most ceil(F * n * k / E) of each group of n tokens '
+             '(--capacity_group_size), first choices first, then in time order; the others skip it (a token '
+             'dropped by all its experts passes through the residual); none: dropless')
     add(cap, '--eval_capacity_factor', type=evaluation.parse_capacity_factor, default=None,
         help='F in evaluation (validation, the final test, and eval.py unless told otherwise); none: dropless')
+    add(cap, '--capacity_group_size', type=int, default=DEFAULT_GROUP_SIZE,
+        help='tokens a capacity is computed over: G consecutive positions of one sequence, each group giving an '
+             'expert ceil(F * n * k / E) of its n tokens, so drops do not depend on the number of GPUs or '
+             '--batch_chunk (default: Mesh TensorFlow\'s group_size 1024; a shorter sequence is one group)')
 
 
 def add_method_args(p):
@@ -80,6 +85,11 @@ def add_method_args(p):
     switch = p.add_argument_group('Switch Transformer (--gate_name switch)')
     add(switch, '--switch_jitter', type=float, default=0.01,
         help='in training the router reads x * U(1 - eps, 1 + eps), eps this value (the paper\'s 1e-2; 0: off)')
+    gshard = p.add_argument_group('GShard (--gate_name gshard)')
+    add(gshard, '--gshard_eval_policy', default='random', choices=GSHARD_EVAL_POLICIES,
+        help='random: the second expert is kept with probability 2 g2 in evaluation too (Algorithm 1; Mesh '
+             'TensorFlow\'s second_policy_eval="random"), drawn from a fixed per-layer seed so every evaluation draws '
+             'the same; all: always kept in evaluation (deterministic)')
     hmoe = p.add_argument_group('HyperMoE (--moe_variant hypermoe): HyperExpert generated from the unselected experts')
     add(hmoe, '--moe_variant', default='plain', choices=MOE_VARIANTS,
         help='hypermoe: add to every MoE block the HyperExpert of HyperMoE (Zhao et al. 2024); works with any router')
@@ -100,8 +110,10 @@ def add_hash_xmoe_dts_args(p):
     add(xmoe, '--xmoe_dim', type=int, default=16, help='dimension of the routing space (the paper\'s 16)')
     add(xmoe, '--xmoe_temperature', type=float, default=0.07, help='initial value of the learnable temperature')
     dts = p.add_argument_group('DTS-Gate (--gate_name dts): Gumbel softmax annealed from dense to top-k routing')
-    add(dts, '--dts_max_temp', type=float, default=2.0, help='Gumbel temperature at step 0')
-    add(dts, '--dts_min_temp', type=float, default=0.3, help='Gumbel temperature at the end of the annealing')
+    add(dts, '--dts_max_temp', type=float, default=1.0,
+        help='Gumbel temperature at step 0 (EvoMoE\'s --max-temperature default)')
+    add(dts, '--dts_min_temp', type=float, default=0.5,
+        help='Gumbel temperature at the end of the annealing (EvoMoE\'s --min-temperature default)')
     add(dts, '--dts_anneal_steps', type=int, default=-1,
         help='steps of the dense-to-sparse phase (exponential decay of the temperature, experts kept by '
              '--dts_threshold); top-k routing after it (default: half of max_step)')
@@ -353,4 +365,5 @@ def model_config(args, n_token):
                 hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim,
                 switch_jitter=args.switch_jitter, hash_seed=args.hash_seed, xmoe_dim=args.xmoe_dim,
                 xmoe_temperature=args.xmoe_temperature, dts_max_temp=args.dts_max_temp, dts_min_temp=args.dts_min_temp,
-                dts_anneal_steps=dts_anneal_steps(args), dts_threshold=args.dts_threshold)
+                dts_anneal_steps=dts_anneal_steps(args), dts_threshold=args.dts_threshold,
+                gshard_eval_policy=args.gshard_eval_policy)

@@ -11,7 +11,7 @@ import eval as eval_script
 import train
 import train_args
 from moe import (Experts, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, RouterStats, drop_over_capacity,
-                 expert_capacity, set_capacity, torch_moe, unique_sets)
+                 drop_over_group_capacity, expert_capacity, set_capacity, torch_moe, unique_sets)
 from tests.conftest import TINY_MOE_ARGS, tiny_model
 
 E, D, H = 4, 16, 16
@@ -118,6 +118,40 @@ def test_first_choices_come_before_second_choices_then_token_order():
     assert drop_over_capacity(top_idx, 1, E).tolist() == [[0, -1], [-1, 2], [-1, -1], [1, -1]]
     # a slot already dropped by its gate takes no room
     assert drop_over_capacity(torch.tensor([[-1, 1], [0, 1]]), 1, E).tolist() == [[-1, 1], [0, -1]]
+
+
+def test_capacity_is_per_group_of_consecutive_positions_of_one_sequence():
+    """Two sequences, rows time-major (t * B + b), groups of 2 positions: each group gives an expert
+    ceil(1.0 * 2 * 1 / 2) = 1 slot; the 5-position sequences end with a group of one token (C = 1)."""
+    experts_by_seq = [[0, 0, 1, 1, 1], [1, 0, 0, 0, 0]]                    # [B, T] each token's expert
+    top_idx = torch.tensor(experts_by_seq).t().reshape(-1, 1)               # [T * B, 1], time-major
+    kept = drop_over_group_capacity(top_idx, 1.0, 2, n_seq=2, group_size=2)
+    by_seq = kept.view(5, 2).t().tolist()
+    assert by_seq == [[0, -1, 1, -1, 1], [1, 0, 0, -1, 0]]                  # by hand, group by group
+    # one group per sequence (group_size >= T): C = ceil(5 / 2) = 3; the second sequence's fourth 0 is dropped
+    whole = drop_over_group_capacity(top_idx, 1.0, 2, n_seq=2, group_size=1024)
+    assert whole.view(5, 2).t().tolist() == [[0, 0, 1, 1, 1], [1, 0, 0, 0, -1]]
+    # the default group: Mesh TensorFlow's group_size 1024 (moe.py), where the papers are silent
+    assert train_args.parse_args(['--moe']).capacity_group_size == 1024
+    assert MoEPositionwiseFF(D, H, 0.0, num_expert=E).capacity_group_size == 1024
+
+
+@pytest.mark.parametrize('gate_name,k', [('switch', 1), ('smoe', 2)])
+def test_capacity_drops_do_not_depend_on_how_the_batch_is_split(gate_name, k):
+    """The same sequences as one batch or as two halves (two GPUs, or --batch_chunk 2): the same drops, the
+    same outputs, with some slots dropped (not trivially dropless)."""
+    torch.manual_seed(0)
+    block = MoEPositionwiseFF(D, H, 0.0, num_expert=E, top_k=k, gate_name=gate_name).eval()
+    for p in block.parameters():
+        p.data.normal_(0, 0.3)
+    block.capacity_factor, block.capacity_group_size = (1.0, 1.0), 8
+    inp = torch.randn(16, 6, D)                                             # [T, B, d]
+    stats = RouterStats(E)
+    block.stats = stats
+    whole = block(inp)
+    assert stats.drop_fraction > 0
+    halves = torch.cat([block(inp[:, :3]), block(inp[:, 3:])], dim=1)
+    torch.testing.assert_close(halves, whole)
 
 
 @pytest.mark.parametrize('seed', range(5))
@@ -239,6 +273,7 @@ def test_the_dropped_fraction_is_logged_per_layer_and_the_run_evaluates_as_train
     (['--moe', '--eval_capacity_factor', 'lots'], 'needs a positive number'),
     (['--capacity_factor', '1.25'], '--capacity_factor needs --moe'),
     (['--moe', '--capacity_factor', '1.0', '--multi_gpu'], 'do not support --multi_gpu'),
+    (['--moe', '--capacity_group_size', '0'], '--capacity_group_size must be at least 1'),
 ])
 def test_bad_capacity_flags_are_clear_errors(extra, message, capsys):
     with pytest.raises(SystemExit):

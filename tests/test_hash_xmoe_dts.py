@@ -14,7 +14,7 @@ import evaluation
 import train
 from custom_gate import DTSGate, HashGate, XMoEGate
 from hyper_router import param_breakdown, set_top_k
-from moe import MoEPositionwiseFF, RouterStats
+from moe import MoEPositionwiseFF, RouterStats, aux_losses
 from tests.conftest import TINY, tiny_model
 
 E, D, V = 4, 16, 37
@@ -169,6 +169,25 @@ def test_xmoe_starts_at_the_papers_temperature_and_trains_it_with_the_projection
     assert XMoEGate.default_aux_losses == {'balance': 0.01}
 
 
+def test_xmoe_balance_loss_reads_the_cosines_at_the_fixed_temperature_0_07_and_never_pushes_tau():
+    """torchscale routing.py's TEMPERATURE_FOR_L_UAX: the balance loss E * sum_e f_e P_e with P_e the mean of
+    softmax(cos / 0.07), whatever the learned tau; so its gradient reaches W and e but not tau."""
+    gate = xmoe_gate(k=2)
+    with torch.no_grad():
+        gate.temperature.fill_(0.25)
+    x = torch.randn(40, D)
+    top_idx, top_score, logits = gate(x, return_logits=True)
+    [loss] = aux_losses(gate, ('balance',), logits, top_idx, top_score).values()
+    h = F.normalize(x @ gate.project.weight.detach().t(), dim=-1)
+    cos = h @ F.normalize(gate.expert_emb.detach(), dim=-1).t()                 # [T, E] by hand
+    frac = torch.bincount(top_idx.flatten(), minlength=E).float() / top_idx.numel()
+    expected = E * (frac * F.softmax(cos / 0.07, -1).mean(0)).sum()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert gate.temperature.grad is None or gate.temperature.grad.item() == 0
+    assert gate.project.weight.grad.abs().sum() > 0 and gate.expert_emb.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- DTS-Gate
 
 def dts_gate(anneal=100, scale=1.0, threshold=0.001):
@@ -204,24 +223,32 @@ def test_dts_is_dense_at_step_0():
     assert all(sorted(row) == list(range(E)) for row in top_idx.tolist())
 
 
-def test_dts_keeps_the_experts_above_the_threshold_with_their_gumbel_weights():
+def router_probs(gate, x):
+    """softmax(x W^T) at temperature 1, computed here from the router's weight."""
+    return F.softmax(x @ gate.gate.weight.detach().t(), -1)
+
+
+def test_dts_keeps_the_experts_above_the_threshold_with_their_softmax_probabilities():
+    """EvoMoE's default gate (topkgate.py, without --use-gumbel-gates): the Gumbel weights select, the gate
+    value of a selected expert is its softmax(logits) probability at temperature 1, not renormalised."""
     gate = dts_gate(anneal=100, scale=3.0)                             # sharp logits, late in the annealing
     gate.set_step(90)
     x = torch.randn(64, D)
     torch.manual_seed(5)
     top_idx, top_score = gate(x)
     weights = hand_gumbel_weights(gate, x, 5, gate.temperature)
+    probs = router_probs(gate, x)
     kept = weights > 0.001
     assert (~kept).any() and kept.any(-1).all()                        # some dropped, none left without an expert
     for t in range(64):
         chosen = sorted(e for e in top_idx[t].tolist() if e >= 0)
         assert chosen == kept[t].nonzero().flatten().tolist()
         routed = top_idx[t] >= 0
-        torch.testing.assert_close(top_score[t][routed], weights[t, top_idx[t][routed]])
+        torch.testing.assert_close(top_score[t][routed], probs[t, top_idx[t][routed]])
         assert (top_score[t][~routed] == 0).all()
 
 
-def test_dts_is_top_k_at_the_end_of_its_schedule():
+def test_dts_is_top_k_of_the_noisy_logits_at_the_end_of_its_schedule():
     gate = dts_gate(anneal=100, scale=3.0)
     gate.set_step(100)
     x = torch.randn(64, D)
@@ -230,22 +257,40 @@ def test_dts_is_top_k_at_the_end_of_its_schedule():
     weights = hand_gumbel_weights(gate, x, 6, 0.3)
     assert top_idx.shape == (64, 2) and (top_idx >= 0).all()
     assert torch.equal(top_idx, weights.topk(2, -1).indices)
-    torch.testing.assert_close(top_score, weights.topk(2, -1).values)
+    torch.testing.assert_close(top_score, router_probs(gate, x).gather(1, top_idx))
 
 
-def test_dts_evaluates_in_its_final_sparse_state_without_noise():
-    gate = dts_gate(anneal=100).eval()
-    gate.set_step(0)                                                   # the step does not matter in evaluation
+def test_dts_evaluates_by_the_top_k_logits_with_the_gate_values_of_training():
+    """Training and evaluation scale an expert alike: the value of an expert chosen in both is the same."""
+    gate = dts_gate(anneal=100)
     x = torch.randn(64, D)
-    logits = x @ gate.gate.weight.detach().t()
+    probs = router_probs(gate, x)
+    gate.eval()
+    gate.set_step(0)                                                   # the step does not matter in evaluation
     for k in (1, 2, E):
         gate.top_k = k
         top_idx, top_score = gate(x)
-        assert torch.equal(top_idx, logits.topk(k, -1).indices)
-        torch.testing.assert_close(top_score, F.softmax(logits / 0.3, -1).gather(1, top_idx))
+        assert torch.equal(top_idx, probs.topk(k, -1).indices)
+        torch.testing.assert_close(top_score, probs.gather(1, top_idx))
+    gate.train().set_step(100)
+    gate.top_k = 2
+    train_idx, train_score = gate(x)
+    gate.eval()
+    eval_idx, eval_score = gate(x)
+    same = train_idx == eval_idx
+    assert same.any()
+    torch.testing.assert_close(train_score[same], eval_score[same])
 
 
-def test_dts_router_gets_a_gradient_through_the_gumbel_weights():
+def test_dts_defaults_are_evomoes_flag_defaults():
+    """fairseq/dataclass/configs.py of EvoMoE: --max-temperature 1.0, --min-temperature 0.5."""
+    gate = DTSGate(D, E)
+    assert (gate.max_temp, gate.min_temp, gate.threshold, gate.top_k) == (1.0, 0.5, 0.001, 1)
+    args = train.parse_args(['--moe', '--gate_name', 'dts'])
+    assert (args.dts_max_temp, args.dts_min_temp) == (1.0, 0.5)
+
+
+def test_dts_router_gets_a_gradient_through_the_gate_values():
     gate = dts_gate()
     for step in (0, 100):
         gate.set_step(step)
@@ -310,6 +355,21 @@ def test_a_hash_run_evaluates_with_the_table_of_its_checkpoint(router_runs):
     fresh = tiny_model(gate_name='hash', n_token=ckpt['model_config']['n_token'], hash_seed=0)
     assert torch.equal(model.state_dict()[key], ckpt['model'][key])
     assert not torch.equal(model.state_dict()[key], fresh.state_dict()[key])
+
+
+def test_xmoe_logs_its_learned_temperature_per_layer_to_tensorboard(router_runs):
+    """router/temperature/layer<i>: tau as it routes, the last record that of the saved checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = router_runs['xmoe']
+    events = EventAccumulator(run_dir).Reload()
+    model = torch.load(os.path.join(run_dir, 'checkpoint_last.pt'), weights_only=True)['model']
+    for layer in range(2):
+        last = events.Scalars(f'router/temperature/layer{layer}')[-1]
+        saved = model[f'layers.{layer}.pos_ff.gate.temperature'].item()
+        assert last.step == 6 and last.value == pytest.approx(saved, rel=1e-6)
+        assert saved != pytest.approx(0.07, abs=1e-7)                           # it did learn
+    tags = EventAccumulator(router_runs['hash']).Reload().Tags()['scalars']
+    assert not any(tag.startswith('router/temperature') for tag in tags)        # no learned temperature, none logged
 
 
 def test_a_dts_checkpoint_routes_densely_before_its_anneal_step_and_top_k_from_it(router_runs):

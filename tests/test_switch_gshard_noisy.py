@@ -15,7 +15,7 @@ import evaluation
 import train
 from custom_gate import GShardGate, NoisyTopKGate, SwitchGate, prob_in_top_k
 from hyper_router import param_breakdown
-from moe import MoEPositionwiseFF
+from moe import GATES, MoEPositionwiseFF
 from tests.conftest import TINY, tiny_model
 from tests.test_train import MOE_ARGS, TINY_ARGS, read_metrics
 
@@ -132,7 +132,40 @@ def test_gshard_drops_the_second_expert_at_rate_one_minus_two_g2():
     torch.testing.assert_close(top_score, torch.tensor([1 - g2, g2]).repeat(n, 1))   # g1 not renormalised
     tie = torch.tensor([1.0, 1.0, -5.0, -5.0]).repeat(n, 1)
     assert (gate(tie)[0] >= 0).all()
-    assert (gate.eval()(x)[0][:, 1] == 1).all()                          # evaluation: never dropped
+
+
+def test_gshard_drops_the_second_expert_in_evaluation_too_the_same_draws_every_evaluation():
+    """Algorithm 1 (Lepikhin et al. 2021) has no training condition, and Mesh TensorFlow's default is
+    second_policy_eval="random": in evaluation the second expert is dropped at rate 1 - 2 g2 too, from the gate's
+    own seeded stream, so two evaluations give the same routing and the global RNG is left as it was."""
+    gate = identity_router(GShardGate, top_k=2).eval()
+    n = 20000
+    x = torch.tensor([2.0, 1.0, -5.0, -5.0]).repeat(n, 1)
+    g2 = math.exp(1) / (math.exp(2) + math.exp(1))
+    torch.manual_seed(0)
+    first = gate(x)[0]
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))                             # the global RNG is left untouched
+    dropped = int((first[:, 1] == -1).sum())
+    assert abs(dropped - n * (1 - 2 * g2)) < binomial_bound(n, 1 - 2 * g2)
+    gate.train()
+    gate(x)
+    gate.eval()
+    assert torch.equal(gate(x)[0], first)                                # the next evaluation draws the same
+    other_layer = identity_router(GShardGate, top_k=2, eval_seed=1).eval()
+    assert not torch.equal(other_layer(x)[0], first)                     # each layer its own seed
+
+
+def test_gshard_eval_policy_all_keeps_every_second_expert_in_evaluation_only():
+    gate = identity_router(GShardGate, top_k=2, eval_policy='all')
+    x = torch.tensor([2.0, 1.0, -5.0, -5.0]).repeat(2000, 1)
+    assert (gate.eval()(x)[0][:, 1] == 1).all()
+    assert (gate.train()(x)[0][:, 1] == -1).any()
+    with pytest.raises(ValueError, match='unknown GShard evaluation policy'):
+        GShardGate(D, E, eval_policy='none')
+    with pytest.raises(SystemExit):
+        train.parse_args(['--moe', '--gate_name', 'gshard', '--gshard_eval_policy', 'none'])
 
 
 def test_gshard_drop_rate_follows_each_tokens_own_gate():
@@ -258,6 +291,35 @@ def test_each_router_trains_with_its_papers_defaults():
     assert NoisyTopKGate.own_aux_losses == ('load',)
     assert NoisyTopKGate.default_capacity_factor == (None, None)                           # dropless
     assert SwitchGate(D, E).top_k == 1 and GShardGate(D, E).top_k == 2
+
+
+def methods_table():
+    """{method: {column: cell}} of the methods table in docs/routing.md."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'docs', 'routing.md')) as f:
+        lines = [line for line in f if line.startswith('| ')]
+    header = [cell.strip() for cell in lines[0].strip().strip('|').split(' | ')]
+    rows = [[cell.strip() for cell in line.strip().strip('|').split(' | ')] for line in lines[1:]]
+    return {row[0]: dict(zip(header, row)) for row in rows if len(row) == len(header)}
+
+
+def test_the_methods_table_states_each_routers_loss_weights_and_hypermoes_differ_from_noisy_topks():
+    """Each row's auxiliary losses are its router's defaults (GATES[...].default_aux_losses); HyperMoE's are its
+    scripts' (0.01 each, its LM code), next to noisy top-k's 0.1 each (Shazeer et al. 2017, Appendix C.1)."""
+    table = methods_table()
+    for method, row in table.items():
+        if method == 'HyperMoE':
+            with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'script', 'table1',
+                                   'hypermoe_enwik8.sh')) as f:
+                script = f.read()
+            assert '--importance_loss 0.01' in script and '--load_loss 0.01' in script
+            expected = 'importance 0.01, load 0.01'
+        else:
+            gate_name = row['`--gate_name`'].split('`')[1]
+            weights = GATES[gate_name].default_aux_losses
+            expected = ', '.join(f'{name} {weight:g}' for name, weight in weights.items()) or 'none'
+        assert row['auxiliary losses (weight)'].startswith(expected), method
+    assert 'Appendix C.1' in table['Noisy top-k']['auxiliary losses (weight)']
+    assert 'tensor2tensor' in table['Noisy top-k']['auxiliary losses (weight)']
 
 
 # ----------------------------------------------------------------------------- Tables A3 / A4

@@ -2,11 +2,12 @@
 # WikiText-103, column DTS-Gate (beyond the paper): test perplexity at k = 1, 2, 4, 8, 16
 #
 # DTS-Gate (Nie et al. 2021, EvoMoE): a linear router whose Gumbel-softmax weights, at a temperature
-# decaying exponentially from 2.0 to 0.3 over the first 200k steps (half the run; 2.0 and 0.3 as we read
-# the EvoMoE paper, its code's flag defaults are 1.0 and 0.5), send each token to every expert with
-# weight above 0.001 (its code's threshold; dense at first, sparser as the temperature falls), then to
-# its top-1 expert (EvoMoE's final sparse gate) for the last 200k steps; evaluation routes by the
-# top k of the logits without noise. No auxiliary loss, as EvoMoE's released LM command (its
+# decaying exponentially from 1.0 to 0.5 over the first 200k steps (half the run; EvoMoE's flag defaults
+# --max-temperature 1.0, --min-temperature 0.5), send each token to every expert with weight above 0.001
+# (its code's threshold; dense at first, sparser as the temperature falls), then to its top-1 expert
+# (EvoMoE's final sparse gate) for the last 200k steps; evaluation routes by the top k of the logits
+# without noise. Gate values softmax(logits) at temperature 1 in training and evaluation (EvoMoE's
+# default, without --use-gumbel-gates). No auxiliary loss, as EvoMoE's released LM command (its
 # criterion is cross_entropy). EvoMoE's expert-diversify phase (one expert trained, then copied)
 # is not part of this script: every run here starts from 16 random experts.
 # Small Transformer-XL (4 layers, d_model 256), 400k steps of batch 22 (paper Table A1), dropout 0.1
@@ -38,8 +39,8 @@ launch train.py \
     --seed 1111 \
     --moe --moe-num-expert 16 --moe-top-k 1 \
     --gate_name dts \
-    --dts_max_temp 2.0 \
-    --dts_min_temp 0.3 \
+    --dts_max_temp 1.0 \
+    --dts_min_temp 0.5 \
     --dts_anneal_steps 200000 \
     --dts_threshold 0.001 \
     --moe_index 0,1,2,3 \

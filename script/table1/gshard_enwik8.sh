@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # enwik8, column GShard (Lepikhin et al. 2021): test bits per character at k = 1, 2, 4, 8, 16
 #
-# GShard (Lepikhin et al. 2021): a bias-free linear router, top-2, gates normalised over the two; in
-# training the second expert is kept with probability 2 g2 (the paper's random routing, Algorithm 1).
+# GShard (Lepikhin et al. 2021): a bias-free linear router, top-2, gates normalised over the two; the
+# second expert is kept with probability 2 g2 (the paper's random routing, Algorithm 1), in evaluation too
+# as Mesh TensorFlow's second_policy_eval="random" (from a fixed per-layer seed; --gshard_eval_policy all: kept).
 # The method's defaults come with --gate_name gshard: balance loss with weight 0.01 (the coefficient of
 # its Mesh TensorFlow code) and capacity factor 1.0 in training (the paper's C = 2N/E), 2.0 in
 # evaluation, tokens over capacity passing through the residual.
