@@ -23,13 +23,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import evaluation
+from capacity import DEFAULT_GROUP_SIZE
 from data_utils import DataError, get_lm_corpus
 from figures import (entropy_of, plot_entropy, plot_framework, plot_load, plot_load_profiles, plot_metric_vs_k,
                      plot_router_outputs, plot_spectra)
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
 from model_flops import SMALL, analytic_eval_flops
-from moe import DEFAULT_GROUP_SIZE, ROUTERS, moe_blocks, record_router_stats, set_capacity, uses_thor
+from moe import ROUTERS, moe_blocks, record_router_stats, set_capacity, uses_thor
 from run_utils import RunError
 from seeds import group_runs, mean_std, read_config
 

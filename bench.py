@@ -34,7 +34,8 @@ import torch
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM, PositionwiseFF
 from model_flops import FLOPS_FORMULA, SMALL, analytic_eval_flops, analytic_forward_flops
-from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF
+from hyper_expert import HyperExpert, HyperExpertGenerator
+from moe import MoEPositionwiseFF
 from run_utils import keep_freed_memory
 from sim_device import SimulatedCuda
 

@@ -14,10 +14,11 @@ import os
 import torch
 
 import seeds
+from capacity import DEFAULT_GROUP_SIZE
 from data_utils import dataset_metric, loss_to_metric
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
-from moe import DEFAULT_GROUP_SIZE, set_capacity
+from moe import set_capacity
 from run_utils import RunError
 
 EVAL_BATCH_SIZE = 10

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
-from moe import GATES, MOE_VARIANTS, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, StackedLinear
+from hyper_expert import HyperExpert, HyperExpertGenerator
+from moe import GATES, MOE_VARIANTS, MoEPositionwiseFF, StackedLinear
 
 
 class PositionalEmbedding(nn.Module):

@@ -18,6 +18,12 @@ check_torch(torch.__version__)      # one line on a torch older than the APIs be
 ENGINES = ('auto', 'grouped', 'loop')
 
 
+def spare_bin(top_idx, num_expert):
+    """top_idx with its dropped slots (-1) sent to a spare index E, so that a scatter, a count or a sort over
+    E + 1 bins puts them past every expert, where they are cut off (no host sync)."""
+    return torch.where(top_idx >= 0, top_idx, num_expert)
+
+
 def compute_dtype(x):
     """The dtype the matmuls of x run in: autocast's on x's device when it is on, else x's own."""
     if torch.is_autocast_enabled(x.device.type):

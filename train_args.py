@@ -12,9 +12,10 @@ import os
 import torch
 
 import evaluation
+from capacity import DEFAULT_GROUP_SIZE
 from custom_gate import GSHARD_EVAL_POLICIES, THOR_INFERENCE
 from hyper_router import TOP_K_SCHEDULES
-from moe import AUX_LOSSES, BACKENDS, DEFAULT_GROUP_SIZE, GATES, MOE_VARIANTS, routers_giving
+from moe import AUX_LOSSES, BACKENDS, GATES, MOE_VARIANTS, routers_giving
 from moe_engine import ENGINES, grouped_mm_problem
 
 DATASETS = ('synthetic', 'enwik8', 'text8', 'wt103', 'wt2')

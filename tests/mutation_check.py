@@ -166,7 +166,7 @@ MUTATIONS = [
              'b2 = F.pad(self.h4toh.bias.to(dtype), (0, 0, 0, 1))', GPU_BF16),
     Mutation('combine_in_bf16', 'moe.py', 'y_slots = y_slots.to(torch.promote_types(y_slots.dtype, score.dtype))',
              'score = score.to(y_slots.dtype)', GPU_BF16),
-    Mutation('hyper_expert_bias_gathered_in_bf16', 'moe.py', '.add_(b_up.index_select(0, sorted_set))',
+    Mutation('hyper_expert_bias_gathered_in_bf16', 'hyper_expert.py', '.add_(b_up.index_select(0, sorted_set))',
              '.add_(b_up.to(dtype).index_select(0, sorted_set))', GPU_BF16),
     Mutation('train_step_reads_the_loss_back', 'train.py', 'total = total + nll.detach().double() / len(chunks)',
              'total = total + nll.item() / len(chunks)', GPU_HOST_READS),

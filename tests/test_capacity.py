@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import eval as eval_script
 import train
 import train_args
-from moe import (Experts, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, RouterStats, drop_over_capacity,
-                 drop_over_group_capacity, expert_capacity, set_capacity, torch_moe, unique_sets)
+from capacity import drop_over_capacity, drop_over_group_capacity, expert_capacity
+from hyper_expert import HyperExpert, HyperExpertGenerator, unique_sets
+from moe import Experts, MoEPositionwiseFF, RouterStats, set_capacity, torch_moe
 from tests.conftest import TINY_MOE_ARGS, tiny_model
 
 E, D, H = 4, 16, 16

@@ -22,7 +22,8 @@ import train
 from data_utils import Corpus, Vocab
 from hyper_router import HyperRouterGate
 from mem_transformer import RelPartialLearnableMultiHeadAttn
-from moe import ROUTERS, Experts, run_adapters, torch_moe
+from hyper_expert import run_adapters
+from moe import ROUTERS, Experts, torch_moe
 from run_utils import Distributed
 from moe_engine import grouped_mm_problem
 

@@ -13,8 +13,8 @@ import train
 from custom_gate import RandomGate
 from hyper_router import param_breakdown
 from mem_transformer import ThorObjective, symmetric_kl
-from moe import (HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, record_routing, switch_balance_loss,
-                 unique_sets)
+from hyper_expert import HyperExpert, HyperExpertGenerator, unique_sets
+from moe import MoEPositionwiseFF, record_routing, switch_balance_loss
 from tests.conftest import TINY, tiny_model
 
 E, D, H = 6, 16, 12

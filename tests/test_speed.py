@@ -13,7 +13,8 @@ import torch
 import train
 from mem_transformer import RelativeAttentionProbs, shifted_position_scores
 from model_flops import analytic_forward_flops
-from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, describe_engine, run_adapters
+from hyper_expert import HyperExpert, HyperExpertGenerator, run_adapters
+from moe import MoEPositionwiseFF, describe_engine
 from moe_engine import choose_engine, group_ends, grouped_mm, grouped_mm_problem
 from tests.conftest import HostSync, tiny_model
 
