@@ -29,6 +29,7 @@ from figures import (entropy_of, plot_entropy, plot_framework, plot_load, plot_l
 from hyper_router import HyperRouterGate, moe_gates, param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
 from model_flops import SMALL, analytic_eval_flops
+from output_files import STDOUT
 from moe import ROUTERS, moe_blocks, record_router_stats, set_capacity, uses_thor
 from run_utils import RunError
 from seeds import group_runs, mean_std, read_config
@@ -586,6 +587,8 @@ def run(args, parser):
         return False
     if args.run or args.table or args.compare:
         parser.error(f'--{chosen[0]} is a command of its own; drop --run / --table / --compare')
+    if args.out == STDOUT:
+        parser.error('--out writes a figure (.png), which cannot go to standard output: give a file name')
     try:
         COMMANDS[chosen[0]](args)
     except (DataError, RunError) as err:

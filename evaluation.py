@@ -18,6 +18,7 @@ from data_utils import dataset_metric, loss_to_metric
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
 from moe import set_capacity
+from output_files import write_text
 from run_utils import RunError
 
 EVAL_BATCH_SIZE = 10
@@ -216,16 +217,9 @@ def test_checkpoints(run_dir, corpus, split='test', ks=DEFAULT_KS, max_eval_step
 
 
 def write_json(path, entries):
-    """Write atomically; a failed write (full disk) removes its temporary file and raises the OSError."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'w') as f:
-            json.dump(entries, f, indent=2)
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write `entries` as JSON to `path` (`-`: standard output) as output_files.write_text does: atomically
+    for a file, in place for a FIFO or device; a failed write (full disk) raises the OSError."""
+    write_text(path, json.dumps(entries, indent=2) + '\n')
 
 
 def read_results(run_dir, kind='best_dense'):

@@ -12,7 +12,7 @@ setup(
     python_requires='>=3.9',
     py_modules=['adaptive_softmax', 'analysis', 'bench', 'custom_gate', 'data_utils', 'eval', 'evaluation',
                 'figures', 'finetune', 'finetune_data', 'hyper_router', 'mem_transformer', 'model_flops', 'moe',
-                'moe_engine', 'run_utils', 'seeds', 'synthetic_corpus', 'train', 'train_args'],
+                'moe_engine', 'output_files', 'run_utils', 'seeds', 'synthetic_corpus', 'train', 'train_args'],
     install_requires=requirements,
     entry_points={'console_scripts': ['hyperrouter-train=train:main', 'hyperrouter-eval=eval:main',
                                       'hyperrouter-bench=bench:main',

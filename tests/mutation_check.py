@@ -157,6 +157,15 @@ MUTATIONS = [
              PAPER_ANALYSES),
     Mutation('angle_of_the_closest_directions', 'analysis.py', 'math.degrees(math.acos(cos[-1].item()))',
              'math.degrees(math.acos(cos[0].item()))', PAPER_ANALYSES),
+    # output paths (output_files.py, eval.py --json -)
+    Mutation('fifo_replaced_by_a_rename', 'output_files.py', 'elif is_special(path):', 'elif False:',
+             'tests/test_output_files.py'),
+    Mutation('dash_is_a_file_name', 'output_files.py', 'sys.stdout.write(text)', "open(path, 'w').write(text)",
+             'tests/test_output_files.py'),
+    Mutation('symlink_replaced_by_the_file', 'output_files.py', 'target = os.path.realpath(path)', 'target = path',
+             'tests/test_output_files.py'),
+    Mutation('json_dash_mixed_with_the_tables', 'eval.py', 'if args.json == STDOUT else', 'if False else',
+             'tests/test_output_files.py'),
 ]
 
 
