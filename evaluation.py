@@ -69,13 +69,17 @@ def parse_capacity_factor(text):
     return factor
 
 
+# the column name of each router (--gate_name) in tables and results.json; a name not here is SMoE's linear router
+METHOD_NAMES = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
+                'thor': 'THOR', 'RandomGate': 'THOR', 'switch': 'Switch', 'gshard': 'GShard',
+                'noisy_topk': 'Noisy top-k', 'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}
+
+
 def method_name(model_config):
     """The column name the paper uses for this model."""
     if not model_config['moe']:
         return 'Dense+Dropout' if model_config['dropout'] > 0 else 'Dense'
-    name = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
-            'thor': 'THOR', 'RandomGate': 'THOR', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy top-k',
-            'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}.get(model_config['gate_name'], 'SMoE')
+    name = METHOD_NAMES.get(model_config['gate_name'], 'SMoE')
     if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE's published router: noisy top-k (the demo: SMoE's)
         return 'HyperMoE' if name in ('SMoE', 'Noisy top-k') else f'{name}+HyperMoE'
     return name
