@@ -5,7 +5,7 @@
   python eval.py --table RUN_A RUN_B ... [--json OUT]  # the runs' results.json side by side; runs that
                                               # differ only in seed: one column, mean ± std over the seeds
   python eval.py --compare RUN_A ... -- RUN_B ...  # A against B seed by seed: paired t-test at each k
-  python eval.py --entropy|--load|--jacobian|--plot|--routers RUN ...  # analyses (analysis.py; see --help)
+  python eval.py --entropy|--load|--jacobian|--plot|--routers RUN ...  # analyses (analysis_commands.py; see --help)
   python eval.py --flops|--params [RUN ...]   # Tables A3, A4 (no RUN: the paper's small enwik8 model)
   python eval.py --diagram                    # Figure 3
 
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-import analysis
+import analysis_commands
 import evaluation
 from custom_gate import THOR_INFERENCE
 from data_utils import DataError, get_lm_corpus
@@ -122,11 +122,11 @@ def main(argv=None):
                         help='expert capacity factor F of evaluation (each expert takes at most ceil(F * T * k / E) '
                              'of a batch\'s T tokens), or none (dropless); default: the run\'s own (its '
                              '--eval_capacity_factor), so a checkpoint is evaluated as trained')
-    analysis.add_arguments(parser)
+    analysis_commands.add_arguments(parser)
     argv, compare_b = split_compare(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     keep_freed_memory()
-    if analysis.run(args, parser):
+    if analysis_commands.run(args, parser):
         return
     if args.compare and not compare_b:
         parser.error('--compare needs two lists of runs: --compare RUN_A ... -- RUN_B ...')
