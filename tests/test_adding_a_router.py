@@ -68,6 +68,11 @@ def run_brute_force_test(name):
                                                                                 torch.device('cpu'))
 
 
+def run_device_contract_test(name, **_):
+    device_tests.test_every_gate_keeps_the_contract_on_the_device_with_fp32_routing_under_autocast(
+        name, torch.device('cpu'))
+
+
 # every test parametrised over moe.ROUTERS, called with the new router
 CROSS_ROUTER_TESTS = {
     'test_moe.py::test_gate_contract': lambda name, **_: moe_tests.test_gate_contract(name),
@@ -76,8 +81,7 @@ CROSS_ROUTER_TESTS = {
     'test_moe.py::test_which_router_parameters_train':
         lambda name, tokens, **_: moe_tests.test_which_router_parameters_train(name, tokens),
     'test_device.py::test_every_gate_keeps_the_contract_on_the_device_with_fp32_routing_under_autocast':
-        lambda name, **_: device_tests.test_every_gate_keeps_the_contract_on_the_device_with_fp32_routing_under_autocast(
-            name, torch.device('cpu')),
+        run_device_contract_test,
     'test_train.py::test_resuming_gives_the_same_run_as_never_stopping': run_resume_test,
 }
 
