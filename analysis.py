@@ -153,11 +153,16 @@ def format_load_profile(label, layers, dropped_by_layer):
              'layer' + ''.join(f'{f"#{r + 1}":>6}' for r in range(n_expert)) + f"{'max/mean':>16}{'dropped %':>16}"]
     for i, runs in layers.items():
         mean_profile = [mean_std([run[r] for run in runs])[0] for r in range(n_expert)]
-        peak, spread = mean_std([run[0] * n_expert for run in runs])
-        dropped, dropped_spread = mean_std([100 * fraction for fraction in dropped_by_layer[i]])
-        lines.append(f'{i + 1:>5}' + ''.join(f'{100 * f:6.1f}' for f in mean_profile)
-                     + f'{f"{peak:.2f} ± {spread:.2f}":>16}' + f'{f"{dropped:.1f} ± {dropped_spread:.1f}":>16}')
+        peak = mean_std_cell([run[0] * n_expert for run in runs], 2)
+        dropped = mean_std_cell([100 * fraction for fraction in dropped_by_layer[i]], 1)
+        lines.append(f'{i + 1:>5}' + ''.join(f'{100 * f:6.1f}' for f in mean_profile) + f'{peak:>16}{dropped:>16}')
     return '\n'.join(lines)
+
+
+def mean_std_cell(values, digits):
+    """'mean ± std' of the values, the mean alone for one value (a method run with one seed beside others)."""
+    mean, std = mean_std(values)
+    return f'{mean:.{digits}f}' + ('' if std is None else f' ± {std:.{digits}f}')
 
 
 # ----------------------------------------------------------------------------- FLOPs (Table A3)
