@@ -164,6 +164,8 @@ MUTATIONS = [
              'tests/test_output_files.py'),
     Mutation('symlink_replaced_by_the_file', 'output_files.py', 'target = os.path.realpath(path)', 'target = path',
              'tests/test_output_files.py'),
+    Mutation('load_cell_std_of_one_run', 'analysis.py', "('' if std is None else f' ± {std:.{digits}f}')",
+             "f' ± {std:.{digits}f}'", 'tests/test_seeds.py -k load'),
     Mutation('json_dash_mixed_with_the_tables', 'eval.py', 'if args.json == STDOUT else', 'if False else',
              'tests/test_output_files.py'),
 ]
