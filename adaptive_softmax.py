@@ -6,11 +6,21 @@ which is what the character-level models use. Parameter names match the referenc
 (`emb_layers.i`, `emb_projs.i`, `out_layers.i`, `out_projs.i`, `cluster_weight`, `cluster_bias`), so
 its checkpoints load unchanged.
 
-Shapes: N tokens, d_proj model width.
+A plain softmax over a large vocabulary (WikiText-103's 267,735 words) is computed in chunks of rows
+(at most `chunk_elements` logits each, log-softmax being row-wise): at batch 22 x 512 the whole [N, V] logits would
+be 3.0e9 elements, 12 GB per fp32 copy, about 36 GB at the peak of its backward. Each chunk's logits are
+recomputed in the backward (torch.utils.checkpoint), so neither pass holds more than one chunk's.
+
+Shapes: N tokens, d_proj model width, V vocabulary.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# logits per chunk of rows of the plain softmax (256 MiB in fp32); below it the loss is one piece, so a
+# character-level model (V = 204) never chunks
+CHUNK_ELEMENTS = 2 ** 26
 
 
 def _cluster_bounds(cutoffs, n_token):
@@ -71,10 +81,11 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
     per-token map (the reference reorders tokens by cluster unless keep_order is set).
     """
 
-    def __init__(self, n_token, d_embed, d_proj, cutoffs, div_val=1):
+    def __init__(self, n_token, d_embed, d_proj, cutoffs, div_val=1, chunk_elements=CHUNK_ELEMENTS):
         super().__init__()
         _check_cutoffs(cutoffs, n_token)
         self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
+        self.chunk_elements = chunk_elements     # the plain softmax's logits per chunk of rows (see the top)
         self.bounds = _cluster_bounds(cutoffs, n_token)
         self.n_clusters = len(cutoffs)
         if self.n_clusters:
@@ -117,11 +128,31 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             bias = torch.cat([bias, self.cluster_bias], 0)
         return weight, bias
 
+    def _plain_nll(self, hidden, target):
+        """The plain softmax's NLL of rows hidden [n, d_proj], target [n] -> [n], through their [n, V] logits."""
+        logit = self._logit(hidden, self.out_layers[0].weight, self.out_layers[0].bias, self._proj(0))
+        return -F.log_softmax(logit.float(), -1).gather(1, target.unsqueeze(1)).squeeze(1)
+
+    def _chunked_plain_nll(self, hidden, target):
+        """_plain_nll in chunks of rows, each chunk's logits recomputed in the backward.
+
+        Row by row the loss and the gradient of `hidden` are the same computation as in one piece (bit for bit
+        where the BLAS runs a chunk's rows with the whole's kernel: chunks of equal size, no small remainder,
+        keep them large); the weights' gradients are summed chunk by chunk (fp32 rounding of the order).
+        """
+        n_chunks = -(-hidden.size(0) * self.n_token // self.chunk_elements)
+        if n_chunks <= 1:
+            return self._plain_nll(hidden, target)
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in (hidden, *self.parameters()))
+        # no RNG runs in the loss: preserving its state would read the CUDA generator back per chunk
+        return torch.cat([checkpoint(self._plain_nll, h, t, use_reentrant=False, preserve_rng_state=False)
+                          if grad else self._plain_nll(h, t)
+                          for h, t in zip(hidden.tensor_split(n_chunks), target.tensor_split(n_chunks))])  # [N]
+
     def forward(self, hidden, target):
         """hidden [N, d_proj], target [N] -> nll [N]."""
         if self.n_clusters == 0:
-            logit = self._logit(hidden, self.out_layers[0].weight, self.out_layers[0].bias, self._proj(0))
-            return -F.log_softmax(logit.float(), -1).gather(1, target.unsqueeze(1)).squeeze(1)
+            return self._chunked_plain_nll(hidden, target)
         head_logprob = F.log_softmax(self._logit(hidden, *self._cluster_params(0), self._proj(0)).float(), -1)
         nll = head_logprob.new_zeros(target.shape)
         for i, (start, end) in enumerate(self.bounds):

@@ -12,7 +12,13 @@
     (fp32, TF32 on CUDA, bf16 with --amp), measured in the same interleaved loop;
 (d) a HyperRouter training step and evaluation forward against SMoE-Dropout's;
 (e) HyperMoE's HyperExpert, forward + backward at k = 2: one adapter generated per distinct expert set
-    of the batch (ours) against one per token (the original's).
+    of the batch (ours) against one per token (the original's);
+(f) the simulated CUDA trace (sim_device.py, shapes only, so it costs little CPU): a HyperRouter training
+    step (forward, backward, clipping, Adam) at k = 2, batch 22 x 512, memory 512, bf16 autocast on an sm90
+    device (the grouped engine): host syncs per step (sim_host_syncs_per_step, target 0), operators per step per
+    part as a proxy of kernel launches (sim_kernels_per_step), and a projected H100 step time from a stated
+    model (H100_MODEL: FLOPs at a fraction of peak, bytes at HBM bandwidth, a cost per launch; a model, not a
+    measurement). train.py's own reads per step are tested in tests/test_sim_device.py.
 Prints a table and writes the figures as JSON. Timings are medians over interleaved repeats; run it
 with nothing else on the machine (two PyTorch processes sharing the cores slow each other 10x).
 `--quick` shrinks the model and every size so that the run takes seconds (for tests; its ratios mean little).
@@ -30,6 +36,7 @@ from mem_transformer import MemTransformerLM, PositionwiseFF
 from model_flops import FLOPS_FORMULA, SMALL, analytic_eval_flops, analytic_forward_flops
 from moe import HyperExpert, HyperExpertGenerator, MoEPositionwiseFF
 from run_utils import keep_freed_memory
+from sim_device import SimulatedCuda
 
 # measured / target: 'max' ratios are times (lower is better), 'min' ratios speeds or utilisation
 TARGETS = {'moe_block_vs_floor': ('max', 1.0), 'train_hr_k2_vs_dense': ('min', 0.97), 'train_mfu': ('min', 0.55),
@@ -39,9 +46,10 @@ TARGETS = {'moe_block_vs_floor': ('max', 1.0), 'train_hr_k2_vs_dense': ('min', 0
 SIZES = {   # the figures' sizes, and --quick's
     'full': dict(block_tokens=512 * 22, eval_bsz=10, eval_tgt_len=128, eval_mem_len=896, train_bsz=4,
                  train_tgt_len=512, train_mem_len=512, pair_bsz=22, pair_tgt_len=512, hyper_expert_tokens=2048,
-                 peak_n=2048),
+                 peak_n=2048, sim_bsz=22, sim_tgt_len=512, sim_mem_len=512),
     'quick': dict(block_tokens=256, eval_bsz=2, eval_tgt_len=16, eval_mem_len=16, train_bsz=2, train_tgt_len=16,
-                  train_mem_len=16, pair_bsz=2, pair_tgt_len=16, hyper_expert_tokens=128, peak_n=256,
+                  train_mem_len=16, pair_bsz=2, pair_tgt_len=16, hyper_expert_tokens=128, peak_n=256, sim_bsz=2,
+                  sim_tgt_len=16, sim_mem_len=16,
                   model=dict(n_layer=2, moe_index='0,1', n_head=2, d_head=16, d_model=32, d_inner=32, hyper_size=16)),
 }
 
@@ -205,6 +213,54 @@ def bench_hyper_expert(cfg, device, amp, n_tokens, repeats):
             'hyper_expert_per_set_vs_per_token': t[True] / t[False]}
 
 
+# the projection of a step on one H100 SXM (a model, not a measurement): matmul-class FLOPs at a fraction of the
+# dense bf16 peak, every operator's inputs and outputs through HBM once, and a fixed cost per kernel launch; the
+# host issues launches at one per `host_launch_s`, and the step takes the longer of the GPU's time and the host's
+H100_MODEL = dict(peak_flops=989e12, flops_fraction=0.5, hbm_bytes_per_s=3.35e12, launch_s=2e-6, host_launch_s=6e-6)
+SIM_PARTS = ('attention', 'moe', 'rest', 'optimizer')
+
+
+def project_h100(flops, n_bytes, launches, model=H100_MODEL):
+    """Seconds per step under H100_MODEL: max(FLOPs / (fraction x peak) + bytes / HBM + launches x launch cost,
+    launches x host launch cost)."""
+    gpu = (flops / (model['flops_fraction'] * model['peak_flops']) + n_bytes / model['hbm_bytes_per_s']
+           + launches * model['launch_s'])
+    return max(gpu, launches * model['host_launch_s'])
+
+
+def bench_simulated_step(cfg, sizes):
+    """Host syncs, operators, FLOPs and bytes of a HyperRouter bf16 training step on the simulated sm90 device."""
+    from mem_transformer import RelPartialLearnableMultiHeadAttn
+    bsz, tgt_len, mem_len = sizes['sim_bsz'], sizes['sim_tgt_len'], sizes['sim_mem_len']
+    with SimulatedCuda(capability=(9, 0), compute='meta', measure_cost=True) as sim:
+        torch.manual_seed(0)
+        model = MemTransformerLM(**dict(cfg, gate_name='hyper_router', tgt_len=tgt_len, mem_len=mem_len))
+        model = model.to(sim.device).train()
+        set_top_k(model, 2)
+        sim.attribute_parts(model, {RelPartialLearnableMultiHeadAttn: 'attention', MoEPositionwiseFF: 'moe'})
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=2.5e-4, fused=True)                     # as train.py on CUDA
+        data = torch.randint(0, 204, (tgt_len + 1, bsz)).to(sim.device)
+        mems = ()
+        for _ in range(2):                         # the second step attends over the memory the first left
+            sim.reset_counts()
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                out = model(data[:-1], data[1:], *mems)
+            out[0].float().mean().backward()
+            with sim.in_part('optimizer'):
+                torch.nn.utils.clip_grad_norm_(params, 0.25)
+                opt.step()
+                opt.zero_grad()
+            mems = out[1:]
+    kernels = {part: sim.op_counts.get(part, 0) for part in SIM_PARTS}
+    flops, n_bytes, launches = sum(sim.flops.values()), sum(sim.bytes.values()), sum(kernels.values())
+    step_s = project_h100(flops, n_bytes, launches)
+    return {'sim_host_syncs_per_step': len(sim.host_reads), 'sim_host_syncs': [list(r) for r in sim.host_reads],
+            'sim_kernels_per_step': dict(kernels, total=launches), 'sim_flops_per_step': flops,
+            'sim_bytes_per_step': n_bytes, 'sim_h100_step_s_projected': step_s,
+            'sim_h100_tokens_per_s_projected': bsz * tgt_len / step_s, 'h100_model': H100_MODEL}
+
+
 def verdict(res, name):
     """(measured, target text, 'ok' or 'MISSED') of one ratio."""
     kind, target = TARGETS[name]
@@ -239,6 +295,17 @@ def print_report(res):
     print('    eval forward (k=2): ' + ', '.join(f'{g} {t * 1e3:.1f} ms' for g, t in res['eval_s'].items()))
     print(f"(e) HyperExpert fwd+bwd, k=2, {s['hyper_expert_tokens']} tokens: one adapter per expert set "
           f"{res['hyper_expert_per_set_s'] * 1e3:.1f} ms, per token {res['hyper_expert_per_token_s'] * 1e3:.1f} ms")
+    kernels = res['sim_kernels_per_step']
+    print(f"(f) simulated sm90 training step, bf16 (batch {s['sim_bsz']} x {s['sim_tgt_len']}, mem {s['sim_mem_len']}, "
+          f"k=2): sim_host_syncs_per_step {res['sim_host_syncs_per_step']} (target 0)"
+          + ''.join(f"\n      {what} in {part} at {where}" for what, part, where in res['sim_host_syncs']))
+    print('    sim_kernels_per_step (operators, a proxy of launches): '
+          + ', '.join(f'{part} {n}' for part, n in kernels.items()))
+    print(f"    {res['sim_flops_per_step'] / 1e12:.2f} TFLOPs, {res['sim_bytes_per_step'] / 1e9:.1f} GB through memory; "
+          f"projected H100 step (a model: {H100_MODEL['flops_fraction']:.0%} of {H100_MODEL['peak_flops'] / 1e12:.0f} "
+          f"TFLOP/s, {H100_MODEL['hbm_bytes_per_s'] / 1e12:.2f} TB/s, {H100_MODEL['launch_s'] * 1e6:.0f} us a launch, "
+          f"host {H100_MODEL['host_launch_s'] * 1e6:.0f} us a launch): {res['sim_h100_step_s_projected'] * 1e3:.1f} ms, "
+          f"{res['sim_h100_tokens_per_s_projected']:,.0f} tokens/s")
     print('\nratio                              measured  target')
     for name in TARGETS:
         measured, target, ok = verdict(res, name)
@@ -271,6 +338,7 @@ def main(argv=None):
     res.update(bench_train_vs_dense(cfg, device, args.amp, sizes, repeats))
     res.update(bench_hyper_vs_smoe_dropout(cfg, device, args.amp, sizes, repeats))
     res.update(bench_hyper_expert(cfg, device, args.amp, sizes['hyper_expert_tokens'], repeats))
+    res.update(bench_simulated_step(cfg, sizes))
     print_report(res)
     with open(args.json, 'w') as f:
         json.dump(res, f, indent=2)

@@ -24,10 +24,10 @@ import torch
 import analysis_commands
 import evaluation
 from custom_gate import THOR_INFERENCE
-from data_utils import DataError, get_lm_corpus
+from data_utils import DataError, dataset_metric, get_lm_corpus
 from moe import uses_thor
 from output_files import STDOUT
-from run_utils import RunError, describe_os_error, keep_freed_memory
+from run_utils import RunError, describe_os_error, keep_freed_memory, write_hparams
 
 
 def split_compare(argv):
@@ -46,9 +46,35 @@ def show_table(run_dirs, kind='best_dense'):
     return summaries
 
 
+def tensorboard_prefix(split, overrides):
+    """Where eval.py's results go in the run's TensorBoard record: `test`, the tags of train.py's final test, for
+    the test split under the run's own settings (the HParams row then shows this newer test); otherwise
+    eval_<split>[_<setting>_<value>...], so that the validation curves and the run's own test stay as they are."""
+    if split == 'test' and not overrides:
+        return 'test'
+    return '_'.join([f'eval_{split}', *(f'{name}_{value}' for name, value in overrides.items())])
+
+
+def record_in_tensorboard(run_dir, config, entries, prefix):
+    """Add the results to the run's TensorBoard record as train.py's final test does: the HParams row (written
+    again, for runs from before it existed; its columns stay the run's --eval_ks) and the test of the checkpoint
+    it names, as <prefix>/<metric>/k<k> at that checkpoint's step."""
+    from torch.utils.tensorboard import SummaryWriter
+    ks = evaluation.table_ks(config['model_config'], evaluation.parse_ks(config['args']['eval_ks']))
+    entry = evaluation.table_entry(config, entries)
+    with SummaryWriter(run_dir) as tb:
+        write_hparams(tb, evaluation.run_hparams(config),
+                      evaluation.result_tags(dataset_metric(config['args']['dataset']), ks), evaluation.SHOWN_HPARAMS)
+        if entry is not None:
+            for name, value in evaluation.result_scalars(entry, ks).items():
+                tb.add_scalar(f'{prefix}/{name}', value, entry['step'])
+
+
 def evaluate_run(args, parser):
-    """eval.py --run: test every kept checkpoint; (results.json entries, the errors of the damaged ones)."""
-    run_args = evaluation.read_run_config(args.run)['args']
+    """eval.py --run: test every kept checkpoint and add the results to the run's TensorBoard record;
+    (results.json entries, the errors of the damaged ones)."""
+    config = evaluation.read_run_config(args.run)
+    run_args = config['args']
     overrides = {}
     if args.thor_inference:
         if not uses_thor(run_args['moe'], run_args['gate_name']):
@@ -63,6 +89,7 @@ def evaluate_run(args, parser):
     problems = []
     entries = evaluation.test_checkpoints(args.run, corpus, args.split, args.ks, args.max_eval_steps,
                                'cuda' if args.cuda else 'cpu', problems=problems, **overrides)
+    record_in_tensorboard(args.run, config, entries, tensorboard_prefix(args.split, overrides))
     return entries, problems
 
 

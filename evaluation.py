@@ -30,12 +30,17 @@ CHECKPOINT_WORDS = {'best': 'best validation at the training k', 'best_dense': '
 LAST_CHECKPOINT = 'checkpoint_last.pt'
 
 
-def load_checkpoint(path, device='cpu'):
-    """The checkpoint at `path`; FileNotFoundError when there is none, RunError when it cannot be read."""
+def load_checkpoint(path):
+    """The checkpoint at `path`, every tensor on the CPU; FileNotFoundError when there is none, RunError when it
+    cannot be read.
+
+    Always the CPU, whatever device the run uses: its RNG states must stay CPU byte tensors for
+    torch.set_rng_state, and the model, optimiser state and memory are copied to the device by whoever
+    takes them (load_state_dict, Optimizer.load_state_dict, .to), so a GPU never holds a second copy."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no checkpoint at {path}')
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:            # whatever makes the file unreadable (truncated, overwritten), one line
         detail = str(err).splitlines()[0] if str(err) else ''
         raise RunError(f'the checkpoint {path} cannot be read, it is corrupt or truncated '
@@ -173,7 +178,7 @@ def checked_ks(model_config, ks):
 
 def checkpoint_model(path, device, **config_overrides):
     """(checkpoint, model) of a kept checkpoint, or a RunError naming the file when it is unusable."""
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)
     try:
         return ckpt, model_from_checkpoint(ckpt, device, **config_overrides)
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
@@ -256,6 +261,57 @@ def fixed_training_k(config):
     """The k a run trained at, for a run trained at one fixed k (its `best` checkpoint validated there), else None."""
     args = config['args']
     return args.get('moe_top_k') if run_checkpoint('training_k', config) == 'best' else None
+
+
+# the HParams columns shown before the reader ticks more (TensorBoard shows five): what tells a table's rows apart
+SHOWN_HPARAMS = ('checkpoint', 'gate', 'k', 'method', 'seed')
+
+
+def run_hparams(config):
+    """A train.py run's columns in TensorBoard's HParams table, from its config.json: the method as the tables
+    name it, the router, k (the fixed k, or the schedule 'k_min-k_max mode'; 'all' for a dense model), the
+    experts (0: a dense FFN), the model's size, the recipe, the data, the seed, and the kept checkpoint whose
+    test the k columns show (table_checkpoint)."""
+    args, model = config['args'], config['model_config']
+    if not model['moe']:
+        k = 'all'
+    elif args.get('dynamic_moe'):
+        k = f"{args['moe_top_k_min']}-{args['moe_top_k_max']} {args['dynamic_moe_mode']}"
+    else:
+        k = str(args['moe_top_k'])
+    return {'method': method_name(model), 'gate': model['gate_name'] if model['moe'] else 'dense', 'k': k,
+            'experts': model['moe_num_expert'] if model['moe'] else 0, 'layers': model['n_layer'],
+            'd_model': model['d_model'], 'dropout': model['dropout'], 'lr': args['lr'], 'steps': args['max_step'],
+            'batch': args['batch_size'], 'dataset': args['dataset'], 'seed': args['seed'],
+            'checkpoint': table_checkpoint(config)}
+
+
+def table_checkpoint(config):
+    """The kept checkpoint a run's HParams row shows: run_checkpoint's `training_k` rule for an MoE run; a dense
+    run keeps one, model_best.pt (`best`)."""
+    return run_checkpoint('training_k', config) if config['model_config']['moe'] else 'best'
+
+
+def table_ks(model_config, ks):
+    """The k columns of a run's table: those of `ks` up to E (a dense model: all, its value in the last)."""
+    return eval_ks(model_config, ks) if model_config['moe'] else sorted(ks)
+
+
+def result_tags(metric, ks, split='test'):
+    """The scalar tags of the HParams table's metric columns: <split>/<metric>/k<k> for each k."""
+    return [f'{split}/{metric}/k{k}' for k in ks]
+
+
+def result_scalars(entry, ks):
+    """{'<metric>/k<k>': value} of a results.json entry (result_tags without the split): a dense model's one value
+    under the largest of `ks`, where the tables put it."""
+    return {f"{entry['metric']}/k{max(ks) if k == 'dense' else k}": value for k, value in entry['results'].items()}
+
+
+def table_entry(config, entries):
+    """The entry of the checkpoint that run_hparams names (None if it was not tested)."""
+    kind = table_checkpoint(config)
+    return next((e for e in entries if e['checkpoint'] == kind), None)
 
 
 def read_runs(run_dirs, kind='best_dense'):

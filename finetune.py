@@ -26,6 +26,7 @@ Table 3 are one pipeline behind one command line, none used elsewhere; the data 
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from typing import NamedTuple
@@ -85,6 +86,9 @@ def build_parser():
     add(p, '--eval_batch_size', type=int, default=16, help='examples per evaluation batch')
     add(p, '--max_eval_batches', type=int, default=-1, help='evaluate at most this many batches')
     add(p, '--eval_ks', type=evaluation.parse_ks, default=list(evaluation.DEFAULT_KS), help='k of the test (<= E)')
+    add(p, '--valid_ks', type=evaluation.parse_ks, default=None,
+        help='also measure the dev accuracy at each of these k (<= E) at every epoch end, logged as '
+             'valid/accuracy/k<k>; off by default: each k is one more pass over dev.tsv')
     add(p, '--seed', type=int, default=1111, help='random seed (head initialisation, shuffling, dropout)')
     add(p, '--log-interval', type=int, default=50, help='steps between log lines')
     add(p, '--save_interval', type=int, default=1000, help='steps between checkpoint_last.pt writes')
@@ -176,9 +180,9 @@ def resolve_pretrained(path):
     return os.path.abspath(path)
 
 
-def read_checkpoint(path, expected_format, device='cpu'):
+def read_checkpoint(path, expected_format):
     try:
-        ckpt = evaluation.load_checkpoint(path, device)
+        ckpt = evaluation.load_checkpoint(path)
     except Exception as err:            # whatever makes the file unreadable, the same explanation
         raise FinetuneError(f'{path} is not a checkpoint written by this code (train.py / finetune.py): '
                             f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}. '
@@ -205,7 +209,7 @@ def check_method(method, model_config, path):
 def load_pretrained(path, method=None, dropout=None, device='cpu'):
     """Pretrained(backbone, model_config, encoder, info) from a pretraining run or checkpoint, checked for use."""
     path = resolve_pretrained(path)
-    ckpt = read_checkpoint(path, PRETRAIN_FORMAT, device)
+    ckpt = read_checkpoint(path, PRETRAIN_FORMAT)
     config = dict(ckpt['model_config'], moe_backend='auto')     # the backend is this machine's choice
     if method is not None:
         check_method(method, config, path)
@@ -324,7 +328,7 @@ class FineTuner:
                                                                args.max_len)
         self.model.train()                               # the pretrained backbone arrives in eval mode
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = train.make_optimizer(self.params, args)
+        self.optimizer = train.make_optimizer(self.params, args, device)
         self.steps_per_epoch = -(-len(self.examples['train']) // args.batch_size)
         planned = self.steps_per_epoch * args.epochs
         self.total_steps = min(planned, args.max_step) if args.max_step > 0 else planned
@@ -410,8 +414,22 @@ class FineTuner:
             self.log(f'| end of epoch {self.epoch:3d} at step {self.step:>7d} | dev accuracy {acc:6.2f}'
                      + (f' | k {self.n_expert} (all experts)' if self.n_expert else ''))
             self.log.record(self.step, 'valid', accuracy=acc, top_k=self.n_expert, epoch=self.epoch)
+            self.dev_at_ks()
         self.epoch, self.batch = self.epoch + 1, 0
         self.save_last()
+
+    def dev_at_ks(self):
+        """--valid_ks: the dev accuracy at each k, logged as valid/accuracy/k<k>; then back to every expert."""
+        if not (self.args.valid_ks and self.n_expert):
+            return
+        values = {}
+        for k in evaluation.eval_ks(self.pretrained.model_config, self.args.valid_ks):
+            set_top_k(self.model, k)
+            values[f'accuracy/k{k}'] = accuracy(self.model, self.examples['dev'], self.pad_id,
+                                                self.args.eval_batch_size, self.device, self.args.max_eval_batches)
+        set_top_k(self.model, self.n_expert)
+        self.log('| dev accuracy at k ' + ', '.join(f'{name[10:]}: {value:6.2f}' for name, value in values.items()))
+        self.log.record(self.step, 'valid', **values)
 
     def run(self):
         """Train for the planned steps ('done') or until stopped by a signal or --stop_step ('stopped')."""
@@ -468,7 +486,8 @@ def final_test(tuner):
     results = accuracy_over_k(tuner.model, tuner.pretrained.model_config, examples, tuner.pad_id, args, tuner.device)
     entry = results_entry(tuner, results)
     evaluation.write_json(os.path.join(tuner.run_dir, 'results.json'), [entry])
-    log.record(tuner.step, 'test', **{f'accuracy_k{k}': v for k, v in results.items()})
+    log.record(tuner.step, args.eval_split, **evaluation.result_scalars(entry, table_ks(tuner)))
+    log.end_hparams()
     log('=' * 100)
     log(f'{args.eval_split} accuracy (%) of the fine-tuned {entry["method"]} on {task_title(args.task)} '
         f'({len(examples)} examples, step {tuner.step}):')
@@ -489,7 +508,7 @@ def setup(args, device):
             if args.eval_split == 'test' else ''))
     ckpt = None
     if args.restart:
-        ckpt = read_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT), FORMAT, device)
+        ckpt = read_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT), FORMAT)
         check_resume(ckpt['args'], args)
         pretrained = resume_pretrained(ckpt, device)
     else:
@@ -514,6 +533,33 @@ def write_config(tuner):
     return config
 
 
+def table_ks(tuner):
+    """The k columns of the run's HParams row: --eval_ks up to E (a dense model's value goes in the last)."""
+    return evaluation.table_ks(tuner.pretrained.model_config, tuner.args.eval_ks)
+
+
+def run_hparams(tuner):
+    """The run's columns in TensorBoard's HParams table, those of a train.py run (evaluation.run_hparams): k 'all',
+    as fine-tuning uses every expert; the test columns show the final model; and the pretrained checkpoint."""
+    args, info, model = tuner.args, tuner.pretrained.info, tuner.pretrained.model_config
+    return {'method': info['method'], 'gate': info['gate'], 'k': 'all', 'experts': tuner.n_expert or 0,
+            'layers': model['n_layer'], 'd_model': model['d_model'], 'dropout': model['dropout'], 'lr': args.lr,
+            'steps': tuner.total_steps, 'batch': args.batch_size, 'dataset': args.task, 'seed': args.seed,
+            'checkpoint': 'final', 'pretrained': info['path']}
+
+
+def record_start(tuner, config, command):
+    """TensorBoard's record of the run: its HParams row (filled by the final test) and, in the Text tab, the
+    command line and config.json; a resumed run adds its command line at the step it resumed from."""
+    if tuner.args.restart:
+        tuner.log.text('run/command', f'    {command}', tuner.step)
+        return
+    tuner.log.hparams(run_hparams(tuner), evaluation.result_tags('accuracy', table_ks(tuner), tuner.args.eval_split),
+                      evaluation.SHOWN_HPARAMS)
+    tuner.log.text('run/command', f'    {command}')
+    tuner.log.text('run/config', '```\n' + json.dumps(config, indent=2) + '\n```')
+
+
 def log_header(tuner, config):
     args, info, log = tuner.args, tuner.pretrained.info, tuner.log
     log(f'run directory: {tuner.run_dir}' + (f' (resumed at step {tuner.step})' if args.restart else ''))
@@ -530,6 +576,7 @@ def main(argv=None):
     """Returns the exit status: None (0) when the run finished or stopped at --stop_step, 128 + the signal
     (130, 143) when Ctrl-C / SIGTERM stopped it after writing its checkpoint, as train.py."""
     args = parse_args(argv)
+    command = shlex.join(['python', 'finetune.py', *(sys.argv[1:] if argv is None else argv)])
     keep_freed_memory()
     try:
         if args.table:
@@ -539,7 +586,9 @@ def main(argv=None):
     except (FinetuneError, FinetuneDataError, RunError) as err:
         sys.exit(f'error: {err}')
     log = tuner.log
-    log_header(tuner, write_config(tuner))
+    config = write_config(tuner)
+    record_start(tuner, config, command)
+    log_header(tuner, config)
     try:
         status = tuner.run()
     except train.NonFiniteLoss as err:

@@ -9,9 +9,12 @@ checkpoints' state_dicts load with strict=True. The model initialises its own we
 Shapes: T = qlen (tokens predicted this segment), M = mlen (memory length), K = klen = M + T,
 B batch, H heads, D d_head, d d_model, V vocabulary. Sequences are time-major: [T, B, d].
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from moe import GATES, MOE_VARIANTS, HyperExpert, HyperExpertGenerator, MoEPositionwiseFF, StackedLinear
@@ -106,6 +109,17 @@ class RelativeAttentionProbs(torch.autograd.Function):
                 grad_r_k[..., 1:], None)
 
 
+# SDPA's backends that compute the gradient of an additive bias (BD in training): the memory-efficient kernel
+# (CUDA) and the math path where it cannot run. Flash takes no bias; the choice is not left to the dispatcher,
+# which may pick a backend (cuDNN's) that does not give the bias its gradient.
+BIAS_GRAD_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_backends(bias_needs_grad):
+    """The context SDPA runs in: pinned to BIAS_GRAD_BACKENDS when its bias needs a gradient, else free."""
+    return sdpa_kernel(BIAS_GRAD_BACKENDS) if bias_needs_grad else contextlib.nullcontext()
+
+
 class RelPartialLearnableMultiHeadAttn(nn.Module):
     """Multi-head attention with relative positions and the global biases u (r_w_bias), v (r_r_bias)."""
 
@@ -125,7 +139,8 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         """Whether F.scaled_dot_product_attention computes the attention, with BD as an additive bias.
 
         Always without gradient. With gradient only where the kernel is faster: on CUDA the
-        memory-efficient kernel computes the bias gradient without materialising the scores; on CPU
+        memory-efficient kernel (pinned, see BIAS_GRAD_BACKENDS) computes the bias gradient without
+        materialising the scores; on CPU
         SDPA falls back to its math path for a bias that needs a gradient, slower than
         RelativeAttentionProbs (measured, torch 2.13), which trains on the CPU, except under autocast:
         it computes in its inputs' own dtype, so bf16 autocast (--amp) goes to SDPA.
@@ -159,8 +174,9 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             attn_mask, float('-inf'))                                        # [T, K]
         if self._fused(q, r_k):  # a fused kernel, BD entering as an additive mask
             bias = (shifted_position_scores(q_position, r_k) + mask_bias).to(q.dtype)
-            attn = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias, scale=1.0,
-                                                  dropout_p=self.dropatt.p if self.training else 0.0)
+            with sdpa_backends(bias.requires_grad):
+                attn = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias, scale=1.0,
+                                                      dropout_p=self.dropatt.p if self.training else 0.0)
         else:
             prob = RelativeAttentionProbs.apply(q_content, q_position, k, r_k, mask_bias)
             attn = self.dropatt(prob) @ v                                    # [H, B, T, D]

@@ -29,6 +29,7 @@ Shapes: T tokens (time x batch flattened), d = d_model, h = d_inner, E experts, 
 U distinct expert sets in a batch, b the HyperExpert bottleneck, c its conditioning width.
 """
 import contextlib
+import functools
 import importlib.util
 import math
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from custom_gate import (DTSGate, FrozenNaiveGate, GShardGate, HashGate, NaiveGate, NoisyTopKGate, RandomGate,
                          SwitchGate, XMoEGate, cv_squared)
 from hyper_router import HyperRouterGate
-from moe_engine import ENGINES, choose_engine, compute_dtype, group_ends, grouped_mm
+from moe_engine import ENGINES, choose_engine, compute_dtype, group_counts, group_ends, grouped_mm
 
 GATES = {
     'smoe': NaiveGate,
@@ -98,7 +99,9 @@ def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_infer
     return gate_cls(d_model, num_expert, 1, top_k, **extra)
 
 
+@functools.lru_cache(maxsize=None)
 def fastmoe_available():
+    """Whether fastmoe can be imported, looked up once per process (not at every MoE forward)."""
     return importlib.util.find_spec('fmoe') is not None
 
 
@@ -160,10 +163,12 @@ class Experts(nn.Module):
         # grouped_mm leaves the rows past the last group unwritten (garbage, in the forward and in the input
         # gradient): the dropped rows are zeroed on the way in and out, and their biases are a spare zero row
         routed = (sorted_expert < num_expert).unsqueeze(1)                    # [S, 1]
-        b1 = F.pad(self.htoh4.bias.to(dtype), (0, 0, 0, 1))                    # [E + 1, h]
-        b2 = F.pad(self.h4toh.bias.to(dtype), (0, 0, 0, 1))                    # [E + 1, d]
+        b1 = F.pad(self.htoh4.bias, (0, 0, 0, 1))                              # [E + 1, h]
+        b2 = F.pad(self.h4toh.bias, (0, 0, 0, 1))                              # [E + 1, d]
         # biases gathered per row and added in place: on CPU the out-of-place add of an index costs a fifth
-        # of the GEMM, and the grouped GEMM's backward does not need its output
+        # of the GEMM, and the grouped GEMM's backward does not need its output. They are gathered in their
+        # own dtype (fp32 under bf16 autocast): the gather's backward sums each expert's thousands of row
+        # gradients with index_add, whose atomic adds on CUDA would round to bf16 at every addition
         hidden = grouped_mm(torch.where(routed, x_sorted, 0), w1, ends).add_(b1.index_select(0, sorted_expert))
         hidden = self.drop(F.relu(hidden))                                     # [S, h]
         out = grouped_mm(hidden, w2, ends).add_(b2.index_select(0, sorted_expert))
@@ -180,7 +185,7 @@ class Experts(nn.Module):
 
 
 def spare_bin(top_idx, num_expert):
-    """top_idx with its dropped slots (-1) sent to a spare index E, so that a scatter, a bincount or a sort over
+    """top_idx with its dropped slots (-1) sent to a spare index E, so that a scatter, a count or a sort over
     E + 1 bins puts them past every expert, where they are cut off (no host sync)."""
     return torch.where(top_idx >= 0, top_idx, num_expert)
 
@@ -210,7 +215,7 @@ def torch_moe(x, top_idx, top_score, experts, engine='auto'):
         x_sorted = x.index_select(0, order // k)                              # [T * k, d]
         y_sorted = experts.run_grouped_mm(x_sorted.to(dtype), sorted_expert, group_ends(sorted_expert, num_expert))
     else:
-        counts = torch.bincount(flat_expert, minlength=num_expert + 1).tolist()
+        counts = group_counts(sorted_expert, num_expert + 1).tolist()        # the loop's one host read
         n_dropped = counts.pop()
         x_sorted = x.index_select(0, order[:n_tok * k - n_dropped] // k)     # [T * k - dropped, d]
         y_sorted = experts.run_grouped(x_sorted, counts)
@@ -219,7 +224,8 @@ def torch_moe(x, top_idx, top_score, experts, engine='auto'):
     y_slots = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)       # back to [T * k] order
     # a deterministic weighted sum over each token's k slots (no atomic scatter-add on GPU); elementwise,
     # as a [T] batch of [1, k] x [k, d] bmm runs matrix by matrix on CPU, at twice the time
-    score = score.to(y_slots.dtype)
+    # in fp32 under bf16 autocast: the gradient of this product is the router's whole training signal
+    y_slots = y_slots.to(torch.promote_types(y_slots.dtype, score.dtype))
     return (y_slots.view(n_tok, k, -1) * score.unsqueeze(-1)).sum(1)          # [T, d]
 
 
@@ -292,9 +298,11 @@ class RouterStats:
 
 
 def expert_counts(top_idx, num_expert):
-    """How many slots of top_idx [T, k] went to each expert [E]; -1 slots count nowhere (no host sync)."""
+    """How many slots of top_idx [T, k] went to each expert [E]; -1 slots count nowhere. A scatter-add of ones
+    (exact in integers), on the device: torch.bincount reads its input's maximum back to the host on CUDA."""
     flat = spare_bin(top_idx, num_expert).reshape(-1)                       # [T * k]
-    return torch.bincount(flat, minlength=num_expert + 1)[:num_expert]
+    counts = torch.zeros(num_expert + 1, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_expert]
 
 
 # ----------------------------------------------------------------------------- capacity
@@ -482,10 +490,11 @@ def run_adapters(x, token_set, w_down, b_down, w_up, b_up, grouped_max_sets=GROU
     if grouped:
         dtype = compute_dtype(x)
         ends = group_ends(sorted_set, n_set)
-        hidden = grouped_mm(x_sorted.to(dtype), w_down.to(dtype), ends).add_(b_down.to(dtype).index_select(0, sorted_set))
-        y_sorted = grouped_mm(F.relu(hidden), w_up.to(dtype), ends).add_(b_up.to(dtype).index_select(0, sorted_set))
+        # the biases gathered in their own dtype, so that their gradients are summed in it (as the experts')
+        hidden = grouped_mm(x_sorted.to(dtype), w_down.to(dtype), ends).add_(b_down.index_select(0, sorted_set))
+        y_sorted = grouped_mm(F.relu(hidden), w_up.to(dtype), ends).add_(b_up.index_select(0, sorted_set))
     else:
-        counts = torch.bincount(token_set, minlength=n_set).tolist()
+        counts = group_counts(sorted_set, n_set).tolist()                                 # one host read
         # unbind: the backward stacks the per-set gradients once instead of U full-size scatters
         w_down, b_down, w_up, b_up = (w.unbind(0) for w in (w_down, b_down, w_up, b_up))
         outs = []
@@ -630,7 +639,8 @@ def describe_engine(model, device, dtype, compiling=False):
         return 'moe engine: none (dense model)'
     block = blocks[0]
     if block._use_fastmoe(torch.empty(0, device=device)):
-        return 'moe engine: fastmoe'
+        why = 'asked for' if block.backend == 'fastmoe' else 'auto: fmoe is installed; --moe_backend torch for ours'
+        return f'moe engine: fastmoe ({why})'
     _, d_inner, d_model = block.experts.htoh4.weight.shape
     name, reason = choose_engine(block.engine, torch.device(device), dtype, (d_model, d_inner), compiling)
     return f'moe engine: {name} ({reason}; {dtype} on {torch.device(device).type})'

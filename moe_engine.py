@@ -11,6 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from torch_version import check_torch
+
+check_torch(torch.__version__)      # one line on a torch older than the APIs below, not a traceback
+
 ENGINES = ('auto', 'grouped', 'loop')
 
 
@@ -21,15 +25,16 @@ def compute_dtype(x):
     return x.dtype
 
 
-def grouped_mm_problem(device, dtype, widths):
+def grouped_mm_problem(device, dtype, widths, capability=None):
     """Why F.grouped_mm cannot run the experts here (None if it can): its kernels take fp32/bf16 on
-    CPU and bf16 on CUDA of compute capability >= 8.0, with every row 16-byte aligned."""
+    CPU and bf16 on CUDA of compute capability >= 8.0 (`capability`, default: the device's), with every
+    row 16-byte aligned."""
     if not hasattr(F, 'grouped_mm'):
         return f'torch {torch.__version__} has no torch.nn.functional.grouped_mm'
     if device.type == 'cuda':
         if dtype != torch.bfloat16:
             return f'grouped_mm on CUDA needs bf16 (--amp), not {dtype}'
-        if torch.cuda.get_device_capability(device) < (8, 0):
+        if (capability or torch.cuda.get_device_capability(device)) < (8, 0):
             return 'grouped_mm on CUDA needs compute capability >= 8.0'
     elif device.type != 'cpu':
         return f'grouped_mm does not run on {device.type}'
@@ -41,15 +46,21 @@ def grouped_mm_problem(device, dtype, widths):
     return None
 
 
-def choose_engine(engine, device, dtype, widths, compiling=None):
+def choose_engine(engine, device, dtype, widths, compiling=None, capability=None):
     """'grouped' or 'loop' for `engine` (auto|grouped|loop) on this device and compute dtype, and why.
-    `compiling` (default: whether torch.compile is tracing) makes auto take grouped on CPU too: the loop's
-    host-side counts would break the graph at every MoE layer."""
+
+    auto takes grouped where torch's grouped GEMM is a kernel of its own: CUDA of compute capability
+    (`capability`, default: the device's) 9.0 or more (H100, B200). On 8.x (A100, A40) torch's grouped_mm
+    is a loop over the groups that copies the offsets to the host, so the loop engine, which reads its
+    counts once per layer, is taken. `compiling` (default: whether torch.compile is tracing) makes auto take
+    grouped wherever grouped_mm runs, on CPU and on 8.x too: the loop's host-side counts would break the
+    graph at every MoE layer, while grouped_mm is one opaque op in it, whatever it does inside.
+    """
     if engine not in ENGINES:
         raise ValueError(f'unknown moe_engine {engine!r}; choose one of {", ".join(ENGINES)}')
     if engine == 'loop':
         return 'loop', 'asked for'
-    problem = grouped_mm_problem(device, dtype, widths)
+    problem = grouped_mm_problem(device, dtype, widths, capability)
     if engine == 'grouped':
         if problem:
             raise ValueError(f'moe_engine grouped cannot run: {problem}; use --moe_engine auto or loop')
@@ -58,13 +69,17 @@ def choose_engine(engine, device, dtype, widths, compiling=None):
         return 'loop', f'auto: {problem}'
     if compiling is None:
         compiling = torch.compiler.is_compiling()
-    if device.type == 'cpu' and not compiling:
+    if compiling:
+        return 'grouped', 'auto: grouped_mm runs here, and torch.compile gets one graph'
+    if device.type == 'cpu':
         # measured (torch 2.13): the loop's ReLU, dropout and bias work on one expert's rows at a time, which
         # stay in cache; the grouped engine's run over all T * k rows at once, about 15% slower per block
         return 'loop', 'auto: faster than grouped_mm on CPU, where there is no device to sync with'
-    if compiling:
-        return 'grouped', 'auto: grouped_mm runs here, and torch.compile gets one graph'
-    return 'grouped', 'auto: grouped_mm runs here'
+    capability = capability or torch.cuda.get_device_capability(device)
+    if capability < (9, 0):
+        return 'loop', (f'auto: grouped_mm on compute capability {capability[0]}.{capability[1]} is a per-group loop '
+                        'with host copies; grouped GEMM kernels need 9.0 (H100)')
+    return 'grouped', f'auto: grouped_mm runs here (compute capability {capability[0]}.{capability[1]})'
 
 
 @torch.library.custom_op('hyperrouter::grouped_mm', mutates_args=())
@@ -113,3 +128,9 @@ def group_ends(sorted_group, n_group):
     """Sorted group ids [S] -> the end row of each group [G] (int32, cumulative), on the device, no sync."""
     groups = torch.arange(n_group, device=sorted_group.device, dtype=sorted_group.dtype)
     return torch.searchsorted(sorted_group, groups, right=True).to(torch.int32)
+
+
+def group_counts(sorted_group, n_group):
+    """Sorted group ids [S] -> the rows of each group [G], on the device (torch.bincount would read its input's
+    maximum back to the host on CUDA)."""
+    return torch.diff(group_ends(sorted_group, n_group), prepend=sorted_group.new_zeros(1, dtype=torch.int32))

@@ -149,9 +149,12 @@ def rng_state(cuda):
 
 
 def set_rng_state(state, cuda):
+    """Restore rng_state's states (CPU byte tensors, as torch's setters take them): the CPU generator's, and
+    with `cuda` those of the CUDA devices this machine has (a run saved on more GPUs restores its first ones)."""
     torch.set_rng_state(state['torch'])
     if cuda and 'cuda' in state:
-        torch.cuda.set_rng_state_all(state['cuda'])
+        for index, device_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 class Distributed:
@@ -176,15 +179,26 @@ class Distributed:
             dist.barrier()
 
     def max(self, value):
+        """The maximum over ranks of a number, or of a tensor on this rank's device (element-wise, a tensor)."""
         if self.world_size == 1:
             return value
+        if isinstance(value, torch.Tensor):
+            tensor = value.clone()
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            return tensor
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.item()
 
     def mean(self, value):
+        """The mean over ranks of a number, or of a tensor on this rank's device (element-wise, in one
+        all-reduce, a tensor)."""
         if self.world_size == 1:
             return value
+        if isinstance(value, torch.Tensor):
+            tensor = value.clone()
+            dist.all_reduce(tensor)
+            return tensor / self.world_size
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.item() / self.world_size
@@ -294,12 +308,15 @@ class RunLog:
             if isinstance(value, (int, float)):
                 self.tb.add_scalar(f'{split}/{name}', value, step)
 
-    def router_stats(self, step, stats):
+    def router_stats(self, step, stats, capacity=False):
+        """Per MoE layer: the router entropy, the expert load (a histogram over expert ids) and, when the
+        evaluation has a `capacity`, the fraction of routed slots dropped over it (a dropless run has no such chart)."""
         if not self.enabled:
             return
         for layer, s in stats.items():
             self.tb.add_scalar(f'router/entropy/layer{layer}', s.mean_entropy, step)
-            self.tb.add_scalar(f'router/dropped/layer{layer}', s.drop_fraction, step)   # over capacity; 0 dropless
+            if capacity:
+                self.tb.add_scalar(f'router/dropped/layer{layer}', s.drop_fraction, step)
             counts = s.load.tolist()
             n_expert = len(counts)
             self.tb.add_histogram_raw(
@@ -307,11 +324,55 @@ class RunLog:
                 sum=sum(e * c for e, c in enumerate(counts)), sum_squares=sum(e * e * c for e, c in enumerate(counts)),
                 bucket_limits=[e + 0.5 for e in range(n_expert)], bucket_counts=counts, global_step=step)
 
+    def hparams(self, hparams, metric_tags, shown=()):
+        """Open this run's row of TensorBoard's HParams table (see write_hparams)."""
+        if self.enabled:
+            write_hparams(self.tb, hparams, metric_tags, shown)
+
+    def end_hparams(self):
+        """Mark this run's HParams row finished, once its test results are logged."""
+        if self.enabled:
+            end_hparams(self.tb)
+
+    def text(self, tag, text, step=0):
+        """A text for TensorBoard's Text tab (Markdown)."""
+        if self.enabled:
+            self.tb.add_text(tag, text, step)
+
     def close(self):
         if self.enabled:
             self.tb.close()
             self.log_file.close()
             self.metrics.close()
+
+
+def write_hparams(tb, hparams, metric_tags, shown=()):
+    """The HParams plugin's experiment and session-start summaries, written into the run's own event directory
+    (`tb`, a SummaryWriter), so that a run is one row of the HParams table: its `hparams` {name: number or text}
+    as columns, and a column for each of `metric_tags`, the tags of scalars the run logs (the plugin shows each
+    one's last value). TensorBoard takes the column list of one run it reads, so runs meant for one table give
+    the same hparams names and metric tags. The HParams tab lists the hparams marked as differing between runs
+    first, by name, and shows only the first five until the reader ticks more: `shown` are marked so."""
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+    experiment, session_start, _ = hparams_summaries(hparams, dict.fromkeys(metric_tags, 0.0))
+    plugin_data = experiment.value[0].metadata.plugin_data
+    content = metadata.parse_experiment_plugin_data(plugin_data.content)
+    for info in content.hparam_infos:
+        info.differs = info.name in shown
+    plugin_data.content = plugin_data_pb2.HParamsPluginData(
+        experiment=content, version=metadata.PLUGIN_DATA_VERSION).SerializeToString()
+    tb.file_writer.add_summary(experiment)
+    tb.file_writer.add_summary(session_start)
+    tb.flush()
+
+
+def end_hparams(tb):
+    """The session-end summary (status: success): the HParams table shows the run as finished."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+    _, _, session_end = hparams_summaries({}, {})       # always the end of a successful session
+    tb.file_writer.add_summary(session_end)
+    tb.flush()
 
 
 def make_progress(total, initial, enabled):

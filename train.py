@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -78,12 +79,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def make_optimizer(params, args):
+def make_optimizer(params, args, device):
+    """The --optim optimiser of params on `device`. Adam on CUDA is fused (one kernel for all parameters, its step
+    counts on the GPU: no per-parameter launches, no host read); on the CPU it is torch's default, as before."""
     if args.optim == 'sgd':
         return torch.optim.SGD(params, lr=args.lr, momentum=args.mom)
     if args.optim == 'adagrad':
         return torch.optim.Adagrad(params, lr=args.lr)
-    return torch.optim.Adam(params, lr=args.lr)
+    return torch.optim.Adam(params, lr=args.lr, **({'fused': True} if torch.device(device).type == 'cuda' else {}))
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,8 +149,9 @@ class Trainer:
         set_capacity(self.model, args.capacity_factor, args.eval_capacity_factor)
         self.aux_weights = {name: weight for name, weight in aux_weights(args).items() if weight > 0}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, args)
+        self.optimizer = make_optimizer(self.params, args, ddp.device)
         self.thor = uses_thor(args.moe, args.gate_name)
+        self.ddp_model = None           # the DistributedDataParallel module under torchrun
         self.para_model = self._wrap(ThorObjective(self.model) if self.thor else self.model)
         if args.compile:
             self.para_model = compile_model(self.para_model)
@@ -155,6 +159,7 @@ class Trainer:
         self.va_iter = corpus.get_iterator('valid', evaluation.EVAL_BATCH_SIZE, args.eval_tgt_len, ddp.device,
                                            args.ext_len)
         self.metric = dataset_metric(args.dataset)
+        self.valid_ks = evaluation.eval_ks(self.config, args.valid_ks) if args.moe and args.valid_ks else []
         self.data_signature = data_signature(corpus) if ddp.is_main else None
         self.step, self.epoch, self.batch = 0, 1, 0
         self.best = {'best': math.inf, 'best_dense': math.inf}
@@ -163,6 +168,7 @@ class Trainer:
         self.terms = {}     # the last step's extra loss terms (THOR consistency, auxiliary losses), for the log
         self.dropped = {}   # the last step's fraction of routed slots dropped over capacity, per MoE layer
         self.saved_step = None          # step of checkpoint_last.pt, once there is one
+        self.first_bad = torch.zeros((), dtype=torch.long, device=ddp.device)   # first non-finite step, 0: none
         self.stop_signal = 0            # the signal that stopped the run, if one did
         if ckpt is not None:
             self._load_state(ckpt)
@@ -171,7 +177,11 @@ class Trainer:
 
     def _wrap(self, model):
         if self.ddp.world_size > 1:
-            return DistributedDataParallel(model, device_ids=[self.ddp.local_rank] if self.args.cuda else None)
+            # no buffer changes in training (the positional frequencies and Hash's table are constants), so DDP
+            # need not broadcast them before every forward
+            self.ddp_model = DistributedDataParallel(model, device_ids=[self.ddp.local_rank] if self.args.cuda else None,
+                                                     broadcast_buffers=False)
+            return self.ddp_model
         if self.args.multi_gpu and self.args.cuda and torch.cuda.device_count() > 1:
             return torch.nn.DataParallel(model, dim=1)      # the batch is dimension 1 ([T, B])
         return model
@@ -206,12 +216,12 @@ class Trainer:
 
     def save_last(self):
         """checkpoint_last.pt: model, optimiser, RNG, data position and memory (collective under DDP)."""
-        mems = self._global_mems()
+        mems, window = self._global_mems(), self._host_window()
         if not self.ddp.is_main:
             return
         payload = self._payload('last')
         payload.update(optimizer=self.optimizer.state_dict(), rng=rng_state(self.args.cuda), train_state={
-            'epoch': self.epoch, 'batch': self.batch, 'mems': mems, 'best': self.best, 'window': self.window,
+            'epoch': self.epoch, 'batch': self.batch, 'mems': mems, 'best': self.best, 'window': window,
             'log_offset': self.log.offset(), 'data_signature': self.data_signature})
         save_atomic(payload, os.path.join(self.run_dir, evaluation.LAST_CHECKPOINT))
         self.saved_step = self.step
@@ -228,35 +238,65 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def train_step(self, data, target):
-        """One optimiser update on the global batch; returns its mean NLL over all ranks.
+        """One optimiser update on the global batch; returns this rank's mean NLL as a float64 device tensor.
 
         The objective adds THOR's consistency term and the auxiliary losses that are on; their batch means
         go to self.terms, and the fractions of routed slots dropped over capacity to self.dropped, for the log.
+        Nothing is read back to the host: the values stay on the device until the log line (log_progress)
+        reads a whole window of steps back at once, and checks then that they are finite (check_finite).
+        Sums in float64, chunk by chunk in order, as the Python floats they replace.
         """
         data, target = self._local_columns(data), self._local_columns(target)
         chunks = list(zip(data.chunk(self.args.batch_chunk, 1), target.chunk(self.args.batch_chunk, 1)))
         self.optimizer.zero_grad(set_to_none=True)
         total, terms, dropped = 0.0, {}, {}
         for i, (data_i, target_i) in enumerate(chunks):
-            nll, extra, dropped_i = self._chunk_forward(i, data_i, target_i)
-            objective = nll + sum(weight * value for value, weight in extra.values())
-            (objective / len(chunks)).backward()
-            total += nll.item() / len(chunks)
+            with self._gradient_sync(i == len(chunks) - 1):
+                nll, extra, dropped_i = self._chunk_forward(i, data_i, target_i)
+                objective = nll + sum(weight * value for value, weight in extra.values())
+                (objective / len(chunks)).backward()
+            total = total + nll.detach().double() / len(chunks)
             for name, (value, _) in extra.items():
-                terms[name] = terms.get(name, 0.0) + value.item() / len(chunks)
+                terms[name] = terms.get(name, 0.0) + value.detach().double() / len(chunks)
             for layer, value in dropped_i.items():
-                dropped[layer] = dropped.get(layer, 0.0) + value.item() / len(chunks)
-        total = self.ddp.mean(total)
-        self.terms = {name: self.ddp.mean(value) for name, value in terms.items()}
-        self.dropped = {layer: self.ddp.mean(value) for layer, value in dropped.items()}
-        if not all(math.isfinite(v) for v in (total, *self.terms.values())):
-            detail = ''.join(f', {name} {value}' for name, value in self.terms.items())
-            raise NonFiniteLoss(f'non-finite training loss ({total}{detail}) at step {self.step + 1}')
-        torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+                dropped[layer] = dropped.get(layer, 0.0) + value.double() / len(chunks)
+        self.terms, self.dropped = terms, dropped
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+        self._watch_finite(torch.stack([total, *terms.values(), grad_norm.double()]))
         for group in self.optimizer.param_groups:
             group['lr'] = learning_rate(self.step, self.args)
         self.optimizer.step()
         return total
+
+    def _gradient_sync(self, last_chunk):
+        """Under DDP the gradients are all-reduced in the backward of the last batch chunk only: the chunks before
+        it accumulate theirs locally (no_sync), one all-reduce per step instead of one per chunk."""
+        if self.ddp_model is None or last_chunk:
+            return contextlib.nullcontext()
+        return self.ddp_model.no_sync()
+
+    def _watch_finite(self, values):
+        """Remember, on the device, the first step whose loss, terms or gradient norm (values) is not finite."""
+        bad = ~torch.isfinite(values).all()
+        step = torch.full((), self.step + 1, device=values.device)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+
+    def check_finite(self):
+        """NonFiniteLoss when a step since the last check was not finite (one host read). Before every log line
+        and every checkpoint: a non-finite model is never saved; the run stops at the next check, naming the
+        first bad step (the updates after it are lost with the run, which resumes from its last checkpoint)."""
+        first_bad = int(self.ddp.max(self.first_bad))          # every rank stops together
+        if not first_bad:
+            return
+        w = self._host_window()
+        values = {name: w[name] / max(w['steps'], 1) for name in ('loss', *self.terms)}   # the window's means
+        seen = f' (seen at step {self.step}: the loss is read back every --log-interval steps)'
+        if all(math.isfinite(value) for value in values.values()):
+            what = f'non-finite gradient norm at step {first_bad} (training loss {values["loss"]})'
+        else:
+            detail = ''.join(f', {name} {value}' for name, value in values.items() if name != 'loss')
+            what = f'non-finite training loss ({values["loss"]}{detail}) at step {first_bad}'
+        raise NonFiniteLoss(what + (seen if first_bad != self.step else ''))
 
     def _chunk_forward(self, i, data, target):
         """Forward of batch chunk i, its memory updated: (mean NLL, {extra term: (mean value, weight)},
@@ -279,9 +319,21 @@ class Trainer:
             return record_routing(self.model, tuple(self.aux_weights))
         return contextlib.nullcontext()
 
-    def log_progress(self, loss, n_tokens):
+    def _host_window(self):
+        """The window's sums as Python floats: its device tensors read back in one transfer (one all-reduce of
+        them all under DDP, each rank's sum then averaged: the mean over ranks of each step's mean before)."""
         w = self.window
-        w['loss'] += loss
+        names = [name for name, value in w.items() if isinstance(value, torch.Tensor)]
+        if not names:
+            return dict(w)
+        values = torch.stack([w[name] for name in names])
+        values = self.ddp.mean(values)
+        return dict(w, **dict(zip(names, values.tolist())))
+
+    def log_progress(self, loss, n_tokens):
+        """Add the step to the window; every --log-interval steps, read it back (once), check it and log it."""
+        w = self.window
+        w['loss'] = w['loss'] + loss
         w['steps'] += 1
         w['tokens'] += n_tokens
         for name, value in self.terms.items():
@@ -290,6 +342,8 @@ class Trainer:
             w[f'train_dropped/layer{layer}'] = w.get(f'train_dropped/layer{layer}', 0.0) + value
         if self.step % self.args.log_interval:
             return
+        self.check_finite()
+        w = self._host_window()
         elapsed = time.time() - w['start']
         mean = w['loss'] / w['steps']
         lr = self.optimizer.param_groups[0]['lr']
@@ -312,7 +366,8 @@ class Trainer:
         self.window = dict(loss=0.0, steps=0, tokens=0, start=time.time())
 
     def validate(self):
-        """Validation with all experts and with k = --moe-top-k (main rank); keeps the best of each.
+        """Validation with all experts, at each k of --valid_ks, and at k = --moe-top-k (main rank); keeps the
+        best checkpoint of the first and the last.
 
         Its time (and the checkpoints') is left out of the speed that the next log line reports.
         """
@@ -320,14 +375,12 @@ class Trainer:
         if self.ddp.is_main:
             losses = {}
             if self.args.moe:
-                set_top_k(self.model, self.args.moe_num_expert)
-                losses['best_dense'] = evaluation.evaluate(self.model, self.va_iter, vars(self.args),
-                                                           self.args.max_eval_steps)
+                losses['best_dense'] = self._valid_loss(self.args.moe_num_expert)
+                self._validate_at_ks(start)
                 set_top_k(self.model, self.args.moe_top_k)
             with record_router_stats(self.model) as stats:
-                losses['best'] = evaluation.evaluate(self.model, self.va_iter, vars(self.args),
-                                                     self.args.max_eval_steps)
-            self.log.router_stats(self.step, stats)
+                losses['best'] = self._valid_loss()
+            self.log.router_stats(self.step, stats, capacity=self.args.eval_capacity_factor is not None)
             for kind, loss in losses.items():
                 self._report_validation(kind, loss, time.time() - start)
                 if loss < self.best[kind]:
@@ -336,6 +389,31 @@ class Trainer:
         self.save_last()
         self.ddp.barrier()
         self.window['start'] += time.time() - start
+
+    def _valid_loss(self, k=None):
+        """The validation loss, at k experts per token (None: the k the model has)."""
+        if k is not None:
+            set_top_k(self.model, k)
+        return evaluation.evaluate(self.model, self.va_iter, vars(self.args), self.args.max_eval_steps)
+
+    def _validate_at_ks(self, start):
+        """--valid_ks: the validation metric at each k, logged as valid/<metric>/k<k>. Evaluation draws nothing from
+        the global RNG (THOR's random routing has its own stream, restarted by each evaluation), so the run trains
+        and validates as without the flag."""
+        if not self.valid_ks:
+            return
+        began = time.time()
+        metric = {k: loss_to_metric(self._valid_loss(k), self.args.dataset) for k in self.valid_ks}
+        self.log(f'| valid {self.metric} at k ' + ', '.join(f'{k}: {value:.5f}' for k, value in metric.items())
+                 + f' | time: {time.time() - began:5.2f}s of the validation\'s {time.time() - start:5.2f}s')
+        self.log.record(self.step, 'valid', **{f'{self.metric}/k{k}': value for k, value in metric.items()})
+
+    def describe_valid_ks(self):
+        """The cost of --valid_ks, for the log: its passes over the validation windows besides the standard two."""
+        windows = min(len(self.va_iter), self.args.max_eval_steps if self.args.max_eval_steps > 0 else math.inf)
+        n = len(self.valid_ks)
+        return (f'--valid_ks {",".join(map(str, self.valid_ks))}: {n} more passes over the {windows} validation '
+                f'windows at every validation, which takes about {(2 + n) / 2:.1f} times as long')
 
     def _report_validation(self, kind, loss, elapsed):
         dense = kind == 'best_dense'
@@ -365,8 +443,10 @@ class Trainer:
                     progress.update(1)
                     self.log_progress(loss, target.numel())
                     if self.step % self.args.eval_interval == 0 or self.step == self.args.max_step:
+                        self.check_finite()
                         self.validate()
                     if self._should_stop(stop):
+                        self.check_finite()
                         self.save_last()
                         progress.close()
                         return 'stopped'
@@ -407,6 +487,17 @@ def write_config(run_dir, args, trainer, ddp):
               'start_step': trainer.step}
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
+    return config
+
+
+def record_start(log, config, args, command):
+    """TensorBoard's record of a new run: its HParams row (the test columns fill at the end) and, in the Text
+    tab, the command line and config.json that produced the curves."""
+    ks = evaluation.table_ks(config['model_config'], evaluation.parse_ks(args.eval_ks))
+    log.hparams(evaluation.run_hparams(config), evaluation.result_tags(dataset_metric(args.dataset), ks),
+                evaluation.SHOWN_HPARAMS)
+    log.text('run/command', f'    {command}')
+    log.text('run/config', '```\n' + json.dumps(config, indent=2) + '\n```')
 
 
 def record_resume(run_dir, ckpt, args):
@@ -421,31 +512,41 @@ def record_resume(run_dir, ckpt, args):
 
 
 def final_test(trainer, args):
-    """Test every kept checkpoint at k in --eval_ks, print the Table-1-shaped result, write results.json."""
+    """Test every kept checkpoint at k in --eval_ks, print the Table-1-shaped result, write results.json; the
+    test of the checkpoint the HParams row names goes to its columns (test/<metric>/k<k>, at that checkpoint's
+    step), which closes the row."""
     log = trainer.log
     log('=' * 100)
-    entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', evaluation.parse_ks(args.eval_ks),
-                                          args.max_eval_steps, trainer.ddp.device, log=log)
+    ks = evaluation.parse_ks(args.eval_ks)
+    entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', ks, args.max_eval_steps,
+                                          trainer.ddp.device, log=log)
     evaluation.write_json(os.path.join(trainer.run_dir, 'results.json'), entries)
+    entry = evaluation.table_entry({'args': vars(args), 'model_config': trainer.config}, entries)
+    if entry is not None:
+        log.record(entry['step'], 'test', **evaluation.result_scalars(entry, evaluation.table_ks(trainer.config, ks)))
+    log.end_hparams()
     log('=' * 100)
     log(f'results: {os.path.join(trainer.run_dir, "results.json")}')
 
 
-def train_in(run_dir, args, ddp, corpus, ckpt):
+def train_in(run_dir, args, ddp, corpus, ckpt, command):
     """Train in `run_dir` (None off the main rank); returns the exit status."""
     torch.manual_seed(args.seed)
     trainer = Trainer(args, ddp, corpus, run_dir, ckpt)
+    log = trainer.log
     if ddp.is_main:
         if ckpt is None:
-            write_config(run_dir, args, trainer, ddp)
+            record_start(log, write_config(run_dir, args, trainer, ddp), args, command)
         else:
             record_resume(run_dir, ckpt, args)
-    log = trainer.log
+            log.text('run/command', f'    {command}', trainer.step)
     log(f'run directory: {run_dir}' + (f' (resumed at step {trainer.step})' if ckpt else ''))
     log('    ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
     log(f'parameters: {param_breakdown(trainer.model)}')
     if args.moe:
         log(describe_engine(trainer.model, ddp.device, torch.bfloat16 if args.amp else torch.float32, args.compile))
+    if trainer.valid_ks:
+        log(trainer.describe_valid_ks())
     if args.cuda:
         log(f'fp32 matmuls in TF32: {"no (--no_tf32)" if args.no_tf32 else "yes (--no_tf32 turns it off)"}')
     try:
@@ -463,27 +564,29 @@ def train_in(run_dir, args, ddp, corpus, ckpt):
     return 128 + trainer.stop_signal if trainer.stop_signal else 0
 
 
-def start(args, ddp):
-    """Check the data (and the checkpoint to resume), claim the run directory, train; returns the exit status."""
+def start(args, ddp, command):
+    """Check the data (and the checkpoint to resume), claim the run directory, train; returns the exit status.
+    `command` is the command line, recorded with the run."""
     corpus = load_corpus(args, ddp)
     check_data_fits(corpus, args)
     if not args.restart:
         run_dir = make_run_dir(f'{args.work_dir}-{args.dataset}') if ddp.is_main else None
         with RunLock(run_dir) if ddp.is_main else contextlib.nullcontext():
-            return train_in(run_dir, args, ddp, corpus, None)
+            return train_in(run_dir, args, ddp, corpus, None, command)
     with RunLock(args.restart_dir) if ddp.is_main else contextlib.nullcontext():
-        ckpt = evaluation.load_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT), ddp.device)
+        ckpt = evaluation.load_checkpoint(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT))
         check_resume(ckpt, args, corpus)
-        return train_in(args.restart_dir, args, ddp, corpus, ckpt)
+        return train_in(args.restart_dir, args, ddp, corpus, ckpt, command)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    command = shlex.join(['python', 'train.py', *(sys.argv[1:] if argv is None else argv)])
     keep_freed_memory()
     set_matmul_precision(args)
     ddp = Distributed(args.cuda)
     try:
-        status = start(args, ddp)
+        status = start(args, ddp, command)
     except (RunError, DataError) as err:
         sys.exit(f'error: {err}')
     except OSError as err:

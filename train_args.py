@@ -182,6 +182,9 @@ def build_parser(description=None):
     add(run, '--eval-interval', type=int, default=4000, help='steps between validations and checkpoints')
     add(run, '--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
     add(run, '--eval_ks', default='1,2,4,8,16', help='k of the final test (those <= E)')
+    add(run, '--valid_ks', type=evaluation.parse_ks, default=None,
+        help='also validate at each of these k (those <= E; e.g. 1,2,4,8,16) at every validation, logged as '
+             'valid/<metric>/k<k>; off by default: each k is one more pass over the validation windows')
     add(run, '--work_dir', default='LM-TFM', help='runs go to <work_dir>-<dataset>/<time stamp>')
     add(run, '--restart', action='store_true', help='resume the run in --restart_dir')
     add(run, '--restart_dir', default='', help='run directory to resume')
@@ -220,6 +223,7 @@ def check_args(args, parser):
                                      torch.bfloat16 if args.amp else torch.float32, (args.d_model, args.d_inner))
         if problem:
             parser.error(f'--moe_engine grouped cannot run: {problem}; use --moe_engine auto or loop')
+    check_compiled_engine(args, parser)
     if not 0 <= args.switch_jitter < 1:
         parser.error(f'--switch_jitter must be in [0, 1) (the router input is scaled by U(1 - eps, 1 + eps)); '
                      f'got {args.switch_jitter}')
@@ -240,6 +244,18 @@ def check_args(args, parser):
         args.data = DEFAULT_DATA[args.dataset]
     if args.dynamic_overall_steps <= 0:
         args.dynamic_overall_steps = args.max_step
+
+
+def check_compiled_engine(args, parser):
+    """--compile on CUDA must compute the experts with grouped_mm: the loop engine reads the expert counts back to
+    the host at every MoE layer, which splits the compiled graph there and syncs the GPU."""
+    if not (args.compile and args.cuda and args.moe and args.moe_backend != 'fastmoe'):
+        return
+    problem = grouped_mm_problem(torch.device('cuda'), torch.bfloat16 if args.amp else torch.float32,
+                                 (args.d_model, args.d_inner))
+    if problem or args.moe_engine == 'loop':
+        parser.error(f'--compile on CUDA needs the grouped MoE engine, which cannot run here: '
+                     f'{problem or "--moe_engine loop was asked for"}; add --amp (bf16), or drop --compile')
 
 
 def check_routing_args(args, parser):
@@ -273,7 +289,8 @@ def aux_weights(args):
 
 
 def check_eval_ks(args, parser):
-    """--eval_ks is read now, not after the last step: integers, and with --moe at least one k <= E."""
+    """--eval_ks is read now, not after the last step: integers, and with --moe at least one k <= E; the same
+    for --valid_ks, which also needs --moe."""
     try:
         ks = evaluation.parse_ks(args.eval_ks)
     except argparse.ArgumentTypeError as err:
@@ -281,6 +298,11 @@ def check_eval_ks(args, parser):
     if args.moe and min(ks) > args.moe_num_expert:
         parser.error(f'--eval_ks {args.eval_ks}: no k is at most --moe-num-expert {args.moe_num_expert}, so '
                      f'nothing would be tested; give k from 1 to {args.moe_num_expert}')
+    if args.valid_ks and not args.moe:
+        parser.error('--valid_ks needs --moe (a dense model has no k)')
+    if args.valid_ks and min(args.valid_ks) > args.moe_num_expert:
+        parser.error(f'--valid_ks: no k is at most --moe-num-expert {args.moe_num_expert}; give k from 1 to '
+                     f'{args.moe_num_expert}')
 
 
 def check_hash_xmoe_dts_args(args, parser):

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # GPU acceptance check: one command, no network, at most 8 minutes on one GPU; one table at the end.
+# Without a GPU (DEVICE=cuda, the default) it stops at once with one error line.
 #
+#   0. script/gpu_check.py: the GPU, its capability, torch/CUDA versions, the attention backends and MoE engine
+#      chosen; the paper's small model at k = 2, batch 22 x 512, memory 512, timed in TF32 and in bf16 with
+#      torch.cuda.set_sync_debug_mode('error') on in the timed steps (targets on one H100: bf16 >= 400k, TF32 >=
+#      150k tokens/s), beside bench.py's projection of that step; the GPU's loss and gradients against the CPU's
+#      on the same weights and batch (tolerances in the helper); a run stopped and resumed on the GPU;
 #   1. the device-aware tests on the GPU (pytest --device cuda -m device: MoE block vs brute force for
 #      every engine and dtype, gates, HyperRouter cache, memory, determinism of eval, fused attention,
 #      a GPU-trained checkpoint evaluated on the CPU);
@@ -19,10 +25,18 @@ cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-runs/gpu_check}
+if [ "$DEVICE" != cpu ]; then      # before anything else: without a GPU the full-size steps would crawl on the CPU
+    "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' || {
+        echo "error: DEVICE=$DEVICE but torch sees no CUDA device (torch $("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null)); run on a GPU machine, or give DEVICE=cpu for the shortened CPU form" >&2
+        exit 2
+    }
+fi
+export DEVICE                      # launch.sh: the training runs go on this device, or stop with an error
 mkdir -p "$OUT"
 if [ "$DEVICE" = cpu ]; then
     STEPS=${STEPS:-5}
     BENCH=(--quick)
+    HELPER=(--quick)
     AMP_RUNS=(fp32)                  # train.py --amp is bf16 autocast on the GPU only
     TRAIN=(--n_layer 2 --d_model 32 --n_head 2 --d_head 16 --d_inner 32 --tgt_len 16 --mem_len 16
            --eval_tgt_len 8 --batch_size 4 --moe-num-expert 4 --moe_index 0,1 --moe-top-k-min 1 --moe-top-k-max 4
@@ -30,6 +44,7 @@ if [ "$DEVICE" = cpu ]; then
 else
     STEPS=${STEPS:-300}
     BENCH=()
+    HELPER=()
     AMP_RUNS=(fp32 amp)
     TRAIN=(--max_eval_steps 50 --eval_ks 2,16)
 fi
@@ -43,6 +58,8 @@ record() {                           # record NAME LOG COMMAND...: run it, its o
     status+=("$name|${PIPESTATUS[0]}|$log")
 }
 
+record "gpu check" "$OUT/gpu_check.log" "$PYTHON" script/gpu_check.py --device "$DEVICE" "${HELPER[@]}" \
+    --work "$OUT/helper" --json "$OUT/gpu_check.json"
 record "device tests" "$OUT/tests.log" "$PYTHON" -m pytest -q -m device --device "$DEVICE"
 for precision in fp32 amp; do
     flags=()
@@ -102,7 +119,21 @@ def train_figures(run_parent):
             f"400k steps in {hours:.1f} h")
 
 
-figures = {'bench fp32': lambda: bench_figures(os.path.join(out, 'bench_fp32.json')),
+def helper_figures(path, bench_path):
+    with open(path) as f:
+        res = json.load(f)
+    projected = ''
+    if os.path.exists(bench_path):
+        with open(bench_path) as f:
+            projected = f" (projected {json.load(f)['sim_h100_tokens_per_s_projected']:,.0f}, a model: bench.py (f))"
+    return (f"bf16 {res['bf16_tokens_per_s']:,.0f} tokens/s{projected}, TF32 {res['tf32_tokens_per_s']:,.0f}; "
+            f"vs CPU: TF32 loss {res['tf32_vs_cpu'][0]:.1e} grads {res['tf32_vs_cpu'][1]:.1e}, "
+            f"bf16 loss {res['bf16_vs_cpu'][0]:.1e} grads {res['bf16_vs_cpu'][1]:.1e}; resume ok")
+
+
+figures = {'gpu check': lambda: helper_figures(os.path.join(out, 'gpu_check.json'),
+                                               os.path.join(out, 'bench_amp.json')),
+           'bench fp32': lambda: bench_figures(os.path.join(out, 'bench_fp32.json')),
            'bench amp': lambda: bench_figures(os.path.join(out, 'bench_amp.json')),
            'train fp32': lambda: train_figures(os.path.join(out, 'train_fp32')),
            'train amp': lambda: train_figures(os.path.join(out, 'train_amp'))}

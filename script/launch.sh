@@ -4,7 +4,9 @@
 #                                                          all in the script's <work_dir>-<dataset>/ folder;
 #                                                          without SEEDS: one run with the script's own seed
 #   PYTHON=/path/to/python                              -> another interpreter
-# The GPU is used when torch sees one (--cuda is added); otherwise the run is on the CPU.
+#   DEVICE=cuda | cpu | auto (default auto)              -> cuda: on the GPU, and an error at once when torch sees
+#                                                          none; cpu: on the CPU; auto: on the GPU when torch
+#                                                          sees one (--cuda is added), else on the CPU
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
 N_GPU=${N_GPU:-1}
@@ -21,12 +23,27 @@ seed_list() {
     done
 }
 
+# device_flag: --cuda when the run goes on the GPU (see DEVICE above), nothing for the CPU; an error for
+# DEVICE=cuda without a GPU (a full-size run would otherwise train silently on the CPU, for weeks)
+device_flag() {
+    case "${DEVICE:-auto}" in
+        cpu) ;;
+        auto) if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then echo --cuda; fi ;;
+        cuda) if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+                  echo "error: DEVICE=cuda but torch sees no CUDA device; run on a GPU machine, or give DEVICE=cpu" >&2
+                  return 2
+              fi
+              echo --cuda ;;
+        *) echo "error: DEVICE must be cuda, cpu or auto; got '$DEVICE'" >&2
+           return 2 ;;
+    esac
+}
+
 # launch_once SCRIPT [flags]: one run, with torchrun when N_GPU > 1
 launch_once() {
-    local device=()
-    if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-        device=(--cuda)
-    fi
+    local flag device=()
+    flag=$(device_flag) || return
+    [ -n "$flag" ] && device=("$flag")
     if [ "$N_GPU" -gt 1 ]; then
         "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$N_GPU" "$@" "${device[@]}"
     else

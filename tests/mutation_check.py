@@ -27,6 +27,10 @@ MORE_MUTATIONS = os.path.join('tests', 'fixtures', 'mutations_a.txt')
 DATA_TESTS = 'tests/test_data.py -k "not get_data_script"'
 SCRIPT_SETTINGS = ('tests/test_scripts.py -k "test_script_carries or test_script_dropout_is or test_script_header or '
                    'test_every_pretraining"')
+GPU_BF16 = 'tests/test_gpu_path.py -k bf16'
+GPU_HOST_READS = 'tests/test_gpu_path.py -k "reads_nothing or loop_engine_reads"'
+GPU_ENGINE = 'tests/test_gpu_path.py -k "capability or compile_on_cuda or fastmoe"'
+NON_FINITE = 'tests/test_train.py tests/test_reliability.py -k non_finite'
 PAPER_ANALYSES = 'tests/test_analysis.py -k "papers_model or table_a4 or entropy or spectrum or overlap or rank"'
 
 
@@ -157,6 +161,53 @@ MUTATIONS = [
              PAPER_ANALYSES),
     Mutation('angle_of_the_closest_directions', 'analysis.py', 'math.degrees(math.acos(cos[-1].item()))',
              'math.degrees(math.acos(cos[0].item()))', PAPER_ANALYSES),
+    # the GPU path (issue 19): fp32 sums under bf16, no host read per step, the engine per GPU, DDP and Adam
+    Mutation('expert_bias_gathered_in_bf16', 'moe.py', 'b2 = F.pad(self.h4toh.bias, (0, 0, 0, 1))',
+             'b2 = F.pad(self.h4toh.bias.to(dtype), (0, 0, 0, 1))', GPU_BF16),
+    Mutation('combine_in_bf16', 'moe.py', 'y_slots = y_slots.to(torch.promote_types(y_slots.dtype, score.dtype))',
+             'score = score.to(y_slots.dtype)', GPU_BF16),
+    Mutation('hyper_expert_bias_gathered_in_bf16', 'moe.py', '.add_(b_up.index_select(0, sorted_set))',
+             '.add_(b_up.to(dtype).index_select(0, sorted_set))', GPU_BF16),
+    Mutation('train_step_reads_the_loss_back', 'train.py', 'total = total + nll.detach().double() / len(chunks)',
+             'total = total + nll.item() / len(chunks)', GPU_HOST_READS),
+    Mutation('expert_counts_by_bincount', 'moe.py', 'return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_expert]',
+             'return torch.bincount(flat, minlength=num_expert + 1)[:num_expert]', GPU_HOST_READS),
+    Mutation('non_finite_steps_never_checked', 'train.py', 'first_bad = int(self.ddp.max(self.first_bad))',
+             'first_bad = 0', NON_FINITE),
+    Mutation('grouped_engine_on_sm80', 'moe_engine.py', 'if capability < (9, 0):', 'if capability < (8, 0):',
+             GPU_ENGINE),
+    Mutation('compile_takes_the_loop_on_sm80', 'moe_engine.py', '    if compiling:', '    if False:', GPU_ENGINE),
+    Mutation('fastmoe_looked_up_every_forward', 'moe.py', '@functools.lru_cache(maxsize=None)', '', GPU_ENGINE),
+    Mutation('sdpa_backend_left_to_the_dispatcher', 'mem_transformer.py', 'with sdpa_backends(bias.requires_grad):',
+             'with sdpa_backends(False):', 'tests/test_gpu_path.py -k pinned'),
+    Mutation('ddp_all_reduces_every_chunk', 'train.py', 'if self.ddp_model is None or last_chunk:', 'if True:',
+             'tests/test_gpu_path.py -k all_reduces_once'),
+    Mutation('adam_not_fused_on_cuda', 'train.py', "**({'fused': True} if torch.device(device).type == 'cuda' else {})",
+             '', 'tests/test_gpu_path.py -k fused'),
+    # the plain softmax's loss in chunks of rows (adaptive_softmax.py)
+    Mutation('chunked_loss_targets_off_by_one', 'adaptive_softmax.py', 'target.tensor_split(n_chunks)',
+             'target.roll(1).tensor_split(n_chunks)', 'tests/test_chunked_softmax.py'),
+    Mutation('chunked_loss_backward_keeps_the_logits', 'adaptive_softmax.py', 'if grad else self._plain_nll(h, t)',
+             'if False else self._plain_nll(h, t)', 'tests/test_chunked_softmax.py -k peaks'),
+    # the simulated-device tier: a tensor made on the CPU in the forward, a host read in every MoE forward
+    Mutation('sim_group_ends_made_on_the_cpu', 'moe_engine.py',
+             'groups = torch.arange(n_group, device=sorted_group.device, dtype=sorted_group.dtype)',
+             'groups = torch.arange(n_group, dtype=sorted_group.dtype)', 'tests/test_sim_device.py -k smoe-plain'),
+    Mutation('sim_host_read_per_moe_forward', 'moe.py', '    if k == num_expert:',
+             '    if k == num_expert or bool(top_idx.min() < -1):', 'tests/test_sim_device.py -k smoe-plain'),
+    # TensorBoard: the HParams row, the --valid_ks curves, the charts (tests/test_tensorboard.py)
+    Mutation('hparams_test_of_the_wrong_checkpoint', 'evaluation.py', 'kind = table_checkpoint(config)',
+             "kind = 'best'", 'tests/test_tensorboard.py -k "hparams_row or dynamic_k_run"'),
+    Mutation('hparams_dense_value_in_the_first_column', 'evaluation.py', "max(ks) if k == 'dense'",
+             "min(ks) if k == 'dense'", 'tests/test_tensorboard.py -k dense_runs_one_value'),
+    Mutation('valid_ks_logs_the_training_k', 'train.py', 'self._valid_loss(k)', 'self._valid_loss(self.args.moe_top_k)',
+             'tests/test_tensorboard.py -k "valid_ks_curves"'),
+    Mutation('valid_ks_leaves_its_last_k', 'train.py', 'set_top_k(self.model, self.args.moe_top_k)', 'pass',
+             'tests/test_tensorboard.py -k "valid_ks_leaves_a_thor_run"'),
+    Mutation('dropped_charts_for_dropless_runs', 'run_utils.py', 'if capacity:', 'if True:',
+             'tests/test_tensorboard.py -k dropped_fraction_charts'),
+    Mutation('eval_run_keeps_the_hparams_row', 'eval.py', "return 'test'", "return 'eval_test'",
+             'tests/test_tensorboard.py -k eval_run_adds'),
     # output paths (output_files.py, eval.py --json -)
     Mutation('fifo_replaced_by_a_rename', 'output_files.py', 'elif is_special(path):', 'elif False:',
              'tests/test_output_files.py'),

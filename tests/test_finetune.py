@@ -104,11 +104,41 @@ def test_fine_tuning_learns_a_separable_task_and_is_tested_at_every_k(pretrained
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     scalars = set(EventAccumulator(run_dir).Reload().Tags()['scalars'])
-    assert {'train/loss', 'train/accuracy', 'train/lr', 'valid/accuracy', 'test/accuracy_k4'} <= scalars
+    assert {'train/loss', 'train/accuracy', 'train/lr', 'valid/accuracy', 'test/accuracy/k4'} <= scalars
 
     finetune.main(['--table', run_dir])
     first_row = capsys.readouterr().out.split('\n')[1].split()
     assert first_row == ['HyperRouter', '(k=2)', f'{entry["results"]["2"]:.2f}']
+
+
+def test_tensorboard_shows_the_hparams_row_the_test_per_k_and_dev_accuracy_at_valid_ks(pretrained, toy_task, tmp_path):
+    """Read with TensorBoard's reader. The last epoch ends at the last step, so its dev accuracy at each k
+    (--valid_ks) is that of the final model, which the final test (--eval_split dev) measures on its own path."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.util import tensor_util
+    run_dir = run_finetune(pretrained('hyper_router'), toy_task, tmp_path, '--max_step', '12', '--eval_split', 'dev',
+                           '--valid_ks', '1,2,4')
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        [entry] = json.load(f)
+    events = EventAccumulator(run_dir).Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    hparams = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG]).hparams
+    assert {name: hparams[name].string_value or hparams[name].number_value for name in
+            ('method', 'gate', 'k', 'experts', 'dataset', 'steps', 'checkpoint')} == {
+        'method': 'HyperRouter', 'gate': 'HyperRouterGate', 'k': 'all', 'experts': 4, 'dataset': 'toy', 'steps': 12,
+        'checkpoint': 'final'}
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert [m.name.tag for m in experiment.metric_infos] == ['dev/accuracy/k1', 'dev/accuracy/k2', 'dev/accuracy/k4']
+
+    def points(tag):
+        return [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
+    for k, accuracy in entry['results'].items():
+        assert points(f'dev/accuracy/k{k}') == [(12, pytest.approx(accuracy, rel=1e-6))]
+        assert points(f'valid/accuracy/k{k}') == [(12, pytest.approx(accuracy, rel=1e-6))]
+    [command] = [tensor_util.make_ndarray(e.tensor_proto).item().decode()
+                 for e in events.Tensors('run/command/text_summary')]
+    assert command.strip().startswith('python finetune.py --pretrained') and '--valid_ks 1,2,4' in command
 
 
 def test_a_dense_model_is_tested_once_with_no_k(pretrained, toy_task, tmp_path):

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -231,6 +232,40 @@ def test_a_max_step_below_the_checkpoint_is_refused(corpus, stopped_run, tmp_pat
                               '--restart', '--restart_dir', run_dir))
     assert "--max_step 1 is below the checkpoint's step 2" in error_line(stop)
     assert not os.path.exists(os.path.join(run_dir, 'results.json'))
+
+
+def cpu_tensors(tree):
+    """Whether every tensor in a nest of dicts, lists and tuples is on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.device.type == 'cpu'
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return all(cpu_tensors(item) for item in items)
+
+
+def test_a_resume_on_another_device_loads_the_checkpoint_to_the_cpu(corpus, stopped_run, tmp_path, monkeypatch):
+    """On a GPU the run's device is not the CPU (here 'meta' stands in for it): the checkpoint must still arrive
+    on the CPU, where torch.set_rng_state takes its RNG state and from where each part is copied to the device."""
+    run_dir = copy_run(stopped_run, tmp_path)
+    args = train.parse_args(train_args(corpus, tmp_path / 'runs', '--max_step', '10', '--eval-interval', '5',
+                                       '--restart', '--restart_dir', run_dir))
+    ddp = types.SimpleNamespace(device=torch.device('meta'), is_main=True, world_size=1, rank=0, barrier=lambda: None)
+    handed = {}
+    monkeypatch.setattr(train, 'train_in', lambda run_dir, args, ddp, corpus, ckpt: handed.setdefault('ckpt', ckpt))
+    train.start(args, ddp)
+    ckpt = handed['ckpt']
+    assert cpu_tensors(ckpt)
+    assert ckpt['rng']['torch'].dtype == torch.uint8
+    torch.set_rng_state(ckpt['rng']['torch'])
+    assert all(state['step'].device.type == 'cpu' for state in ckpt['optimizer']['state'].values())
+
+
+def test_cuda_rng_states_saved_on_more_gpus_restore_the_devices_there_are(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: restored.append((state, device)))
+    states = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
+    run_utils.set_rng_state({'torch': torch.get_rng_state(), 'cuda': states}, cuda=True)
+    assert [(s[0].item(), d) for s, d in restored] == [(0, 0), (1, 1)]
 
 
 def test_a_resume_keeps_config_json_and_records_itself_beside_it(corpus, stopped_run, tmp_path):

@@ -210,8 +210,10 @@ def test_relative_attention_probs_and_their_gradients_match_the_definition(mask_
         torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=1e-12, msg=name)
 
 
-def test_relative_attention_probs_are_autograd_bit_for_bit_in_float32():
-    """The written-out backward keeps the numbers of autograd through the same fp32 ops (so runs did not move)."""
+def test_relative_attention_probs_are_autograd_in_float32():
+    """The written-out backward keeps autograd's numbers in fp32: the probabilities and the query and position
+    gradients bit for bit; the key gradient within fp32 rounding, since it is one matmul whose operands are
+    laid out otherwise than autograd's, and some BLAS builds (seen on an AMD EPYC) pick another kernel for it."""
     mask = attention_masks(qlen=16, mlen=16)['future']
     inputs = attention_inputs(torch.float32, n_head=4, bsz=2, qlen=16, mlen=16, d_head=8)
     mask_bias = torch.zeros(mask.shape).masked_fill(mask, float('-inf'))
@@ -224,8 +226,11 @@ def test_relative_attention_probs_are_autograd_bit_for_bit_in_float32():
     prob, grads = probs_and_grads(lambda *x: RelativeAttentionProbs.apply(*x, mask_bias), inputs, weight)
     prob_ref, grads_ref = probs_and_grads(autograd_probs, inputs, weight)
     assert torch.equal(prob, prob_ref)
-    for grad, grad_ref in zip(grads, grads_ref):
-        assert torch.equal(grad, grad_ref)
+    for name, grad, grad_ref in zip(['q_content', 'q_position', 'k', 'r_k'], grads, grads_ref):
+        if name == 'k':
+            torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(grad, grad_ref), name
 
 
 FAULTS_OF_LARGE_TENSORS = """
@@ -343,6 +348,19 @@ def test_bench_quick_writes_every_ratio_finite_and_positive(tmp_path, capsys):
     report = capsys.readouterr().out
     assert 'model FLOPs of a training step = 3 x forward' in report
     assert all(name in report for name in bench.TARGETS)
+    # the simulated sm90 trace: no host sync, operators in every part, a finite projection
+    assert res['sim_host_syncs_per_step'] == 0 and 'sim_host_syncs_per_step 0' in report
+    assert all(res['sim_kernels_per_step'][part] > 0 for part in bench.SIM_PARTS)
+    assert res['sim_kernels_per_step']['total'] == sum(res['sim_kernels_per_step'][p] for p in bench.SIM_PARTS)
+    assert 0 < res['sim_h100_step_s_projected'] < math.inf and 'projected H100 step' in report
+
+
+def test_the_h100_projection_adds_flops_bytes_and_launches_and_the_host_can_bind():
+    import bench
+    model = dict(peak_flops=1e12, flops_fraction=0.5, hbm_bytes_per_s=1e9, launch_s=1e-6, host_launch_s=1e-3)
+    # 1e12 FLOPs at 5e11/s: 2 s; 1e9 bytes: 1 s; 10 launches: 10 us on the GPU, 10 ms on the host
+    assert bench.project_h100(1e12, 1e9, 10, model) == pytest.approx(3 + 1e-5)
+    assert bench.project_h100(0, 0, 10_000, model) == pytest.approx(10.0)        # the host's launches bind
 
 
 def test_analytic_flops_of_a_forward_by_hand():
@@ -366,9 +384,10 @@ def test_gpu_check_runs_in_its_shortened_cpu_form_and_prints_its_table(tmp_path)
     table = result.stdout[result.stdout.index('check            result'):].splitlines()
     rows = {line[:16].strip(): line[16:].split()[0] for line in table[1:] if line[:16].strip()
             and not line.startswith('(')}
-    assert rows == {'device tests': 'ok', 'bench fp32': 'ok', 'bench amp': 'ok', 'train fp32': 'ok',
+    assert rows == {'gpu check': 'ok', 'device tests': 'ok', 'bench fp32': 'ok', 'bench amp': 'ok', 'train fp32': 'ok',
                     'fastmoe parity': 'ok' if _imports('fmoe') else 'skipped'}
     assert 'tokens/s' in result.stdout and '400k steps in' in result.stdout and 'MFU' in result.stdout
+    assert 'projected' in result.stdout and 'resume ok' in result.stdout and 'sdpa pinned to' in result.stdout
 
 
 def _imports(module):
