@@ -12,7 +12,7 @@ from tests.guide_router import GUIDE, guide_router
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tests_named_in_the_guide():
+def cross_router_tests_in_the_guide():
     """'tests/test_x.py::test_name' of the guide's table of cross-router tests."""
     with open(GUIDE) as f:
         return set(re.findall(r'^\| `(tests/test_\w+\.py::test_\w+)` \|', f.read(), re.M))
@@ -26,4 +26,4 @@ def test_every_cross_router_test_passes_with_the_guides_router_and_is_named_in_t
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     passed = {re.sub(r'\[.*', '', line.split()[1]) for line in result.stdout.splitlines()
               if line.startswith('PASSED ')}
-    assert passed == tests_named_in_the_guide()
+    assert passed == cross_router_tests_in_the_guide()
