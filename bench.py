@@ -27,15 +27,17 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 
 import torch
 
+from hyper_expert import HyperExpert, HyperExpertGenerator
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM, PositionwiseFF
 from model_flops import FLOPS_FORMULA, SMALL, analytic_eval_flops, analytic_forward_flops
-from hyper_expert import HyperExpert, HyperExpertGenerator
 from moe import MoEPositionwiseFF
+from output_files import STDOUT, write_text
 from run_utils import keep_freed_memory
 from sim_device import SimulatedCuda
 
@@ -320,7 +322,7 @@ def main(argv=None):
     parser.add_argument('--no_tf32', action='store_true', help='on CUDA, fp32 matmuls in full fp32 (default TF32)')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--quick', action='store_true', help='tiny sizes and 2 repeats: seconds, for tests')
-    parser.add_argument('--json', default='bench.json')
+    parser.add_argument('--json', default='bench.json', help='where the figures go as JSON (-: standard output, the report then on stderr)')
     args = parser.parse_args(argv)
     keep_freed_memory()
     device = torch.device(args.device)
@@ -340,10 +342,11 @@ def main(argv=None):
     res.update(bench_hyper_vs_smoe_dropout(cfg, device, args.amp, sizes, repeats))
     res.update(bench_hyper_expert(cfg, device, args.amp, sizes['hyper_expert_tokens'], repeats))
     res.update(bench_simulated_step(cfg, sizes))
-    print_report(res)
-    with open(args.json, 'w') as f:
-        json.dump(res, f, indent=2)
-    print(f'\nwrote {args.json}')
+    with contextlib.redirect_stdout(sys.stderr) if args.json == STDOUT else contextlib.nullcontext():
+        print_report(res)        # with --json -, the JSON alone goes to stdout
+    write_text(args.json, json.dumps(res, indent=2) + '\n')
+    if args.json != STDOUT:
+        print(f'\nwrote {args.json}')
 
 
 if __name__ == '__main__':

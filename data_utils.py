@@ -14,6 +14,9 @@ Shapes: a split is a 1-D stream [N]; `LMOrderedIterator` lays it out as [n_step,
 time-major windows data [ext + T, B], target [T, B].
 
 CLI: `python data_utils.py prep|synthetic|stats ...` (prep is what script/get_data.sh runs).
+
+One file of just over 500 lines: preparing a corpus from its download and reading it back (with its cache) are
+the two sides of one on-disk format (FORMATS), kept side by side; the synthetic generator is synthetic_corpus.py.
 """
 import argparse
 import dataclasses

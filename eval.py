@@ -5,7 +5,7 @@
   python eval.py --table RUN_A RUN_B ... [--json OUT]  # the runs' results.json side by side; runs that
                                               # differ only in seed: one column, mean ± std over the seeds
   python eval.py --compare RUN_A ... -- RUN_B ...  # A against B seed by seed: paired t-test at each k
-  python eval.py --entropy|--load|--jacobian|--plot|--routers RUN ...  # analyses (analysis.py; see --help)
+  python eval.py --entropy|--load|--jacobian|--plot|--routers RUN ...  # analyses (analysis_commands.py; see --help)
   python eval.py --flops|--params [RUN ...]   # Tables A3, A4 (no RUN: the paper's small enwik8 model)
   python eval.py --diagram                    # Figure 3
 
@@ -15,16 +15,18 @@ token-weighted mean NLL as bits per character or perplexity. A checkpoint writte
 a CPU-only machine.
 """
 import argparse
+import contextlib
 import os
 import sys
 
 import torch
 
-import analysis
+import analysis_commands
 import evaluation
 from custom_gate import THOR_INFERENCE
 from data_utils import DataError, dataset_metric, get_lm_corpus
 from moe import uses_thor
+from output_files import STDOUT
 from run_utils import RunError, describe_os_error, keep_freed_memory, write_hparams
 
 
@@ -37,13 +39,11 @@ def split_compare(argv):
     return argv[:cut] + argv[end:], argv[cut + 1:end]
 
 
-def show_table(run_dirs, json_out=None, kind='best_dense'):
-    """Print the --table of `run_dirs` (`kind`: one of TABLE_CHECKPOINTS); with `json_out`, write its records too."""
+def show_table(run_dirs, kind='best_dense'):
+    """Print the --table of `run_dirs` (`kind`: one of TABLE_CHECKPOINTS); returns its records, for --json."""
     text, summaries = evaluation.table_of_runs(run_dirs, kind)
     print(text)
-    if json_out:
-        evaluation.write_json(json_out, summaries)
-        print(f'wrote {json_out}')
+    return summaries
 
 
 def tensorboard_prefix(split, overrides):
@@ -71,8 +71,8 @@ def record_in_tensorboard(run_dir, config, entries, prefix):
 
 
 def evaluate_run(args, parser):
-    """eval.py --run: test every kept checkpoint, write the JSON and add the results to the run's TensorBoard
-    record; the error of a damaged checkpoint comes last."""
+    """eval.py --run: test every kept checkpoint and add the results to the run's TensorBoard record;
+    (results.json entries, the errors of the damaged ones)."""
     config = evaluation.read_run_config(args.run)
     run_args = config['args']
     overrides = {}
@@ -89,10 +89,31 @@ def evaluate_run(args, parser):
     problems = []
     entries = evaluation.test_checkpoints(args.run, corpus, args.split, args.ks, args.max_eval_steps,
                                'cuda' if args.cuda else 'cpu', problems=problems, **overrides)
-    out = args.json or os.path.join(args.run, f'eval_{args.split}.json')
-    evaluation.write_json(out, entries)
-    print(f'wrote {out}')
     record_in_tensorboard(args.run, config, entries, tensorboard_prefix(args.split, overrides))
+    return entries, problems
+
+
+def write_output(out, records):
+    """--json OUT (`-`: the standard output, which then holds the JSON alone: see run_command)."""
+    evaluation.write_json(out, records)
+    if out != STDOUT:
+        print(f'wrote {out}')
+
+
+def run_command(args, compare_b, parser):
+    """--compare, --table or --run. With --json -, whatever else they print goes to stderr, so that the
+    standard output is the JSON alone (`eval.py --run RUN --json - | jq`)."""
+    problems, records = [], None
+    with contextlib.redirect_stdout(sys.stderr) if args.json == STDOUT else contextlib.nullcontext():
+        if args.compare:
+            print(evaluation.compare_runs(args.compare, compare_b, args.table_checkpoint))
+        elif args.table:
+            records = show_table(args.table, args.table_checkpoint)
+        else:
+            records, problems = evaluate_run(args, parser)
+    out = args.json or (args.run and os.path.join(args.run, f'eval_{args.split}.json'))
+    if records is not None and out:
+        write_output(out, records)
     if problems:
         raise RunError('; '.join(problems) + ' (skipped; the other checkpoints were tested)')
 
@@ -117,8 +138,9 @@ def main(argv=None):
     parser.add_argument('--split', choices=['test', 'valid'], default='test')
     parser.add_argument('--max_eval_steps', type=int, default=-1, help='evaluate at most this many windows')
     parser.add_argument('--data', help='data folder, if not the one recorded in the run')
-    parser.add_argument('--json', help='write the results here (--run: default RUN/eval_<split>.json; --table: '
-                                       'the table as records of mean, std, n and values per k)')
+    parser.add_argument('--json', help='write the results here, - for the standard output (--run: default '
+                                       'RUN/eval_<split>.json; --table: the table as records of mean, std, n and '
+                                       'values per k)')
     parser.add_argument('--cuda', action='store_true', help='evaluate on the GPU')
     parser.add_argument('--thor_inference', choices=THOR_INFERENCE,
                         help="a THOR run's inference, if not the one it was trained with: random (k random experts "
@@ -127,11 +149,11 @@ def main(argv=None):
                         help='expert capacity factor F of evaluation (each expert takes at most ceil(F * n * k / E) '
                              'of each group of n tokens, the run\'s --capacity_group_size), or none (dropless); default: the run\'s own (its '
                              '--eval_capacity_factor), so a checkpoint is evaluated as trained')
-    analysis.add_arguments(parser)
+    analysis_commands.add_arguments(parser)
     argv, compare_b = split_compare(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     keep_freed_memory()
-    if analysis.run(args, parser):
+    if analysis_commands.run(args, parser):
         return
     if args.compare and not compare_b:
         parser.error('--compare needs two lists of runs: --compare RUN_A ... -- RUN_B ...')
@@ -141,12 +163,7 @@ def main(argv=None):
     if args.cuda and not torch.cuda.is_available():
         parser.error('--cuda given but no CUDA device is available; drop --cuda to evaluate on the CPU')
     try:
-        if args.compare:
-            print(evaluation.compare_runs(args.compare, compare_b, args.table_checkpoint))
-        elif args.table:
-            show_table(args.table, args.json, args.table_checkpoint)
-        else:
-            evaluate_run(args, parser)
+        run_command(args, compare_b, parser)
     except (RunError, DataError) as err:
         sys.exit(f'error: {err}')
     except OSError as err:

@@ -19,6 +19,7 @@ from data_utils import dataset_metric, loss_to_metric
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
 from moe import set_capacity
+from output_files import write_text
 from run_utils import RunError
 
 EVAL_BATCH_SIZE = 10
@@ -75,13 +76,17 @@ def parse_capacity_factor(text):
     return factor
 
 
+# the column name of each router (--gate_name) in tables and results.json; a name not here is SMoE's linear router
+METHOD_NAMES = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
+                'thor': 'THOR', 'RandomGate': 'THOR', 'switch': 'Switch', 'gshard': 'GShard',
+                'noisy_topk': 'Noisy top-k', 'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}
+
+
 def method_name(model_config):
     """The column name the paper uses for this model."""
     if not model_config['moe']:
         return 'Dense+Dropout' if model_config['dropout'] > 0 else 'Dense'
-    name = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
-            'thor': 'THOR', 'RandomGate': 'THOR', 'switch': 'Switch', 'gshard': 'GShard', 'noisy_topk': 'Noisy top-k',
-            'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}.get(model_config['gate_name'], 'SMoE')
+    name = METHOD_NAMES.get(model_config['gate_name'], 'SMoE')
     if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE's published router: noisy top-k (the demo: SMoE's)
         return 'HyperMoE' if name in ('SMoE', 'Noisy top-k') else f'{name}+HyperMoE'
     return name
@@ -223,16 +228,9 @@ def test_checkpoints(run_dir, corpus, split='test', ks=DEFAULT_KS, max_eval_step
 
 
 def write_json(path, entries):
-    """Write atomically; a failed write (full disk) removes its temporary file and raises the OSError."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'w') as f:
-            json.dump(entries, f, indent=2)
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write `entries` as JSON to `path` (`-`: standard output) as output_files.write_text does: atomically
+    for a file, in place for a FIFO or device; a failed write (full disk) raises the OSError."""
+    write_text(path, json.dumps(entries, indent=2) + '\n')
 
 
 def read_results(run_dir, kind='best_dense'):

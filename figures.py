@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from output_files import save_figure
 from seeds import mean_std
 
 YELLOW, GREY = '#f6d55c', '#c8c8c8'
@@ -27,7 +28,7 @@ def pyplot():
 
 def save(fig, out):
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches='tight')
+    save_figure(fig, out)
     pyplot().close(fig)
     print(f'wrote {out}')
 

@@ -19,6 +19,9 @@ There is no checkpoint selection: after the last step the model is tested at eve
 results.json, config.json, train.log, metrics.jsonl and TensorBoard events. checkpoint_last.pt
 (written every --save_interval steps, at each epoch end and on Ctrl-C / SIGTERM) resumes a run
 exactly with --restart --restart_dir RUN.
+
+One file of about 550 lines: the classifier, its loading from a pretraining checkpoint, the training loop and
+Table 3 are one pipeline behind one command line, none used elsewhere; the data side is finetune_data.py.
 """
 import argparse
 import json

@@ -210,6 +210,17 @@ MUTATIONS = [
              'tests/test_tensorboard.py -k dropped_fraction_charts'),
     Mutation('eval_run_keeps_the_hparams_row', 'eval.py', "return 'test'", "return 'eval_test'",
              'tests/test_tensorboard.py -k eval_run_adds'),
+    # output paths (output_files.py, eval.py --json -)
+    Mutation('fifo_replaced_by_a_rename', 'output_files.py', 'elif is_special(path):', 'elif False:',
+             'tests/test_output_files.py'),
+    Mutation('dash_is_a_file_name', 'output_files.py', 'sys.stdout.write(text)', "open(path, 'w').write(text)",
+             'tests/test_output_files.py'),
+    Mutation('symlink_replaced_by_the_file', 'output_files.py', 'target = os.path.realpath(path)', 'target = path',
+             'tests/test_output_files.py'),
+    Mutation('load_cell_std_of_one_run', 'analysis.py', "('' if std is None else f' ± {std:.{digits}f}')",
+             "f' ± {std:.{digits}f}'", 'tests/test_seeds.py -k load'),
+    Mutation('json_dash_mixed_with_the_tables', 'eval.py', 'if args.json == STDOUT else', 'if False else',
+             'tests/test_output_files.py'),
 ]
 
 

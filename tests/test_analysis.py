@@ -1,4 +1,5 @@
-"""The analyses (analysis.py through eval.py's commands) on constructed cases and on tiny trained runs."""
+"""The analyses (analysis.py, and eval.py's commands in analysis_commands.py) on constructed cases and on tiny
+trained runs."""
 import glob
 import math
 import os
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import analysis
+import analysis_commands
 import eval as eval_script
 import train
 from mem_transformer import MemTransformerLM
@@ -290,8 +292,8 @@ def test_table_a4_of_the_papers_model(capsys):
 def test_table_a3_without_runs_has_a_column_per_router_hypermoe_and_the_dense_twin(monkeypatch, capsys):
     """`eval.py --flops` with no run: the paper's model under every router (shrunk here to stay fast); THOR at
     k = E only, as the paper gives it."""
-    monkeypatch.setattr(analysis, 'SMALL', dict(SMALL, n_layer=1, moe_index='0', d_model=16, n_head=2, d_head=8,
-                                                 d_inner=16, hyper_size=8, moe_num_expert=4))
+    monkeypatch.setattr(analysis_commands, 'SMALL', dict(SMALL, n_layer=1, moe_index='0', d_model=16, n_head=2,
+                                                          d_head=8, d_inner=16, hyper_size=8, moe_num_expert=4))
     eval_script.main(['--flops', '--ks', '1,2,4', '--mem_len', '8'])
     header, *rows = capsys.readouterr().out.splitlines()[1:5]
     labels = ['SMoE', 'SMoE-Dropout', 'HyperRouter', 'THOR', 'Switch', 'GShard', 'Noisy top-k', 'Hash', 'X-MoE',

@@ -266,6 +266,12 @@ def test_load_over_seeds_is_averaged_after_sorting_the_experts():
     assert row.split() == ['1', '50.0', '25.0', '25.0', '0.0', '2.00', '±', '0.00', '15.0', '±', '7.1']
 
 
+def test_load_of_a_single_run_beside_runs_of_several_seeds_prints_its_plain_numbers():
+    # eval.py --load RUN SEED_RUNS ...: the single run's profile has one value per cell, no std
+    _, _, row = analysis.format_load_profile('HyperRouter', {0: [[0.5, 0.25, 0.25, 0.0]]}, {0: [0.1]}).splitlines()
+    assert row.split() == ['1', '50.0', '25.0', '25.0', '0.0', '2.00', '10.0']
+
+
 # ----------------------------------------------------------------------------- SEEDS in the scripts
 
 FAKE_PYTHON = '''import json, os, sys

@@ -336,17 +336,17 @@ def test_compiled_training_gives_the_eager_losses(tmp_path):
 
 # ---------------------------------------------------------------- bench.py
 
-def test_bench_quick_writes_every_ratio_finite_and_positive(tmp_path, capsys):
+def test_bench_quick_writes_every_ratio_finite_and_positive(capsys):
+    """With --json -, the JSON alone goes to stdout (the report to stderr), so `bench.py --json - | jq` works."""
     import bench
-    out = tmp_path / 'bench.json'
-    bench.main(['--quick', '--json', str(out)])
-    with open(out) as f:
-        res = json.load(f)
+    bench.main(['--quick', '--json', '-'])
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
     for key in ('moe_block_vs_floor', 'train_hr_k2_vs_dense', 'train_mfu', 'eval_k1_vs_k16',
                 'hyper_vs_smoe_dropout_train', 'hyper_vs_smoe_dropout_eval', 'hyper_expert_per_set_vs_per_token'):
         assert math.isfinite(res[key]) and res[key] > 0, key
     assert 0 < res['eval_k1_vs_k16_flops'] < 1
-    report = capsys.readouterr().out
+    report = captured.err
     assert 'model FLOPs of a training step = 3 x forward' in report
     assert all(name in report for name in bench.TARGETS)
     # the simulated sm90 trace: no host sync, operators in every part, a finite projection
