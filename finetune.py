@@ -20,7 +20,7 @@ results.json, config.json, train.log, metrics.jsonl and TensorBoard events. chec
 (written every --save_interval steps, at each epoch end and on Ctrl-C / SIGTERM) resumes a run
 exactly with --restart --restart_dir RUN.
 
-One file of about 550 lines: the classifier, its loading from a pretraining checkpoint, the training loop and
+One file of about 600 lines: the classifier, its loading from a pretraining checkpoint, the training loop and
 Table 3 are one pipeline behind one command line, none used elsewhere; the data side is finetune_data.py.
 """
 import argparse
@@ -36,10 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import evaluation
-import train
 from finetune_data import TASKS, ByteEncoder, FinetuneDataError, encode_rows, load_task
 from hyper_router import param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
+from optimization import NonFiniteLoss, learning_rate, make_optimizer
 from run_utils import (RunError, RunLog, StopRequest, git_commit, keep_freed_memory, make_progress, make_run_dir,
                        rng_state, save_atomic, set_rng_state)
 from train_args import add
@@ -328,7 +328,7 @@ class FineTuner:
                                                                args.max_len)
         self.model.train()                               # the pretrained backbone arrives in eval mode
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = train.make_optimizer(self.params, args, device)
+        self.optimizer = make_optimizer(self.params, args, device)
         self.steps_per_epoch = -(-len(self.examples['train']) // args.batch_size)
         planned = self.steps_per_epoch * args.epochs
         self.total_steps = min(planned, args.max_step) if args.max_step > 0 else planned
@@ -382,11 +382,11 @@ class FineTuner:
         logits = self.model(data, lengths)                                  # [B, C]
         loss = F.cross_entropy(logits.float(), labels)
         if not torch.isfinite(loss):
-            raise train.NonFiniteLoss(f'non-finite training loss ({loss.item()}) at step {self.step + 1}')
+            raise NonFiniteLoss(f'non-finite training loss ({loss.item()}) at step {self.step + 1}')
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
         for group in self.optimizer.param_groups:
-            group['lr'] = train.learning_rate(self.step, self.schedule)
+            group['lr'] = learning_rate(self.step, self.schedule)
         self.optimizer.step()
         return loss.item(), (logits.argmax(-1) == labels).sum().item()
 
@@ -591,7 +591,7 @@ def main(argv=None):
     log_header(tuner, config)
     try:
         status = tuner.run()
-    except train.NonFiniteLoss as err:
+    except NonFiniteLoss as err:
         log(f'{err}; stopping. The last good checkpoint is '
             f'{os.path.join(tuner.run_dir, evaluation.LAST_CHECKPOINT)}')
         sys.exit(1)

@@ -30,6 +30,7 @@ from hyper_router import moe_gates, param_breakdown, set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM, ThorObjective
 from moe import (AUX_LOSSES, describe_engine, learned_temperatures, record_router_stats, record_routing, set_capacity,
                  uses_thor)
+from optimization import NonFiniteLoss, learning_rate, make_optimizer
 from run_records import check_data_fits, check_resume, data_signature, record_resume, record_start, write_config
 from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, keep_freed_memory,
                        make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
@@ -39,17 +40,6 @@ from train_args import aux_weights, model_config
 def parse_args(argv=None):
     """The command line (train_args.py), with this docstring as --help's description."""
     return train_args.parse_args(argv, __doc__)
-
-
-def learning_rate(step, args):
-    """Learning rate for the update after `step` completed steps: linear warm-up, then the schedule."""
-    if step < args.warmup_step:
-        return args.lr * (step + 1) / args.warmup_step
-    if args.scheduler == 'cosine':      # CosineAnnealingLR over max_step, evaluated at `step`
-        return args.eta_min + (args.lr - args.eta_min) * 0.5 * (1 + math.cos(math.pi * step / args.max_step))
-    if args.scheduler == 'inv_sqrt':    # as in "Attention is all you need"
-        return args.lr / math.sqrt(step) if step > 0 else args.lr
-    return args.lr
 
 
 def set_matmul_precision(args):
@@ -72,32 +62,6 @@ def current_top_k(step, args):
         return top_k_schedule(step, args.dynamic_moe_mode, args.moe_top_k_min, args.moe_top_k_max,
                               args.dynamic_overall_steps)
     return args.moe_top_k
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def make_optimizer(params, args, device):
-    """The --optim optimiser of params on `device`. Adam on CUDA is fused (one kernel for all parameters, its step
-    counts on the GPU: no per-parameter launches, no host read); on the CPU it is torch's default, as before."""
-    if args.optim == 'sgd':
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.mom)
-    if args.optim == 'adagrad':
-        return torch.optim.Adagrad(params, lr=args.lr)
-    if torch.device(device).type != 'cuda':
-        return torch.optim.Adam(params, lr=args.lr)
-    optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)
-    optimizer.register_step_post_hook(mark_params_updated)
-    return optimizer
-
-
-def mark_params_updated(optimizer, args, kwargs):
-    """Step post hook of fused Adam: bump every parameter's version counter. torch._fused_adam_ writes the
-    parameters in place without bumping them (on every device: an op returning nothing gets no bump from
-    autograd's in-place codegen), and HyperRouter's cached router keys on those counters: without this, every
-    validation after the first would reuse the router generated at the first."""
-    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group['params']])
 
 
 class Trainer:
@@ -141,8 +105,8 @@ class Trainer:
         if self.ddp.world_size > 1:
             # no buffer changes in training (the positional frequencies and Hash's table are constants), so DDP
             # need not broadcast them before every forward
-            self.ddp_model = DistributedDataParallel(model, device_ids=[self.ddp.local_rank] if self.args.cuda else None,
-                                                     broadcast_buffers=False)
+            device_ids = [self.ddp.local_rank] if self.args.cuda else None
+            self.ddp_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
             return self.ddp_model
         if self.args.multi_gpu and self.args.cuda and torch.cuda.device_count() > 1:
             return torch.nn.DataParallel(model, dim=1)      # the batch is dimension 1 ([T, B])

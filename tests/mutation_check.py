@@ -89,12 +89,12 @@ MUTATIONS = [
              'set_top_k(self.model, current_top_k(self.step + 1, self.args))', 'tests/test_schedules.py'),
     Mutation('k_schedule_over_half_the_run', 'train_args.py', 'args.dynamic_overall_steps = args.max_step',
              'args.dynamic_overall_steps = args.max_step // 2', 'tests/test_schedules.py'),
-    # learning rate (train.py)
-    Mutation('lr_warmup_from_zero', 'train.py', 'return args.lr * (step + 1) / args.warmup_step',
+    # learning rate (optimization.py)
+    Mutation('lr_warmup_from_zero', 'optimization.py', 'return args.lr * (step + 1) / args.warmup_step',
              'return args.lr * step / args.warmup_step', 'tests/test_schedules.py'),
-    Mutation('lr_cosine_one_step_ahead', 'train.py', 'math.cos(math.pi * step / args.max_step)',
+    Mutation('lr_cosine_one_step_ahead', 'optimization.py', 'math.cos(math.pi * step / args.max_step)',
              'math.cos(math.pi * (step + 1) / args.max_step)', 'tests/test_schedules.py'),
-    Mutation('lr_cosine_to_half', 'train.py', '(args.lr - args.eta_min) * 0.5 * (1 + math.cos',
+    Mutation('lr_cosine_to_half', 'optimization.py', '(args.lr - args.eta_min) * 0.5 * (1 + math.cos',
              '(args.lr - args.eta_min) * 0.25 * (2 + math.cos', 'tests/test_schedules.py'),
     Mutation('lr_of_the_next_update', 'train.py', "group['lr'] = learning_rate(self.step, self.args)",
              "group['lr'] = learning_rate(self.step + 1, self.args)", 'tests/test_schedules.py'),
@@ -182,9 +182,9 @@ MUTATIONS = [
              'with sdpa_backends(False):', 'tests/test_gpu_path.py -k pinned'),
     Mutation('ddp_all_reduces_every_chunk', 'train.py', 'if self.ddp_model is None or last_chunk:', 'if True:',
              'tests/test_gpu_path.py -k all_reduces_once'),
-    Mutation('adam_not_fused_on_cuda', 'train.py', 'torch.optim.Adam(params, lr=args.lr, fused=True)',
+    Mutation('adam_not_fused_on_cuda', 'optimization.py', 'torch.optim.Adam(params, lr=args.lr, fused=True)',
              'torch.optim.Adam(params, lr=args.lr)', 'tests/test_gpu_path.py -k fused'),
-    Mutation('fused_adam_leaves_the_version_counters', 'train.py',
+    Mutation('fused_adam_leaves_the_version_counters', 'optimization.py',
              'optimizer.register_step_post_hook(mark_params_updated)', '', 'tests/test_gpu_path.py -k fused'),
     # the plain softmax's loss in chunks of rows (adaptive_softmax.py)
     Mutation('chunked_loss_targets_off_by_one', 'adaptive_softmax.py', 'target.tensor_split(n_chunks)',
