@@ -27,9 +27,17 @@ What a gate may declare (class attributes and hooks, all with neutral defaults h
   at a fixed temperature).
 - `set_step(step)`: called by the trainer before every training step (routers with a schedule).
 """
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from router_registry import register_router, setting
+
+HYPER_ROUTER_CODE = '[giangdip2410/HyperRouter](https://github.com/giangdip2410/HyperRouter)'
+FASTMOE = '[laekov/fastmoe](https://github.com/laekov/fastmoe)'
+MESH = '[tensorflow/mesh](https://github.com/tensorflow/mesh)'
 
 
 class BaseGate(nn.Module):
@@ -95,6 +103,8 @@ class BaseGate(nn.Module):
         return top_idx, top_score
 
 
+@register_router('smoe', 'SMoE', '[Fedus et al. 2022](https://arxiv.org/abs/2101.03961)', HYPER_ROUTER_CODE,
+                 aliases=('NaiveGate', 'CustomNaiveGate'))
 class NaiveGate(BaseGate):
     """SMoE router (Fedus et al. 2022): a linear map d_model -> E.
 
@@ -111,6 +121,8 @@ class NaiveGate(BaseGate):
         return F.linear(x, self.gate.weight.to(x.dtype), self.gate.bias.to(x.dtype))
 
 
+@register_router('smoe_dropout', 'SMoE-Dropout', '[Chen et al. 2023](https://arxiv.org/abs/2303.01610)',
+                 '[VITA-Group/Random-MoE-as-Dropout](https://github.com/VITA-Group/Random-MoE-as-Dropout)')
 class FrozenNaiveGate(NaiveGate):
     """SMoE-Dropout router: NaiveGate frozen at its random initialisation."""
 
@@ -143,6 +155,16 @@ class SeededEvalDraws(nn.Module):
         return self._eval_generator
 
 
+@dataclasses.dataclass(frozen=True)
+class ThorSettings:
+    inference: str = setting('random', 'random: k random experts per token at inference too (THOR\'s token-level '
+                             'inference); average: every expert with weight 1/E, whatever k (the expectation of the '
+                             'random choice; costs k = E)', choices=THOR_INFERENCE)
+
+
+@register_router('thor', 'THOR', '[Zuo et al. 2022](https://arxiv.org/abs/2110.04260)',
+                 '[microsoft/Stochastic-Mixture-of-Experts](https://github.com/microsoft/Stochastic-Mixture-of-Experts)',
+                 settings=ThorSettings, aliases=('RandomGate',), context={'eval_seed': 'layer_index'})
 class RandomGate(SeededEvalDraws, BaseGate):
     """THOR's routing (Zuo et al. 2022): no router; each token goes to k distinct experts drawn uniformly.
 
@@ -179,6 +201,15 @@ class RandomGate(SeededEvalDraws, BaseGate):
 
 # ---- Switch, GShard, noisy top-k
 
+@dataclasses.dataclass(frozen=True)
+class SwitchSettings:
+    jitter: float = setting(0.01, 'in training the router reads x * U(1 - eps, 1 + eps), eps this value (the paper\'s '
+                            '1e-2; 0: off)', valid=('in [0, 1) (the router input is scaled by U(1 - eps, 1 + eps))',
+                                                    lambda v: 0 <= v < 1))
+
+
+@register_router('switch', 'Switch', '[Fedus et al. 2022](https://arxiv.org/abs/2101.03961)', f'{MESH}; {FASTMOE}',
+                 settings=SwitchSettings)
 class SwitchGate(BaseGate):
     """Switch Transformer's router (Fedus et al. 2022): top-1 of a linear router W_r x, no bias.
 
@@ -213,6 +244,16 @@ class SwitchGate(BaseGate):
 GSHARD_EVAL_POLICIES = ('random', 'all')
 
 
+@dataclasses.dataclass(frozen=True)
+class GShardSettings:
+    eval_policy: str = setting('random', 'random: the second expert is kept with probability 2 g2 in evaluation too '
+                               '(Algorithm 1; Mesh TensorFlow\'s second_policy_eval="random"), drawn from a fixed '
+                               'per-layer seed so every evaluation draws the same; all: always kept in evaluation '
+                               '(deterministic)', choices=GSHARD_EVAL_POLICIES)
+
+
+@register_router('gshard', 'GShard', '[Lepikhin et al. 2021](https://arxiv.org/abs/2006.16668)', f'{MESH}; {FASTMOE}',
+                 settings=GShardSettings, context={'eval_seed': 'layer_index'})
 class GShardGate(SeededEvalDraws, BaseGate):
     """GShard's top-2 router (Lepikhin et al. 2021, Algorithm 1): a linear router W_g x, no bias, its two
     best experts with gates g1, g2 normalised over the two (the default scores).
@@ -275,6 +316,8 @@ def prob_in_top_k(clean, noisy, noise_std, k):
     return torch.special.ndtr((clean - threshold) / noise_std)
 
 
+@register_router('noisy_topk', 'Noisy top-k', '[Shazeer et al. 2017](https://arxiv.org/abs/1701.06538)',
+                 f'[tensorflow/tensor2tensor](https://github.com/tensorflow/tensor2tensor); {FASTMOE}')
 class NoisyTopKGate(BaseGate):
     """Noisily gated top-k (Shazeer et al. 2017, Eqs. 3-5): H(x) = x W_g + N(0, 1) * softplus(x W_noise) in
     training, x W_g in evaluation; the k largest of H, gates the softmax over those k (the default scores).
@@ -332,6 +375,15 @@ def balanced_hash_order(n_token, num_expert, seed, layer_index=0):
     return rank_noise.argsort(dim=1, descending=True).to(torch.int16)                     # [V, E]
 
 
+@dataclasses.dataclass(frozen=True)
+class HashSettings:
+    seed: int = setting(0, 'seed of the balanced random hash of the vocabulary (drawn once at model construction and '
+                        'saved in the checkpoint, so evaluation and resume use the saved table)')
+
+
+@register_router('hash', 'Hash', '[Roller et al. 2021](https://arxiv.org/abs/2106.04426)',
+                 '[facebookresearch/ParlAI](https://github.com/facebookresearch/ParlAI)', settings=HashSettings,
+                 context={'n_token': 'n_token', 'layer_index': 'layer_index'})
 class HashGate(BaseGate):
     """Hash layers (Roller et al. 2021): no router; token id v always goes to expert hash(v), with gate value 1.
 
@@ -362,6 +414,14 @@ class HashGate(BaseGate):
 XMOE_BALANCE_TEMPERATURE = 0.07
 
 
+@dataclasses.dataclass(frozen=True)
+class XMoESettings:
+    dim: int = setting(16, 'dimension of the routing space (the paper\'s 16)', valid=('at least 1', lambda v: v >= 1))
+    temperature: float = setting(0.07, 'initial value of the learnable temperature', valid=('positive', lambda v: v > 0))
+
+
+@register_router('xmoe', 'X-MoE', '[Chi et al. 2022](https://arxiv.org/abs/2204.09179)',
+                 '[microsoft/torchscale](https://github.com/microsoft/torchscale)', settings=XMoESettings)
 class XMoEGate(BaseGate):
     """X-MoE router (Chi et al. 2022): s_i = cos(W h, e_i) / tau, routing in a low-dimensional hypersphere.
 
@@ -415,6 +475,24 @@ def dts_temperature(step, max_temp, min_temp, anneal_steps):
     return max_temp * (min_temp / max_temp) ** frac
 
 
+@dataclasses.dataclass(frozen=True)
+class DTSSettings:
+    max_temp: float = setting(1.0, 'Gumbel temperature at step 0 (EvoMoE\'s --max-temperature default)')
+    min_temp: float = setting(0.5, 'Gumbel temperature at the end of the annealing (EvoMoE\'s --min-temperature '
+                              'default)')
+    anneal_steps: int = setting(200_000, 'steps of the dense-to-sparse phase (exponential decay of the temperature, '
+                                'experts kept by --dts_threshold); top-k routing after it (default: half of max_step)',
+                                valid=('positive (or -1: half of --max_step)', lambda v: v >= 1), flag_default=-1)
+    threshold: float = setting(0.001, 'in the dense-to-sparse phase a token goes to every expert whose Gumbel weight '
+                               'exceeds this', valid=('in [0, 1)', lambda v: 0 <= v < 1))
+
+    def problems(self):
+        if not 0 < self.min_temp <= self.max_temp:
+            yield f'need 0 < --dts_min_temp ({self.min_temp}) <= --dts_max_temp ({self.max_temp})'
+
+
+@register_router('dts', 'DTS-Gate', '[Nie et al. 2021 (EvoMoE)](https://arxiv.org/abs/2112.14397)',
+                 '[codecaution/EvoMoE](https://github.com/codecaution/EvoMoE)', settings=DTSSettings)
 class DTSGate(BaseGate):
     """DTS-Gate (Nie et al. 2021, EvoMoE): dense-to-sparse routing by an annealed Gumbel softmax.
 

@@ -13,11 +13,13 @@ import os
 
 import torch
 
+import router_registry
 import seeds
 from capacity import DEFAULT_GROUP_SIZE
 from data_utils import dataset_metric, loss_to_metric
 from hyper_router import set_top_k
 from mem_transformer import MemTransformerLM
+from model_config import router_name
 from moe import set_capacity
 from output_files import write_text
 from run_utils import RunError
@@ -76,19 +78,18 @@ def parse_capacity_factor(text):
     return factor
 
 
-# the column name of each router (--gate_name) in tables and results.json; a name not here is SMoE's linear router
-METHOD_NAMES = {'smoe_dropout': 'SMoE-Dropout', 'hyper_router': 'HyperRouter', 'HyperRouterGate': 'HyperRouter',
-                'thor': 'THOR', 'RandomGate': 'THOR', 'switch': 'Switch', 'gshard': 'GShard',
-                'noisy_topk': 'Noisy top-k', 'hash': 'Hash', 'xmoe': 'X-MoE', 'dts': 'DTS-Gate'}
+def method_names():
+    """{router name or alias: its column name in tables and results.json}, from the routers' registrations."""
+    return {name: spec.display_name for spec in router_registry.SPECS.values() for name in (spec.name, *spec.aliases)}
 
 
 def method_name(model_config):
-    """The column name the paper uses for this model."""
+    """The column name the paper uses for this model; an unregistered router is a ValueError (never 'SMoE')."""
     if not model_config['moe']:
         return 'Dense+Dropout' if model_config['dropout'] > 0 else 'Dense'
-    name = METHOD_NAMES.get(model_config['gate_name'], 'SMoE')
-    if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE's published router: noisy top-k (the demo: SMoE's)
-        return 'HyperMoE' if name in ('SMoE', 'Noisy top-k') else f'{name}+HyperMoE'
+    name = router_registry.spec_of(router_name(model_config)).display_name
+    if model_config.get('moe_variant') == 'hypermoe':    # HyperMoE's published router: noisy top-k
+        return 'HyperMoE' if name == 'Noisy top-k' else f'{name}+HyperMoE'
     return name
 
 
@@ -141,7 +142,7 @@ def evaluate_over_k(model, eval_iter, args, ks, max_eval_steps=-1):
 
 def results_entry(ckpt, kind, split, results, bpc_floor=None):
     entry = {'dataset': ckpt['args']['dataset'], 'metric': dataset_metric(ckpt['args']['dataset']),
-             'split': split, 'gate': ckpt['model_config']['gate_name'] if ckpt['model_config']['moe'] else 'dense',
+             'split': split, 'gate': router_name(ckpt['model_config']) if ckpt['model_config']['moe'] else 'dense',
              'method': method_name(ckpt['model_config']), 'checkpoint': kind, 'step': ckpt['step'],
              'seed': ckpt['args']['seed'], 'results': results}
     if bpc_floor is not None:
@@ -281,7 +282,7 @@ def run_hparams(config):
         k = f"{args['moe_top_k_min']}-{args['moe_top_k_max']} {args['dynamic_moe_mode']}"
     else:
         k = str(args['moe_top_k'])
-    return {'method': method_name(model), 'gate': model['gate_name'] if model['moe'] else 'dense', 'k': k,
+    return {'method': method_name(model), 'gate': router_name(model) if model['moe'] else 'dense', 'k': k,
             'experts': model['moe_num_expert'] if model['moe'] else 0, 'layers': model['n_layer'],
             'd_model': model['d_model'], 'dropout': model['dropout'], 'lr': args['lr'], 'steps': args['max_step'],
             'batch': args['batch_size'], 'dataset': args['dataset'], 'seed': args['seed'],

@@ -36,9 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import evaluation
+import router_registry
 from finetune_data import TASKS, ByteEncoder, FinetuneDataError, encode_rows, load_task
 from hyper_router import param_breakdown, set_top_k
 from mem_transformer import MemTransformerLM
+from model_config import router_name
 from optimization import NonFiniteLoss, learning_rate, make_optimizer
 from run_utils import (RunError, RunLog, StopRequest, git_commit, keep_freed_memory, make_progress, make_run_dir,
                        rng_state, save_atomic, set_rng_state)
@@ -47,11 +49,10 @@ from train_args import add
 FORMAT = 'hyperrouter-finetune-1'
 PRETRAIN_FORMAT = 'hyperrouter-checkpoint'     # the prefix of train.py's formats
 FINAL_CHECKPOINT = 'model_final.pt'
-# --method -> the paper names (eval.method_name) a checkpoint may carry, and the script that pretrains it
+# --method -> the paper names (eval.method_name) a checkpoint may carry, and the script that pretrains it: dense,
+# and every registered router (router_registry.py)
 METHODS = {'dense': (('Dense', 'Dense+Dropout'), 'directly_dense_enwik8.sh or directly_dense_dropout_enwik8.sh'),
-           'smoe': (('SMoE',), 'smoe_enwik8.sh'),
-           'smoe_dropout': (('SMoE-Dropout',), 'smoe_dropout_enwik8.sh'),
-           'hyper_router': (('HyperRouter',), 'hyper_router_enwik8.sh')}
+           **{spec.name: ((spec.display_name,), f'{spec.name}_enwik8.sh') for spec in router_registry.SPECS.values()}}
 METHOD_ORDER = ('Dense', 'Dense+Dropout', 'SMoE', 'SMoE-Dropout', 'HyperRouter')
 # Flags a resumed run must share with the run it continues.
 RESUME_ARGS = ('pretrained', 'task', 'pool', 'max_len', 'batch_size', 'seed', 'dropout', 'epochs', 'max_step')
@@ -202,7 +203,7 @@ def check_method(method, model_config, path):
     names, script = METHODS[method]
     if found not in names:
         raise FinetuneError(f'--method {method} fine-tunes a {" or ".join(names)} model, but {path} holds a {found} '
-                            f'model (gate {model_config["gate_name"] if model_config["moe"] else "none, dense FFN"}); '
+                            f'model (gate {router_name(model_config) if model_config["moe"] else "none, dense FFN"}); '
                             f'give it the run of script/table1/{script}, or use the script of {found}')
 
 
@@ -228,7 +229,7 @@ def load_pretrained(path, method=None, dropout=None, device='cpu'):
         raise FinetuneError(f'the weights in {path} do not fit the model its model_config describes (another '
                             f'architecture or code version): {str(err)[:500]}') from err
     info = {'path': path, 'method': evaluation.method_name(ckpt['model_config']), 'step': ckpt['step'],
-            'gate': config['gate_name'] if config['moe'] else 'dense', 'dataset': ckpt['args']['dataset']}
+            'gate': router_name(config) if config['moe'] else 'dense', 'dataset': ckpt['args']['dataset']}
     return Pretrained(backbone, config, encoder, info)
 
 

@@ -7,15 +7,24 @@
 - `top_k_schedule`: the dynamic top-k schedule of SMoE-Dropout, a pure function of the step.
 - `param_breakdown`: the parameter table of the paper (Table A4).
 """
+import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from custom_gate import BaseGate
+from custom_gate import HYPER_ROUTER_CODE, BaseGate
+from router_registry import register_router, setting
 
 
+@dataclasses.dataclass(frozen=True)
+class HyperRouterSettings:
+    hyper_size: int = setting(256, 'hidden size of the HyperRouter hypernetwork', valid=('at least 1', lambda v: v >= 1))
+
+
+@register_router('hyper_router', 'HyperRouter', '[Do et al. 2023](https://openreview.net/forum?id=fL8AKDvELp)',
+                 HYPER_ROUTER_CODE, settings=HyperRouterSettings, aliases=('HyperRouterGate',), flag_prefix='')
 class HyperRouterGate(BaseGate):
     """Router W_r, b_r = H(e): H frozen, e [1, d_model] trainable and N(0, 1)-initialised.
 

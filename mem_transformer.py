@@ -18,7 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from hyper_expert import HyperExpert, HyperExpertGenerator
-from moe import GATES, MOE_VARIANTS, MoEPositionwiseFF, StackedLinear
+from model_config import ModelConfig
+from moe import MOE_VARIANTS, MoEPositionwiseFF, StackedLinear
 
 
 class PositionalEmbedding(nn.Module):
@@ -218,54 +219,44 @@ def parse_moe_index(moe_index, n_layer):
 class MemTransformerLM(nn.Module):
     """Transformer-XL language model; `forward(data, target, *mems) -> [nll [T, B], *new_mems]`."""
 
-    def __init__(self, n_token, n_layer, n_head, d_model, d_head, d_inner, dropout, dropatt,
-                 tie_weight=True, d_embed=None, div_val=1, tie_projs=None, pre_lnorm=False,
-                 tgt_len=None, ext_len=0, mem_len=0, cutoffs=(), same_length=False, clamp_len=-1,
-                 moe=False, moe_num_expert=16, moe_top_k=2, gate_name='smoe', moe_index=None,
-                 hyper_size=256, moe_backend='auto', init='normal', init_range=0.1, init_std=0.02,
-                 proj_init_std=0.01, thor_inference='random', moe_variant='plain', hypermoe_emb_dim=128,
-                 hypermoe_hidden=128, hypermoe_layer_emb_dim=10, hypermoe_adapter_dim=64, moe_engine='auto',
-                 switch_jitter=0.01, hash_seed=0, xmoe_dim=16, xmoe_temperature=0.07, dts_max_temp=1.0,
-                 dts_min_temp=0.5, dts_anneal_steps=200_000, dts_threshold=0.001, gshard_eval_policy='random'):
+    def __init__(self, config=None, **fields):
+        """config: a ModelConfig, or its dict (model_config.py; also the flat form of older checkpoints); fields:
+        the same as keywords, e.g. MemTransformerLM(**ckpt['model_config'])."""
         super().__init__()
-        d_embed = d_model if d_embed is None or d_embed < 0 else d_embed
-        cutoffs = list(cutoffs)
-        if moe and gate_name not in GATES:
-            raise ValueError(f'unknown gate_name {gate_name!r}; choose one of {", ".join(GATES)}')
-        if moe and moe_variant not in MOE_VARIANTS:
-            raise ValueError(f'unknown moe_variant {moe_variant!r}; choose one of {", ".join(MOE_VARIANTS)}')
-        if moe and not 1 <= moe_top_k <= moe_num_expert:
-            raise ValueError(f'moe_top_k must be between 1 and moe_num_expert ({moe_num_expert}); got {moe_top_k}')
+        c = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(dict(config or {}, **fields))
+        self.config = c
+        n_token, n_layer, d_model, n_head, d_head, moe = c.n_token, c.n_layer, c.d_model, c.n_head, c.d_head, c.moe
+        d_embed = d_model if c.d_embed is None or c.d_embed < 0 else c.d_embed
+        cutoffs = list(c.cutoffs)
+        if moe and c.moe_variant not in MOE_VARIANTS:
+            raise ValueError(f'unknown moe_variant {c.moe_variant!r}; choose one of {", ".join(MOE_VARIANTS)}')
+        if moe and not 1 <= c.moe_top_k <= c.moe_num_expert:
+            raise ValueError(f'moe_top_k must be between 1 and moe_num_expert ({c.moe_num_expert}); got {c.moe_top_k}')
         self.n_token, self.n_layer, self.d_model, self.d_embed = n_token, n_layer, d_model, d_embed
         self.n_head, self.d_head = n_head, d_head
-        self.same_length, self.clamp_len = same_length, clamp_len
-        self.reset_length(tgt_len, ext_len, mem_len)
+        self.same_length, self.clamp_len = c.same_length, c.clamp_len
+        self.reset_length(c.tgt_len, c.ext_len, c.mem_len)
 
-        self.word_emb = AdaptiveEmbedding(n_token, d_embed, d_model, cutoffs, div_val)
-        self.drop = nn.Dropout(dropout)
+        self.word_emb = AdaptiveEmbedding(n_token, d_embed, d_model, cutoffs, c.div_val)
+        self.drop = nn.Dropout(c.dropout)
         self.pos_emb = PositionalEmbedding(d_model)
         self.r_w_bias = nn.Parameter(torch.empty(n_head, d_head))
         self.r_r_bias = nn.Parameter(torch.empty(n_head, d_head))
-        self.moe_index = parse_moe_index(moe_index, n_layer) if moe else []
+        self.moe_index = parse_moe_index(c.moe_index, n_layer) if moe else []
         # HyperMoE: one hypernetwork for every MoE layer, registered here only (see HyperExpert)
         self.hyper_expert_generator = HyperExpertGenerator(
-            d_model, n_layer, hypermoe_emb_dim, hypermoe_hidden, hypermoe_layer_emb_dim, hypermoe_adapter_dim,
-        ) if moe and moe_variant == 'hypermoe' else None
-        moe_kwargs = dict(num_expert=moe_num_expert, top_k=moe_top_k, gate_name=gate_name, hyper_size=hyper_size,
-                          backend=moe_backend, engine=moe_engine, thor_inference=thor_inference,
-                          hyper_expert_generator=self.hyper_expert_generator,
-                          router_options=dict(n_token=n_token, switch_jitter=switch_jitter, hash_seed=hash_seed,
-                                              xmoe_dim=xmoe_dim, xmoe_temperature=xmoe_temperature,
-                                              dts_max_temp=dts_max_temp, dts_min_temp=dts_min_temp,
-                                              dts_anneal_steps=dts_anneal_steps, dts_threshold=dts_threshold,
-                                              gshard_eval_policy=gshard_eval_policy))
+            d_model, n_layer, c.hypermoe_emb_dim, c.hypermoe_hidden, c.hypermoe_layer_emb_dim, c.hypermoe_adapter_dim,
+        ) if moe and c.moe_variant == 'hypermoe' else None
+        moe_kwargs = dict(num_expert=c.moe_num_expert, top_k=c.moe_top_k, gate_name=c.router.name,
+                          backend=c.moe_backend, engine=c.moe_engine, hyper_expert_generator=self.hyper_expert_generator,
+                          router_settings=c.router.settings, n_token=n_token)
         self.layers = nn.ModuleList(
-            RelPartialLearnableDecoderLayer(n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm,
+            RelPartialLearnableDecoderLayer(n_head, d_model, d_head, c.d_inner, c.dropout, c.dropatt, c.pre_lnorm,
                                             dict(moe_kwargs, layer_index=i) if i in self.moe_index else None)
             for i in range(n_layer))
-        self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs, div_val)
-        self._tie(tie_weight, tie_projs, div_val, d_embed)
-        self._init_weights(init, init_range, init_std, proj_init_std)
+        self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs, c.div_val)
+        self._tie(c.tie_weight, c.tie_projs, c.div_val, d_embed)
+        self._init_weights(c.init, c.init_range, c.init_std, c.proj_init_std)
 
     def _tie(self, tie_weight, tie_projs, div_val, d_embed):
         if tie_weight:

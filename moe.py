@@ -32,6 +32,7 @@ recorded around its forward are one idea, which the capacity and the HyperExpert
 Shapes: T tokens (time x batch flattened), d = d_model, h = d_inner, E experts, k top-k.
 """
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 
@@ -40,33 +41,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from capacity import DEFAULT_GROUP_SIZE, drop_over_group_capacity, dropped_fraction
-from custom_gate import (DTSGate, FrozenNaiveGate, GShardGate, HashGate, NaiveGate, NoisyTopKGate, RandomGate,
-                         SwitchGate, XMoEGate, cv_squared)
+import hyper_router  # noqa: F401  (registers HyperRouter)
+import router_registry
+from custom_gate import RandomGate, cv_squared
 from hyper_expert import HyperExpert
-from hyper_router import HyperRouterGate
 from moe_engine import ENGINES, choose_engine, compute_dtype, group_counts, group_ends, grouped_mm, spare_bin
 
-GATES = {
-    'smoe': NaiveGate,
-    'NaiveGate': NaiveGate,
-    'CustomNaiveGate': NaiveGate,
-    'smoe_dropout': FrozenNaiveGate,
-    'hyper_router': HyperRouterGate,
-    'HyperRouterGate': HyperRouterGate,
-    'thor': RandomGate,
-    'RandomGate': RandomGate,
-    'switch': SwitchGate,
-    'gshard': GShardGate,
-    'noisy_topk': NoisyTopKGate,
-    'hash': HashGate,
-    'xmoe': XMoEGate,
-    'dts': DTSGate,
-}
-# every router once, by the name a user passes to --gate_name (GATES also holds the original code's class
-# names); the cross-router tests run over this tuple
-ROUTERS = ('smoe', 'smoe_dropout', 'hyper_router', 'thor', 'switch', 'gshard', 'noisy_topk', 'hash', 'xmoe', 'dts')
+# what --gate_name takes (every router's name and aliases, the original code's class names) -> gate class, and
+# every router once by its name (the cross-router tests run over ROUTERS): both from the routers' registrations
+GATES = router_registry.GATES
+router_registry.load_router_files()          # a user's own routers, named in $ROUTER_FILES
 BACKENDS = ('auto', 'torch', 'fastmoe')
 MOE_VARIANTS = ('plain', 'hypermoe')
+
+
+def __getattr__(name):
+    """moe.ROUTERS: the registered routers at the time of asking (a router file loaded later is in it too)."""
+    if name == 'ROUTERS':
+        return router_registry.router_names()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def uses_thor(moe, gate_name):
@@ -74,35 +67,16 @@ def uses_thor(moe, gate_name):
     return bool(moe) and issubclass(GATES[gate_name], RandomGate)
 
 
-# the router_options each gate class takes: {option name (train.py flag): the gate's argument}
-ROUTER_OPTIONS = {
-    SwitchGate: {'switch_jitter': 'jitter'},
-    GShardGate: {'gshard_eval_policy': 'eval_policy'},
-    HashGate: {'n_token': 'n_token', 'hash_seed': 'seed'},
-    XMoEGate: {'xmoe_dim': 'dim', 'xmoe_temperature': 'temperature'},
-    DTSGate: {'dts_max_temp': 'max_temp', 'dts_min_temp': 'min_temp', 'dts_anneal_steps': 'anneal_steps',
-              'dts_threshold': 'threshold'},
-}
-
-
-def build_gate(gate_name, d_model, num_expert, top_k, hyper_size=256, thor_inference='random', layer_index=0,
-               router_options=None):
-    """The gate `gate_name` of MoE layer `layer_index`. router_options: {name: value} of the method settings
-    in ROUTER_OPTIONS (the model passes them all; each gate takes its own, the others keep their defaults)."""
-    if gate_name not in GATES:
-        raise ValueError(f'unknown gate_name {gate_name!r}; choose one of {", ".join(GATES)}')
-    gate_cls = GATES[gate_name]
-    options = router_options or {}
-    extra = {arg: options[name] for name, arg in ROUTER_OPTIONS.get(gate_cls, {}).items() if name in options}
-    if issubclass(gate_cls, HyperRouterGate):
-        extra = {'hyper_size': hyper_size}
-    elif issubclass(gate_cls, RandomGate):
-        extra = {'inference': thor_inference, 'eval_seed': layer_index}
-    elif issubclass(gate_cls, GShardGate):
-        extra['eval_seed'] = layer_index
-    elif issubclass(gate_cls, HashGate):
-        extra['layer_index'] = layer_index
-    return gate_cls(d_model, num_expert, 1, top_k, **extra)
+def build_gate(gate_name, d_model, num_expert, top_k, settings=None, layer_index=0, n_token=None):
+    """The gate `gate_name` of MoE layer `layer_index`, every gate built alike: its settings (an instance of its
+    registered settings class, or {field: value}, missing fields at their defaults) and the block's context
+    (layer index, vocabulary size), of which each gate takes what its registration names."""
+    spec = router_registry.spec_of(gate_name)
+    if not isinstance(settings, spec.settings):
+        settings = router_registry.make_settings(spec.name, settings)
+    context = {'layer_index': layer_index, 'n_token': n_token}
+    return spec.gate_class(d_model, num_expert, 1, top_k, **dataclasses.asdict(settings),
+                           **{arg: context[key] for arg, key in spec.context})
 
 
 @functools.lru_cache(maxsize=None)
@@ -413,7 +387,7 @@ class MoEPositionwiseFF(nn.Module):
     is added to the experts' mixture after the block's dropout, before the residual and LayerNorm: the
     published LM code drops the experts' outputs only, never the HyperExpert's.
     `layer_index` (the block's layer) names the layer to the HyperExpert generator and seeds THOR's
-    evaluation draws and the hash table of Hash layers. `router_options`: see build_gate. `engine`
+    evaluation draws and the hash table of Hash layers. `router_settings`, `n_token`: see build_gate. `engine`
     (auto|grouped|loop) computes the experts of the torch backend (see choose_engine); it is no part of the
     checkpoint. `capacity_factor` (training, evaluation), each None
     (dropless) or F: each expert then takes at most C = ceil(F n k / E) of each group of n tokens
@@ -424,8 +398,8 @@ class MoEPositionwiseFF(nn.Module):
     """
 
     def __init__(self, d_model, d_inner, dropout, pre_lnorm=False, num_expert=16, top_k=2,
-                 gate_name='smoe', hyper_size=256, backend='auto', thor_inference='random', layer_index=0,
-                 hyper_expert_generator=None, engine='auto', router_options=None):
+                 gate_name='smoe', backend='auto', layer_index=0, hyper_expert_generator=None, engine='auto',
+                 router_settings=None, n_token=None):
         super().__init__()
         check_backend(backend)
         if engine not in ENGINES:
@@ -433,8 +407,7 @@ class MoEPositionwiseFF(nn.Module):
         self.pre_lnorm = pre_lnorm
         self.backend = backend
         self.engine = engine
-        self.gate = build_gate(gate_name, d_model, num_expert, top_k, hyper_size, thor_inference, layer_index,
-                               router_options)
+        self.gate = build_gate(gate_name, d_model, num_expert, top_k, router_settings, layer_index, n_token)
         self.experts = Experts(num_expert, d_model, d_inner, dropout)
         if hyper_expert_generator is not None:
             self.hyper_expert = HyperExpert(num_expert, hyper_expert_generator, layer_index, engine)

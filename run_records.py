@@ -13,6 +13,7 @@ import evaluation
 import train_args
 from data_utils import dataset_metric
 from hyper_router import param_breakdown
+from model_config import ModelConfig
 from run_utils import RunError, git_commit
 from train_args import ARCHITECTURE_ARGS, DATA_LAYOUT_ARGS, dts_anneal_steps
 
@@ -43,9 +44,10 @@ def check_resume(ckpt, args, corpus):
     and a --max_step not behind it. Anything else would change the run without saying so."""
     defaults = train_args.build_parser()      # runs saved before a flag existed used its default
     saved = {name: ckpt['args'].get(name, defaults.get_default(name)) for name in ARCHITECTURE_ARGS + DATA_LAYOUT_ARGS}
+    saved['gate_name'] = train_args.canonical_router(saved['gate_name'], ckpt['args'].get('freeze_gate', False))
     diffs = [f'--{name} {saved[name]!r} (checkpoint) vs {getattr(args, name)!r}'
              for name in saved if saved[name] != getattr(args, name)]
-    saved_anneal = ckpt['model_config'].get('dts_anneal_steps')
+    saved_anneal = getattr(ModelConfig.from_dict(ckpt['model_config']).router.settings, 'anneal_steps', None)
     if args.moe and args.gate_name == 'dts' and saved_anneal != dts_anneal_steps(args):
         diffs.append(f'DTS-Gate anneals over {saved_anneal} steps in the checkpoint, {dts_anneal_steps(args)} here '
                      f'(--dts_anneal_steps -1 is half of --max_step: give the run\'s --max_step or its '

@@ -7,14 +7,16 @@ combinations are refused lives here. The flags, their spellings and their defaul
 script-settings test (tests/test_scripts.py).
 """
 import argparse
+import dataclasses
 import os
 
 import torch
 
 import evaluation
 from capacity import DEFAULT_GROUP_SIZE
-from custom_gate import GSHARD_EVAL_POLICIES, THOR_INFERENCE
+import router_registry
 from hyper_router import TOP_K_SCHEDULES
+from model_config import ModelConfig, RouterConfig
 from moe import AUX_LOSSES, BACKENDS, GATES, MOE_VARIANTS, routers_giving
 from moe_engine import ENGINES, grouped_mm_problem
 
@@ -23,16 +25,16 @@ DEFAULT_DATA = {'synthetic': 'data/synthetic', 'enwik8': 'data/enwik8', 'text8':
                 'wt103': 'data/wikitext-103', 'wt2': 'data/wikitext-2'}
 ADAPTIVE_CUTOFFS = {'wt103': [20000, 40000, 200000], 'wt2': [5000, 10000, 20000]}
 # Training state that changes the arithmetic of a resumed run; the rest may change on restart.
+INFERENCE_SETTINGS = ('thor_inference',)     # router settings that change evaluation only (a resume may change them)
 ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inner', 'div_val', 'pre_lnorm',
-                     'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'hyper_size', 'adaptive', 'not_tied',
-                     'moe_variant', 'hypermoe_emb_dim', 'hypermoe_hidden', 'hypermoe_layer_emb_dim',
-                     'hypermoe_adapter_dim', 'hash_seed', 'xmoe_dim', 'xmoe_temperature', 'dts_max_temp',
-                     'dts_min_temp', 'dts_anneal_steps', 'dts_threshold', 'gshard_eval_policy')
+                     'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'adaptive', 'not_tied', 'moe_variant',
+                     'hypermoe_emb_dim', 'hypermoe_hidden', 'hypermoe_layer_emb_dim', 'hypermoe_adapter_dim') + tuple(
+    spec.flag(field.name) for spec in router_registry.SPECS.values() for field in spec.fields()
+    if spec.flag(field.name) not in INFERENCE_SETTINGS)
 # How the data is cut into training windows: a resume with others would read other data than the checkpoint's.
 DATA_LAYOUT_ARGS = ('dataset', 'batch_size', 'tgt_len', 'ext_len', 'batch_chunk')
 POSITIVE_ARGS = ('max_step', 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'batch_size', 'batch_chunk',
-                 'n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'moe_num_expert', 'hyper_size',
-                 'capacity_group_size')
+                 'n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'moe_num_expert', 'capacity_group_size')
 
 
 def add(parser, *names, **kwargs):
@@ -80,17 +82,6 @@ def add_method_args(p):
         help='weight alpha of the consistency term: loss = (CE1 + CE2 + alpha * CR(p1, p2)) / 2, CR the symmetric '
              'KL (KL(p1||p2) + KL(p2||p1)) / 2 between the two passes; 5.0 as THOR\'s released run.sh '
              '(--consistency-alpha 5.0; its config default is 1.0)')
-    add(thor, '--thor_inference', default='random', choices=THOR_INFERENCE,
-        help='random: k random experts per token at inference too (THOR\'s token-level inference); average: every '
-             'expert with weight 1/E, whatever k (the expectation of the random choice; costs k = E)')
-    switch = p.add_argument_group('Switch Transformer (--gate_name switch)')
-    add(switch, '--switch_jitter', type=float, default=0.01,
-        help='in training the router reads x * U(1 - eps, 1 + eps), eps this value (the paper\'s 1e-2; 0: off)')
-    gshard = p.add_argument_group('GShard (--gate_name gshard)')
-    add(gshard, '--gshard_eval_policy', default='random', choices=GSHARD_EVAL_POLICIES,
-        help='random: the second expert is kept with probability 2 g2 in evaluation too (Algorithm 1; Mesh '
-             'TensorFlow\'s second_policy_eval="random"), drawn from a fixed per-layer seed so every evaluation draws '
-             'the same; all: always kept in evaluation (deterministic)')
     hmoe = p.add_argument_group('HyperMoE (--moe_variant hypermoe): HyperExpert generated from the unselected experts')
     add(hmoe, '--moe_variant', default='plain', choices=MOE_VARIANTS,
         help='hypermoe: add to every MoE block the HyperExpert of HyperMoE (Zhao et al. 2024); works with any router')
@@ -98,28 +89,26 @@ def add_method_args(p):
     add(hmoe, '--hypermoe_hidden', type=int, default=128, help='hidden size of the shared hypernetwork')
     add(hmoe, '--hypermoe_layer_emb_dim', type=int, default=10, help='layer embedding size')
     add(hmoe, '--hypermoe_adapter_dim', type=int, default=64, help='bottleneck of the HyperExpert adapter')
-    add_hash_xmoe_dts_args(p)
+    add_router_setting_args(p)
 
 
-def add_hash_xmoe_dts_args(p):
-    """Flags of Hash layers, X-MoE and DTS-Gate (each read only by its own router)."""
-    hash_group = p.add_argument_group('Hash layers (--gate_name hash): each token id to a fixed expert')
-    add(hash_group, '--hash_seed', type=int, default=0,
-        help='seed of the balanced random hash of the vocabulary (drawn once at model construction and saved in '
-             'the checkpoint, so evaluation and resume use the saved table)')
-    xmoe = p.add_argument_group('X-MoE (--gate_name xmoe): cosine routing in a low-dimensional space')
-    add(xmoe, '--xmoe_dim', type=int, default=16, help='dimension of the routing space (the paper\'s 16)')
-    add(xmoe, '--xmoe_temperature', type=float, default=0.07, help='initial value of the learnable temperature')
-    dts = p.add_argument_group('DTS-Gate (--gate_name dts): Gumbel softmax annealed from dense to top-k routing')
-    add(dts, '--dts_max_temp', type=float, default=1.0,
-        help='Gumbel temperature at step 0 (EvoMoE\'s --max-temperature default)')
-    add(dts, '--dts_min_temp', type=float, default=0.5,
-        help='Gumbel temperature at the end of the annealing (EvoMoE\'s --min-temperature default)')
-    add(dts, '--dts_anneal_steps', type=int, default=-1,
-        help='steps of the dense-to-sparse phase (exponential decay of the temperature, experts kept by '
-             '--dts_threshold); top-k routing after it (default: half of max_step)')
-    add(dts, '--dts_threshold', type=float, default=0.001,
-        help='in the dense-to-sparse phase a token goes to every expert whose Gumbel weight exceeds this')
+def add_router_setting_args(p):
+    """Every registered router's settings as flags, one argument group per router (router_registry.py)."""
+    for spec in router_registry.SPECS.values():
+        if not spec.fields():
+            continue
+        group = p.add_argument_group(f'{spec.display_name} (--gate_name {spec.name})')
+        for field in spec.fields():
+            meta = field.metadata
+            default = field.default if meta.get('flag_default') is dataclasses.MISSING else meta['flag_default']
+            kind = type(field.default)
+            add(group, f'--{spec.flag(field.name)}', default=default, help=meta.get('help'),
+                choices=meta.get('choices'), type=None if kind is str else kind)
+
+
+def router_setting_flags(spec):
+    """{settings field: flag dest} of a router."""
+    return {field.name: spec.flag(field.name) for field in spec.fields()}
 
 
 def build_parser(description=None):
@@ -152,7 +141,6 @@ def build_parser(description=None):
     add(moe, '--moe-num-expert', type=int, default=16, help='number of experts E')
     add(moe, '--moe-top-k', type=int, default=2, help='experts per token (and the k of validation)')
     add(moe, '--gate_name', default='NaiveGate', choices=list(GATES), help='router')
-    add(moe, '--hyper_size', type=int, default=256, help='hidden size of the HyperRouter hypernetwork')
     add(moe, '--moe_index', default=None, help='comma-separated MoE layers (default: all)')
     add(moe, '--freeze_gate', action='store_true', help='freeze the linear router at init (SMoE-Dropout)')
     add(moe, '--dynamic_moe', action='store_true', help='change k during training by --dynamic_moe_mode')
@@ -237,9 +225,6 @@ def check_args(args, parser):
         if problem:
             parser.error(f'--moe_engine grouped cannot run: {problem}; use --moe_engine auto or loop')
     check_compiled_engine(args, parser)
-    if not 0 <= args.switch_jitter < 1:
-        parser.error(f'--switch_jitter must be in [0, 1) (the router input is scaled by U(1 - eps, 1 + eps)); '
-                     f'got {args.switch_jitter}')
     if args.thor_alpha < 0:
         parser.error(f'--thor_alpha must be non-negative; got {args.thor_alpha}')
     check_routing_args(args, parser)
@@ -249,7 +234,7 @@ def check_args(args, parser):
     if args.multi_gpu and (args.moe_variant == 'hypermoe' or recording):
         parser.error('--moe_variant hypermoe, the auxiliary losses and --capacity_factor do not support --multi_gpu '
                      '(DataParallel); use torchrun')
-    check_hash_xmoe_dts_args(args, parser)
+    check_router_settings(args, parser)
     if args.restart and not os.path.isfile(os.path.join(args.restart_dir, evaluation.LAST_CHECKPOINT)):
         parser.error(f'--restart needs --restart_dir RUN holding {evaluation.LAST_CHECKPOINT}; '
                      f'none in {args.restart_dir!r}')
@@ -318,17 +303,22 @@ def check_eval_ks(args, parser):
                      f'{args.moe_num_expert}')
 
 
-def check_hash_xmoe_dts_args(args, parser):
-    if args.xmoe_dim < 1:
-        parser.error(f'--xmoe_dim must be at least 1; got {args.xmoe_dim}')
-    if args.xmoe_temperature <= 0:
-        parser.error(f'--xmoe_temperature must be positive; got {args.xmoe_temperature}')
-    if not 0 < args.dts_min_temp <= args.dts_max_temp:
-        parser.error(f'need 0 < --dts_min_temp ({args.dts_min_temp}) <= --dts_max_temp ({args.dts_max_temp})')
-    if not 0 <= args.dts_threshold < 1:
-        parser.error(f'--dts_threshold must be in [0, 1); got {args.dts_threshold}')
-    if args.dts_anneal_steps == 0 or args.dts_anneal_steps < -1:
-        parser.error(f'--dts_anneal_steps must be positive (or -1: half of --max_step); got {args.dts_anneal_steps}')
+def check_router_settings(args, parser):
+    """Every router's settings in their valid ranges (the router's own are also checked when it is built), and the
+    router's name resolved to its canonical one, --freeze_gate folded in: `CustomNaiveGate --freeze_gate` and
+    `smoe_dropout` are one configuration, so --table groups them."""
+    for spec in router_registry.SPECS.values():
+        values = {name: getattr(args, flag) for name, flag in router_setting_flags(spec).items()}
+        if spec.name == 'dts':
+            values['anneal_steps'] = args.dts_anneal_steps if args.dts_anneal_steps != -1 else 1
+        try:
+            problems = router_registry.setting_problems(spec.name, spec.settings(**values))
+        except (TypeError, ValueError) as err:
+            problems = [str(err)]
+        if problems:
+            parser.error(problems[0])
+    args.gate_name = canonical_router(args.gate_name, args.freeze_gate)
+    args.freeze_gate = False
 
 
 def dts_anneal_steps(args):
@@ -343,28 +333,33 @@ def parse_args(argv=None, description=None):
     return args
 
 
-def resolve_gate_name(args):
-    """--freeze_gate freezes the linear router at init: that is the SMoE-Dropout gate."""
-    if args.freeze_gate and GATES[args.gate_name] is GATES['smoe']:
+def canonical_router(gate_name, freeze_gate=False):
+    """The router's canonical name; --freeze_gate freezes the linear router at init: that is SMoE-Dropout's gate."""
+    if freeze_gate and GATES[gate_name] is GATES['smoe']:
         return 'smoe_dropout'
-    return args.gate_name
+    return router_registry.canonical_name(gate_name)
+
+
+def router_config(args):
+    """{name, settings} of the run's router, from its flags (DTS-Gate's -1 resolved to half of max_step)."""
+    spec = router_registry.spec_of(args.gate_name)
+    settings = {name: getattr(args, flag) for name, flag in router_setting_flags(spec).items()}
+    if spec.name == 'dts':
+        settings['anneal_steps'] = dts_anneal_steps(args)
+    return RouterConfig(spec.name, settings)
 
 
 def model_config(args, n_token):
+    """The model configuration of a run, as the dict stored in its checkpoints and config.json (model_config.py)."""
     cutoffs = ADAPTIVE_CUTOFFS[args.dataset] if args.adaptive else []
-    return dict(n_token=n_token, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                d_head=args.d_head, d_inner=args.d_inner, dropout=args.dropout, dropatt=args.dropatt,
-                tie_weight=not args.not_tied, d_embed=args.d_embed, div_val=args.div_val,
-                tie_projs=[False] + [True] * len(cutoffs), pre_lnorm=args.pre_lnorm, tgt_len=args.tgt_len,
-                ext_len=args.ext_len, mem_len=args.mem_len, cutoffs=cutoffs, same_length=args.same_length,
-                clamp_len=args.clamp_len, moe=args.moe, moe_num_expert=args.moe_num_expert,
-                moe_top_k=args.moe_top_k, gate_name=resolve_gate_name(args), moe_index=args.moe_index,
-                hyper_size=args.hyper_size, moe_backend=args.moe_backend, moe_engine=args.moe_engine, init=args.init,
-                init_range=args.init_range, init_std=args.init_std, proj_init_std=args.proj_init_std,
-                thor_inference=args.thor_inference, moe_variant=args.moe_variant,
-                hypermoe_emb_dim=args.hypermoe_emb_dim, hypermoe_hidden=args.hypermoe_hidden,
-                hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim,
-                switch_jitter=args.switch_jitter, hash_seed=args.hash_seed, xmoe_dim=args.xmoe_dim,
-                xmoe_temperature=args.xmoe_temperature, dts_max_temp=args.dts_max_temp, dts_min_temp=args.dts_min_temp,
-                dts_anneal_steps=dts_anneal_steps(args), dts_threshold=args.dts_threshold,
-                gshard_eval_policy=args.gshard_eval_policy)
+    return ModelConfig(
+        n_token=n_token, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, d_head=args.d_head,
+        d_inner=args.d_inner, dropout=args.dropout, dropatt=args.dropatt, tie_weight=not args.not_tied,
+        d_embed=args.d_embed, div_val=args.div_val, tie_projs=[False] + [True] * len(cutoffs), pre_lnorm=args.pre_lnorm,
+        tgt_len=args.tgt_len, ext_len=args.ext_len, mem_len=args.mem_len, cutoffs=cutoffs,
+        same_length=args.same_length, clamp_len=args.clamp_len, moe=args.moe, moe_num_expert=args.moe_num_expert,
+        moe_top_k=args.moe_top_k, moe_index=args.moe_index, moe_backend=args.moe_backend, moe_engine=args.moe_engine,
+        init=args.init, init_range=args.init_range, init_std=args.init_std, proj_init_std=args.proj_init_std,
+        moe_variant=args.moe_variant, hypermoe_emb_dim=args.hypermoe_emb_dim, hypermoe_hidden=args.hypermoe_hidden,
+        hypermoe_layer_emb_dim=args.hypermoe_layer_emb_dim, hypermoe_adapter_dim=args.hypermoe_adapter_dim,
+        router=router_config(args)).to_dict()

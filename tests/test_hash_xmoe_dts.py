@@ -22,7 +22,7 @@ E, D, V = 4, 16, 37
 
 def hash_block(seed=0, k=1, n_token=V, layer_index=0):
     return MoEPositionwiseFF(D, 16, 0.0, num_expert=E, top_k=k, gate_name='hash', layer_index=layer_index,
-                             router_options={'n_token': n_token, 'hash_seed': seed})
+                             router_settings={'seed': seed}, n_token=n_token)
 
 
 # ----------------------------------------------------------------------------- Hash layers
@@ -349,7 +349,7 @@ def test_each_router_trains_and_is_tested_at_k_1_and_2(router_runs):
 
 def test_a_hash_run_evaluates_with_the_table_of_its_checkpoint(router_runs):
     ckpt = evaluation.load_checkpoint(os.path.join(router_runs['hash'], 'model_best.pt'))
-    assert ckpt['model_config']['hash_seed'] == 3
+    assert ckpt['model_config']['router'] == {'name': 'hash', 'settings': {'seed': 3}}
     model = evaluation.model_from_checkpoint(dict(ckpt, model_config=dict(ckpt['model_config'], hash_seed=0)))
     key = 'layers.0.pos_ff.gate.expert_order'
     fresh = tiny_model(gate_name='hash', n_token=ckpt['model_config']['n_token'], hash_seed=0)

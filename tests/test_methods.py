@@ -112,7 +112,8 @@ def test_thor_random_inference_is_reproducible_and_leaves_the_training_rng_alone
 
 def test_thor_average_inference_is_the_mean_over_all_experts():
     torch.manual_seed(0)
-    block = MoEPositionwiseFF(D, H, 0.0, num_expert=E, top_k=1, gate_name='thor', thor_inference='average')
+    block = MoEPositionwiseFF(D, H, 0.0, num_expert=E, top_k=1, gate_name='thor',
+                             router_settings={'inference': 'average'})
     spread(block).double().eval()
     x = torch.randn(20, D, dtype=torch.double)
     expected = brute_force_experts(block.experts, x).mean(0)

@@ -305,7 +305,7 @@ def test_router_stats_entropy_and_load():
 
 
 def test_unknown_gate_and_backend_are_clear_errors():
-    with pytest.raises(ValueError, match='unknown gate_name .*choose one of'):
+    with pytest.raises(ValueError, match='unknown router .*choose one of'):
         tiny_model(gate_name='Nope')
     with pytest.raises(ValueError, match='unknown moe_backend'):
         tiny_model(moe_backend='jax')

@@ -46,7 +46,7 @@ def test_a_run_writes_config_logs_events_checkpoints_and_results(tmp_path, synth
     assert any(f.startswith('events.out.tfevents') for f in files)
     with open(os.path.join(run_dir, 'config.json')) as f:
         config = json.load(f)
-    assert config['model_config']['gate_name'] == 'HyperRouterGate' and 'git_commit' in config
+    assert config['model_config']['router']['name'] == 'hyper_router' and 'git_commit' in config
     with open(os.path.join(run_dir, 'results.json')) as f:
         results = json.load(f)
     assert [r['checkpoint'] for r in results] == ['best', 'best_dense']
@@ -111,7 +111,7 @@ def test_dynamic_top_k_and_learning_rate_follow_their_schedules(tmp_path, synthe
     assert [r['top_k'] for r in rows] == [1, 1, 2, 3, 3, 3]          # round half to even
     assert [round(r['lr'], 12) for r in rows] == [round(0.005 * (1 + math.cos(math.pi * s / 6)), 12) for s in range(6)]
     with open(os.path.join(run_dir, 'config.json')) as f:
-        assert json.load(f)['model_config']['gate_name'] == 'smoe_dropout'       # --freeze_gate
+        assert json.load(f)['model_config']['router']['name'] == 'smoe_dropout'       # --freeze_gate
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_dir, monkeypatch):
