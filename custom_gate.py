@@ -122,7 +122,8 @@ class NaiveGate(BaseGate):
 
 
 @register_router('smoe_dropout', 'SMoE-Dropout', '[Chen et al. 2023](https://arxiv.org/abs/2303.01610)',
-                 '[VITA-Group/Random-MoE-as-Dropout](https://github.com/VITA-Group/Random-MoE-as-Dropout)')
+                 '[VITA-Group/Random-MoE-as-Dropout](https://github.com/VITA-Group/Random-MoE-as-Dropout)',
+                 dynamic_k=True)
 class FrozenNaiveGate(NaiveGate):
     """SMoE-Dropout router: NaiveGate frozen at its random initialisation."""
 

@@ -24,7 +24,8 @@ class HyperRouterSettings:
 
 
 @register_router('hyper_router', 'HyperRouter', '[Do et al. 2023](https://openreview.net/forum?id=fL8AKDvELp)',
-                 HYPER_ROUTER_CODE, settings=HyperRouterSettings, aliases=('HyperRouterGate',), flag_prefix='')
+                 HYPER_ROUTER_CODE, settings=HyperRouterSettings, aliases=('HyperRouterGate',), flag_prefix='',
+                 dynamic_k=True)
 class HyperRouterGate(BaseGate):
     """Router W_r, b_r = H(e): H frozen, e [1, d_model] trainable and N(0, 1)-initialised.
 

@@ -52,6 +52,7 @@ class RouterSpec:
     aliases: tuple = ()
     context: tuple = ()             # ((gate argument, context key), ...), keys from CONTEXT_KEYS
     flag_prefix: str = ''
+    dynamic_k: bool = False         # its recipe grows k during training (--dynamic_moe)
 
     def flag(self, field_name):
         """The command-line flag (without --) of one of the settings."""
@@ -67,9 +68,10 @@ class RouterSpec:
 
 
 def register_router(name, display_name, paper, reference, settings=NoSettings, aliases=(), context=None,
-                    flag_prefix=None):
+                    flag_prefix=None, dynamic_k=False):
     """Class decorator registering a gate class as router `name` (see the module docstring). flag_prefix: of its
-    settings' flags (default '<name>_'); context: {gate argument: context key}."""
+    settings' flags (default '<name>_'); context: {gate argument: context key}; dynamic_k: its recipe grows k
+    during training (the k it trains at otherwise: the class's default top_k)."""
     def register(gate_class):
         taken = [n for n in (name, *aliases) if n in GATES and GATES[n] is not gate_class]
         if taken:
@@ -80,7 +82,8 @@ def register_router(name, display_name, paper, reference, settings=NoSettings, a
         if not (dataclasses.is_dataclass(settings) and settings.__dataclass_params__.frozen):
             raise TypeError(f'router {name}: settings must be a frozen dataclass')
         SPECS[name] = RouterSpec(name, gate_class, display_name, paper, reference, settings, tuple(aliases),
-                                 tuple((context or {}).items()), f'{name}_' if flag_prefix is None else flag_prefix)
+                                 tuple((context or {}).items()), f'{name}_' if flag_prefix is None else flag_prefix,
+                                 dynamic_k)
         for n in (name, *aliases):
             GATES[n] = gate_class
         return gate_class

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import router_registry
+
 
 class RunError(Exception):
     """A bad input or run state the user can fix; entry points print it as one `error: ...` line and exit 1."""
@@ -65,13 +67,23 @@ def claim_dir(base):
             run_dir, n = f'{base}-{n}', n + 1
 
 
+def source_files():
+    """The files a run's src/ holds: the project's own modules (every module beside this one: the clone's root
+    or the installed package's folder, never other distributions' files; setup.py and the package's __init__
+    are no modules of it) and the router files named in $ROUTER_FILES."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    modules = [path for path in sorted(glob.glob(os.path.join(here, '*.py')))
+               if os.path.basename(path) not in ('setup.py', '__init__.py')]
+    return modules + router_registry.router_files()
+
+
 def make_run_dir(parent):
     """<parent>/<YYYYmmdd-HHMMSS>[-n], with a copy of the sources (as the reference does)."""
     try:
         os.makedirs(parent, exist_ok=True)
         run_dir = claim_dir(os.path.join(parent, time.strftime('%Y%m%d-%H%M%S')))
         os.mkdir(os.path.join(run_dir, 'src'))
-        for src in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), '*.py')):
+        for src in source_files():
             shutil.copy(src, os.path.join(run_dir, 'src'))
     except OSError as err:
         raise RunError(f'cannot create a run directory in {parent} ({err.strerror}); give a --work_dir '

@@ -1,12 +1,7 @@
-"""pytest plugin (`-p tests.guide_router`): registers the router of docs/adding_a_router.md as its registry lines
-say, before any test module is imported, so that every test parametrised over moe.ROUTERS takes it.
-tests/test_adding_a_router.py runs the suite with it."""
+"""The router file of docs/adding_a_router.md, read from the page: `write_guide_router(folder)` saves it as the
+guide says a user would, to be named in ROUTER_FILES. tests/test_adding_a_router.py runs the suite with it."""
 import os
 import re
-
-import custom_gate
-import evaluation
-import moe
 
 GUIDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs', 'adding_a_router.md')
 
@@ -20,21 +15,14 @@ def guide_block(marker):
     return match.group(1)
 
 
-def guide_router():
-    """(gate name, class, column name) of the page: the class defined in custom_gate.py's namespace, the names
-    from its registry lines."""
-    namespace = dict(vars(custom_gate))
-    exec(guide_block('router class'), namespace)
-    registry = guide_block('registry')
-    name, class_name = re.search(r"GATES = \{\.\.\., '(\w+)': (\w+)\}", registry).groups()
-    assert re.search(rf"ROUTERS = \(\.\.\., '{name}'\)", registry)
-    column = re.search(rf"METHOD_NAMES = \{{\.\.\., '{name}': '([^']+)'\}}", registry).group(1)
-    return name, namespace[class_name], column
+def guide_router_name():
+    """The name the page's router registers under (the first argument of its @register_router)."""
+    return re.search(r"@register_router\('(\w+)'", guide_block('router file')).group(1)
 
 
-def pytest_configure(config):
-    name, gate_cls, column = guide_router()
-    assert issubclass(gate_cls, custom_gate.BaseGate) and name not in moe.GATES
-    moe.GATES[name] = gate_cls
-    moe.ROUTERS = moe.ROUTERS + (name,)
-    evaluation.METHOD_NAMES[name] = column
+def write_guide_router(folder):
+    """The page's router file, written to `folder`; returns its path."""
+    path = os.path.join(folder, f'{guide_router_name()}.py')
+    with open(path, 'w') as f:
+        f.write(guide_block('router file'))
+    return path

@@ -402,7 +402,8 @@ def test_the_weight_of_each_extra_term_enters_the_update(gate_name, flag, tmp_pa
 
 @pytest.mark.parametrize('config,name', [
     (dict(moe=True, gate_name='thor'), 'THOR'), (dict(moe=True, gate_name='RandomGate'), 'THOR'),
-    (dict(moe=True, gate_name='CustomNaiveGate', moe_variant='hypermoe'), 'HyperMoE'),
+    (dict(moe=True, gate_name='CustomNaiveGate', moe_variant='hypermoe'), 'SMoE+HyperMoE'),
+    (dict(moe=True, gate_name='noisy_topk', moe_variant='hypermoe'), 'HyperMoE'),
     (dict(moe=True, gate_name='HyperRouterGate', moe_variant='hypermoe'), 'HyperRouter+HyperMoE'),
     (dict(moe=True, gate_name='smoe_dropout', moe_variant='plain'), 'SMoE-Dropout'),
     (dict(moe=True, gate_name='smoe'), 'SMoE'),                            # configs saved before moe_variant

@@ -77,16 +77,17 @@ MOE = dict(moe=True, d_inner=512, moe_num_expert=16, moe_top_k=2, balance_loss=0
 HYPERMOE = dict(moe_variant='hypermoe', hypermoe_emb_dim=128, hypermoe_hidden=128, hypermoe_layer_emb_dim=10,
                 hypermoe_adapter_dim=64)
 METHOD_FLAGS = {
-    'HyperRouter': dict(MOE, gate_name='HyperRouterGate', hyper_size=256, freeze_gate=False, moe_variant='plain',
+    'HyperRouter': dict(MOE, gate_name='hyper_router', hyper_size=256, freeze_gate=False, moe_variant='plain',
                         **DYNAMIC_K),
-    'SMoE-Dropout': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=True, moe_variant='plain', **DYNAMIC_K),
-    'SMoE': dict(MOE, gate_name='CustomNaiveGate', freeze_gate=False, moe_variant='plain', **FIXED_K),
+    # the scripts' original names (CustomNaiveGate [--freeze_gate], HyperRouterGate) resolve to the routers' own
+    'SMoE-Dropout': dict(MOE, gate_name='smoe_dropout', freeze_gate=False, moe_variant='plain', **DYNAMIC_K),
+    'SMoE': dict(MOE, gate_name='smoe', freeze_gate=False, moe_variant='plain', **FIXED_K),
     'THOR': dict(MOE, gate_name='thor', moe_top_k=1, thor_alpha=5.0, thor_inference='random', moe_variant='plain',
                  **FIXED_K),
     # HyperMoE's published LM code: its noisy top-k router and 0.01 x (cv^2 importance + cv^2 load)
     'HyperMoE': dict(MOE, gate_name='noisy_topk', importance_loss=0.01, load_loss=0.01, freeze_gate=False,
                      **HYPERMOE, **FIXED_K),
-    'HyperRouter+HyperMoE': dict(MOE, gate_name='HyperRouterGate', hyper_size=256, freeze_gate=False, **HYPERMOE,
+    'HyperRouter+HyperMoE': dict(MOE, gate_name='hyper_router', hyper_size=256, freeze_gate=False, **HYPERMOE,
                                  **DYNAMIC_K),
     # the method's aux-loss weights and capacity factors are the gate class's defaults (no flag)
     'Switch': dict(MOE, gate_name='switch', moe_top_k=1, switch_jitter=0.01, moe_variant='plain', balance_loss=0.01,
@@ -243,7 +244,7 @@ def test_demo_prints_the_side_by_side_table(synthetic_dir, tmp_path):
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     header = next(line for line in result.stdout.splitlines() if line.strip().startswith('k '))
-    assert header.split() == ['k', 'HyperRouter', 'SMoE-Dropout', 'SMoE', 'THOR', 'HyperMoE']
+    assert header.split() == ['k', 'HyperRouter', 'SMoE-Dropout', 'SMoE', 'THOR', 'SMoE+HyperMoE']
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (['1'], ['2'], ['16'])]
     assert [r[0] for r in rows] == ['1', '2', '16'] and all(len(r) == 6 for r in rows)
     assert 'corpus floor (bpc)' in result.stdout
@@ -266,11 +267,11 @@ def test_demo_routers_prints_one_table_with_each_fixed_k_method_marked_at_its_k(
 
 
 @pytest.mark.parametrize('methods,message', [
-    ('smoe nosuch', "error: unknown method 'nosuch' in METHODS; choose from: smoe smoe_dropout hyper_router"),
+    ('smoe nosuch', "error: unknown method 'nosuch' in METHODS; choose from: smoe smoe_dropout thor"),
 ])
 def test_demo_routers_refuses_an_unknown_method_before_training(methods, message, synthetic_dir, tmp_path):
     env = dict(script_env(synthetic_dir), WORK=str(tmp_path / 'demo'), METHODS=methods)
     result = subprocess.run(['bash', 'script/demo_routers.sh'], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=60)
+                            timeout=120)
     assert result.returncode == 2 and result.stderr.strip().startswith(message)
     assert 'training' not in result.stderr and not os.listdir(tmp_path / 'demo')
