@@ -80,7 +80,7 @@ def parse_capacity_factor(text):
 
 def method_names():
     """{router name or alias: its column name in tables and results.json}, from the routers' registrations."""
-    return {name: spec.display_name for spec in router_registry.SPECS.values() for name in (spec.name, *spec.aliases)}
+    return {name: spec.display_name for spec in router_registry.specs() for name in (spec.name, *spec.aliases)}
 
 
 def method_name(model_config):

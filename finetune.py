@@ -52,7 +52,7 @@ FINAL_CHECKPOINT = 'model_final.pt'
 # --method -> the paper names (eval.method_name) a checkpoint may carry, and the script that pretrains it: dense,
 # and every registered router (router_registry.py)
 METHODS = {'dense': (('Dense', 'Dense+Dropout'), 'directly_dense_enwik8.sh or directly_dense_dropout_enwik8.sh'),
-           **{spec.name: ((spec.display_name,), f'{spec.name}_enwik8.sh') for spec in router_registry.SPECS.values()}}
+           **{spec.name: ((spec.display_name,), f'{spec.name}_enwik8.sh') for spec in router_registry.specs()}}
 METHOD_ORDER = ('Dense', 'Dense+Dropout', 'SMoE', 'SMoE-Dropout', 'HyperRouter')
 # Flags a resumed run must share with the run it continues.
 RESUME_ARGS = ('pretrained', 'task', 'pool', 'max_len', 'batch_size', 'seed', 'dropout', 'epochs', 'max_step')

@@ -42,7 +42,7 @@ def methods():
     HyperExpert alone) and HyperRouter's."""
     hypermoe = ('--moe_variant', 'hypermoe')
     table = [Method('dense', 'Dense', ('--d_inner', '8192'), False)]
-    table += [router_method(spec) for spec in router_registry.SPECS.values()]
+    table += [router_method(spec) for spec in router_registry.specs()]
     table += [Method('hypermoe', 'HyperMoE', ('--moe', '--gate_name', 'noisy_topk', *hypermoe, '--importance_loss',
                                               '0.01', '--load_loss', '0.01'), False),
               Method('smoe_hypermoe', 'SMoE+HyperMoE', ('--moe', '--gate_name', 'smoe', *hypermoe), False),

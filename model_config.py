@@ -83,7 +83,7 @@ class ModelConfig:
         for field in spec.fields():                 # flat settings of this router (by flag name) override
             if spec.flag(field.name) in config:
                 settings[field.name] = config.pop(spec.flag(field.name))
-        for other in router_registry.SPECS.values():    # the flat form holds every router's settings: not ours
+        for other in router_registry.specs():    # the flat form holds every router's settings: not ours
             for field in other.fields():
                 config.pop(other.flag(field.name), None)
         known = {f.name for f in dataclasses.fields(cls)}

@@ -23,6 +23,7 @@ import sys
 ROUTER_FILES_ENV = 'ROUTER_FILES'
 CONTEXT_KEYS = ('layer_index', 'n_token')    # what the MoE block hands every gate (see moe.build_gate)
 
+PAPER_ROUTERS = ('smoe', 'smoe_dropout', 'hyper_router')   # the methods of Do et al. 2023, first in every list
 GATES = {}      # every name --gate_name takes (canonical names and aliases) -> gate class
 SPECS = {}      # canonical name -> RouterSpec, in registration order
 
@@ -91,8 +92,14 @@ def register_router(name, display_name, paper, reference, settings=NoSettings, a
 
 
 def router_names():
-    """Every router once, by its canonical name, in registration order."""
-    return tuple(SPECS)
+    """Every router once, by its canonical name: the paper's three first (its tables' order), then the others in
+    registration order."""
+    return tuple(sorted(SPECS, key=lambda name: name not in PAPER_ROUTERS))
+
+
+def specs():
+    """Every router's RouterSpec, in router_names' order."""
+    return tuple(SPECS[name] for name in router_names())
 
 
 def canonical_name(name):

@@ -29,7 +29,7 @@ INFERENCE_SETTINGS = ('thor_inference',)     # router settings that change evalu
 ARCHITECTURE_ARGS = ('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inner', 'div_val', 'pre_lnorm',
                      'moe', 'moe_num_expert', 'gate_name', 'moe_index', 'adaptive', 'not_tied', 'moe_variant',
                      'hypermoe_emb_dim', 'hypermoe_hidden', 'hypermoe_layer_emb_dim', 'hypermoe_adapter_dim') + tuple(
-    spec.flag(field.name) for spec in router_registry.SPECS.values() for field in spec.fields()
+    spec.flag(field.name) for spec in router_registry.specs() for field in spec.fields()
     if spec.flag(field.name) not in INFERENCE_SETTINGS)
 # How the data is cut into training windows: a resume with others would read other data than the checkpoint's.
 DATA_LAYOUT_ARGS = ('dataset', 'batch_size', 'tgt_len', 'ext_len', 'batch_chunk')
@@ -94,7 +94,7 @@ def add_method_args(p):
 
 def add_router_setting_args(p):
     """Every registered router's settings as flags, one argument group per router (router_registry.py)."""
-    for spec in router_registry.SPECS.values():
+    for spec in router_registry.specs():
         if not spec.fields():
             continue
         group = p.add_argument_group(f'{spec.display_name} (--gate_name {spec.name})')
@@ -307,7 +307,7 @@ def check_router_settings(args, parser):
     """Every router's settings in their valid ranges (the router's own are also checked when it is built), and the
     router's name resolved to its canonical one, --freeze_gate folded in: `CustomNaiveGate --freeze_gate` and
     `smoe_dropout` are one configuration, so --table groups them."""
-    for spec in router_registry.SPECS.values():
+    for spec in router_registry.specs():
         values = {name: getattr(args, flag) for name, flag in router_setting_flags(spec).items()}
         if spec.name == 'dts':
             values['anneal_steps'] = args.dts_anneal_steps if args.dts_anneal_steps != -1 else 1

@@ -6,6 +6,7 @@
 import pytest
 import torch
 
+import router_registry
 from mem_transformer import MemTransformerLM
 
 TINY = dict(n_token=37, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=12, dropout=0.0, dropatt=0.0,
@@ -18,6 +19,12 @@ def tiny_model(seed=0, **overrides):
     cfg = dict(TINY, moe=True, moe_num_expert=4, moe_top_k=2, gate_name='smoe')
     cfg.update(overrides)
     return MemTransformerLM(**cfg)
+
+
+def register_router(monkeypatch, name, gate_class):
+    """Register `gate_class` as router `name` for one test (undone after it), as its decorator would."""
+    monkeypatch.setitem(router_registry.GATES, name, gate_class)
+    monkeypatch.setitem(router_registry.SPECS, name, router_registry.RouterSpec(name, gate_class, name, '', ''))
 
 
 @pytest.fixture(scope='module')

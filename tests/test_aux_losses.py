@@ -11,7 +11,7 @@ import train
 import train_args
 from custom_gate import NaiveGate, cv_squared
 from moe import aux_losses, importance_loss, moe_blocks, record_routing, router_z_loss, switch_balance_loss
-from tests.conftest import TINY_MOE_ARGS, tiny_model
+from tests.conftest import TINY_MOE_ARGS, register_router, tiny_model
 
 E = 4
 
@@ -84,7 +84,7 @@ def test_weights_default_to_the_gate_class_then_zero_and_load_balance_is_balance
 
     class SwitchLikeGate(NaiveGate):
         default_aux_losses = {'balance': 0.01}
-    monkeypatch.setitem(train_args.GATES, 'switch_like', SwitchLikeGate)
+    register_router(monkeypatch, 'switch_like', SwitchLikeGate)
     assert train_args.aux_weights(train.parse_args(['--moe', '--gate_name', 'switch_like']))['balance'] == 0.01
     assert train.parse_args(['--moe', '--gate_name', 'switch_like', '--balance_loss', '0']).balance_loss == 0.0
 
@@ -101,7 +101,7 @@ def test_bad_aux_loss_flags_are_clear_errors(extra, message, capsys):
 
 
 def test_a_requested_load_loss_names_the_routers_that_can(monkeypatch, capsys):
-    monkeypatch.setitem(train_args.GATES, 'noisy_like', NoisyLikeGate)
+    register_router(monkeypatch, 'noisy_like', NoisyLikeGate)
     assert train.parse_args(['--moe', '--gate_name', 'noisy_like', '--load_loss', '0.01']).load_loss == 0.01
     with pytest.raises(SystemExit):
         train.parse_args(['--moe', '--load_loss', '0.01'])

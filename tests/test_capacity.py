@@ -13,7 +13,7 @@ import train_args
 from capacity import drop_over_capacity, drop_over_group_capacity, expert_capacity
 from hyper_expert import HyperExpert, HyperExpertGenerator, unique_sets
 from moe import Experts, MoEPositionwiseFF, RouterStats, set_capacity, torch_moe
-from tests.conftest import TINY_MOE_ARGS, tiny_model
+from tests.conftest import TINY_MOE_ARGS, register_router, tiny_model
 
 E, D, H = 4, 16, 16
 
@@ -285,7 +285,7 @@ def test_bad_capacity_flags_are_clear_errors(extra, message, capsys):
 def test_capacity_defaults_come_from_the_gate_class_and_none_turns_them_off(monkeypatch):
     class CappedGate(train_args.GATES['smoe']):
         default_capacity_factor = (1.25, 2.0)
-    monkeypatch.setitem(train_args.GATES, 'capped', CappedGate)
+    register_router(monkeypatch, 'capped', CappedGate)
     args = train.parse_args(['--moe', '--gate_name', 'capped'])
     assert (args.capacity_factor, args.eval_capacity_factor) == (1.25, 2.0)
     args = train.parse_args(['--moe', '--gate_name', 'capped', '--capacity_factor', 'none', '--eval_capacity_factor',

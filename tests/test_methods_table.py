@@ -40,7 +40,7 @@ def test_readmes_methods_table_gives_each_methods_flags_from_the_methods_table()
         column = row[0].strip('*').split(' / ')[0]
         assert first_code(row[-1]) == by_column[column].selection(), row[0]
     named = {row[0].strip('*').split(' / ')[0] for row in rows}
-    assert {spec.display_name for spec in router_registry.SPECS.values()} <= named
+    assert {spec.display_name for spec in router_registry.specs()} <= named
 
 
 def test_the_script_settings_tables_method_flags_are_the_methods_tables():
@@ -60,7 +60,7 @@ def test_demo_routers_takes_its_flags_from_the_methods_table():
 
 def test_routings_methods_table_names_each_routers_paper_and_default_loss_weights():
     rows = {row[0]: row for row in table_rows('docs/routing.md')}
-    for spec in router_registry.SPECS.values():
+    for spec in router_registry.specs():
         _, names, paper, _reference, losses, _ = rows[spec.display_name]
         assert first_code(names) == spec.name and all(f'`{alias}`' in names for alias in spec.aliases
                                                       if alias != spec.gate_class.__name__)
