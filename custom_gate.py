@@ -487,7 +487,8 @@ class DTSSettings:
                               'default)')
     anneal_steps: int = setting(200_000, 'steps of the dense-to-sparse phase (exponential decay of the temperature, '
                                 'experts kept by --dts_threshold); top-k routing after it (default: half of max_step)',
-                                valid=('positive (or -1: half of --max_step)', lambda v: v >= 1), flag_default=-1)
+                                valid=('positive (or -1: half of --max_step)', lambda v: v >= 1), flag_default=-1,
+                                from_max_step=lambda max_step: max(1, max_step // 2))
     threshold: float = setting(0.001, 'in the dense-to-sparse phase a token goes to every expert whose Gumbel weight '
                                'exceeds this', valid=('in [0, 1)', lambda v: 0 <= v < 1))
 

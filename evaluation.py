@@ -78,11 +78,6 @@ def parse_capacity_factor(text):
     return factor
 
 
-def method_names():
-    """{router name or alias: its column name in tables and results.json}, from the routers' registrations."""
-    return {name: spec.display_name for spec in router_registry.specs() for name in (spec.name, *spec.aliases)}
-
-
 def method_name(model_config):
     """The column name the paper uses for this model; an unregistered router is a ValueError (never 'SMoE')."""
     if not model_config['moe']:

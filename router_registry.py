@@ -33,12 +33,12 @@ class NoSettings:
     """The settings of a router that has none of its own."""
 
 
-def setting(default, help, valid=None, choices=None, flag_default=dataclasses.MISSING):
+def setting(default, help, valid=None, choices=None, flag_default=dataclasses.MISSING, from_max_step=None):
     """A field of a router's settings. valid: (what a valid value is, predicate), e.g. ('at least 1', lambda v:
-    v >= 1); choices: the values allowed; flag_default: the flag's default where it differs from the model's
-    (a value the command line resolves, such as DTS-Gate's -1: half of max_step)."""
+    v >= 1); choices: the values allowed; flag_default, from_max_step: a flag left at flag_default takes the
+    value from_max_step(the run's --max_step) (DTS-Gate's -1: half of the run)."""
     return dataclasses.field(default=default, metadata={'help': help, 'valid': valid, 'choices': choices,
-                                                        'flag_default': flag_default})
+                                                        'flag_default': flag_default, 'from_max_step': from_max_step})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,15 +100,23 @@ def add_router_setting_args(p):
         group = p.add_argument_group(f'{spec.display_name} (--gate_name {spec.name})')
         for field in spec.fields():
             meta = field.metadata
-            default = field.default if meta.get('flag_default') is dataclasses.MISSING else meta['flag_default']
+            default = meta.get('flag_default', dataclasses.MISSING)
+            default = field.default if default is dataclasses.MISSING else default
             kind = type(field.default)
             add(group, f'--{spec.flag(field.name)}', default=default, help=meta.get('help'),
-                choices=meta.get('choices'), type=None if kind is str else kind)
+                choices=meta.get('choices'), type=None if kind in (str, type(None)) else kind)
 
 
-def router_setting_flags(spec):
-    """{settings field: flag dest} of a router."""
-    return {field.name: spec.flag(field.name) for field in spec.fields()}
+def router_settings(spec, args):
+    """{settings field: value} of a router from the run's flags; a flag left at its flag_default resolved from
+    --max_step (router_registry.setting)."""
+    values = {}
+    for field in spec.fields():
+        value, meta = getattr(args, spec.flag(field.name)), field.metadata
+        if meta.get('from_max_step') and value == meta['flag_default']:
+            value = meta['from_max_step'](args.max_step)
+        values[field.name] = value
+    return values
 
 
 def build_parser(description=None):
@@ -308,11 +316,8 @@ def check_router_settings(args, parser):
     router's name resolved to its canonical one, --freeze_gate folded in: `CustomNaiveGate --freeze_gate` and
     `smoe_dropout` are one configuration, so --table groups them."""
     for spec in router_registry.specs():
-        values = {name: getattr(args, flag) for name, flag in router_setting_flags(spec).items()}
-        if spec.name == 'dts':
-            values['anneal_steps'] = args.dts_anneal_steps if args.dts_anneal_steps != -1 else 1
         try:
-            problems = router_registry.setting_problems(spec.name, spec.settings(**values))
+            problems = router_registry.setting_problems(spec.name, spec.settings(**router_settings(spec, args)))
         except (TypeError, ValueError) as err:
             problems = [str(err)]
         if problems:
@@ -341,12 +346,9 @@ def canonical_router(gate_name, freeze_gate=False):
 
 
 def router_config(args):
-    """{name, settings} of the run's router, from its flags (DTS-Gate's -1 resolved to half of max_step)."""
+    """{name, settings} of the run's router, from its flags."""
     spec = router_registry.spec_of(args.gate_name)
-    settings = {name: getattr(args, flag) for name, flag in router_setting_flags(spec).items()}
-    if spec.name == 'dts':
-        settings['anneal_steps'] = dts_anneal_steps(args)
-    return RouterConfig(spec.name, settings)
+    return RouterConfig(spec.name, router_settings(spec, args))
 
 
 def model_config(args, n_token):

@@ -13,6 +13,7 @@ import torch
 
 import eval as eval_script
 import evaluation
+import router_registry
 import train
 from hyper_router import top_k_schedule
 from moe import ROUTERS
@@ -73,7 +74,7 @@ def test_a_run_writes_config_logs_events_checkpoints_and_results(tmp_path, synth
 
 # every router with its method's k (a dynamic k for the methods trained so, else MOE_ARGS's fixed k = 2), and
 # one run with capacity and auxiliary losses on
-DYNAMIC_K_ROUTERS = ('hyper_router', 'smoe_dropout')
+DYNAMIC_K_ROUTERS = tuple(spec.name for spec in router_registry.specs() if spec.dynamic_k)
 DYNAMIC_K = ['--dynamic_moe', '--moe-top-k-min', '1', '--moe-top-k-max', '4']
 RESUMED_CONFIGS = {
     **{name: ['--gate_name', name, *(DYNAMIC_K if name in DYNAMIC_K_ROUTERS else [])] for name in ROUTERS},
