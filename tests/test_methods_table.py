@@ -9,6 +9,7 @@ import pytest
 import evaluation
 import methods
 import router_registry
+import seeds
 import train_args
 from tests.test_scripts import METHOD_FLAGS
 
@@ -55,7 +56,7 @@ def test_the_script_settings_tables_method_flags_are_the_methods_tables():
 def test_demo_routers_takes_its_flags_from_the_methods_table():
     with open(os.path.join(REPO, 'script', 'demo_routers.sh')) as f:
         text = f.read()
-    assert '--gate_name' not in text and 'methods.py' in text
+    assert not re.search(r'--gate_name \w', text) and '"$PYTHON" methods.py' in text     # no flags of its own
 
 
 def test_routings_methods_table_names_each_routers_paper_and_default_loss_weights():
@@ -70,3 +71,16 @@ def test_routings_methods_table_names_each_routers_paper_and_default_loss_weight
 def test_an_unregistered_router_is_an_error_not_smoe():
     with pytest.raises(ValueError, match="unknown router 'nosuch'.*ROUTER_FILES"):
         evaluation.method_name({'moe': True, 'gate_name': 'nosuch', 'dropout': 0.1})
+
+
+@pytest.mark.parametrize('original,own', [
+    (['--gate_name', 'CustomNaiveGate', '--freeze_gate'], ['--gate_name', 'smoe_dropout']),
+    (['--gate_name', 'CustomNaiveGate'], ['--gate_name', 'smoe']),
+    (['--gate_name', 'HyperRouterGate'], ['--gate_name', 'hyper_router']),
+])
+def test_the_original_codes_names_give_the_routers_own_configuration(original, own):
+    """The two spellings of one method are one configuration in config.json, so `eval.py --table` groups them."""
+    def configuration(flags):
+        args = train_args.parse_args(['--moe', '--dynamic_moe', *flags])
+        return seeds.configuration({'args': vars(args), 'model_config': train_args.model_config(args, 37)})
+    assert configuration(original) == configuration(own)

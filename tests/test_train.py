@@ -53,7 +53,7 @@ def test_a_run_writes_config_logs_events_checkpoints_and_results(tmp_path, synth
     assert [r['checkpoint'] for r in results] == ['best', 'best_dense']
     for entry in results:
         assert entry['dataset'] == 'synthetic' and entry['metric'] == 'bpc' and entry['split'] == 'test'
-        assert entry['gate'] == 'HyperRouterGate' and entry['method'] == 'HyperRouter'
+        assert entry['gate'] == 'hyper_router' and entry['method'] == 'HyperRouter'   # alias -> name
         assert set(entry['results']) == {'1', '2', '4'} and 0 < entry['bpc_floor'] < 2
         assert all(math.isfinite(v) for v in entry['results'].values())
     assert [r['step'] for r in read_metrics(run_dir)] == [2, 4, 6]
