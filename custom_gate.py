@@ -168,7 +168,8 @@ class ThorSettings:
 
 
 @register_router('thor', 'THOR', '[Zuo et al. 2022](https://arxiv.org/abs/2110.04260)',
-                 '[microsoft/Stochastic-Mixture-of-Experts](https://github.com/microsoft/Stochastic-Mixture-of-Experts)',
+                 '[microsoft/Stochastic-Mixture-of-Experts]'
+                 '(https://github.com/microsoft/Stochastic-Mixture-of-Experts)',
                  settings=ThorSettings, aliases=('RandomGate',), context={'eval_seed': 'layer_index'})
 class RandomGate(SeededEvalDraws, BaseGate):
     """THOR's routing (Zuo et al. 2022): no router; each token goes to k distinct experts drawn uniformly.
@@ -422,7 +423,8 @@ XMOE_BALANCE_TEMPERATURE = 0.07
 @dataclasses.dataclass(frozen=True)
 class XMoESettings:
     dim: int = setting(16, 'dimension of the routing space (the paper\'s 16)', valid=('at least 1', lambda v: v >= 1))
-    temperature: float = setting(0.07, 'initial value of the learnable temperature', valid=('positive', lambda v: v > 0))
+    temperature: float = setting(0.07, 'initial value of the learnable temperature',
+                                 valid=('positive', lambda v: v > 0))
 
 
 @register_router('xmoe', 'X-MoE', '[Chi et al. 2022](https://arxiv.org/abs/2204.09179)',

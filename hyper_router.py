@@ -20,7 +20,8 @@ from router_registry import register_router, setting
 
 @dataclasses.dataclass(frozen=True)
 class HyperRouterSettings:
-    hyper_size: int = setting(256, 'hidden size of the HyperRouter hypernetwork', valid=('at least 1', lambda v: v >= 1))
+    hyper_size: int = setting(256, 'hidden size of the HyperRouter hypernetwork',
+                              valid=('at least 1', lambda v: v >= 1))
 
 
 @register_router('hyper_router', 'HyperRouter', '[Do et al. 2023](https://openreview.net/forum?id=fL8AKDvELp)',

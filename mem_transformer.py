@@ -224,7 +224,6 @@ class MemTransformerLM(nn.Module):
         the same as keywords, e.g. MemTransformerLM(**ckpt['model_config'])."""
         super().__init__()
         c = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(dict(config or {}, **fields))
-        self.config = c
         n_token, n_layer, d_model, n_head, d_head, moe = c.n_token, c.n_layer, c.d_model, c.n_head, c.d_head, c.moe
         d_embed = d_model if c.d_embed is None or c.d_embed < 0 else c.d_embed
         cutoffs = list(c.cutoffs)
@@ -248,8 +247,8 @@ class MemTransformerLM(nn.Module):
             d_model, n_layer, c.hypermoe_emb_dim, c.hypermoe_hidden, c.hypermoe_layer_emb_dim, c.hypermoe_adapter_dim,
         ) if moe and c.moe_variant == 'hypermoe' else None
         moe_kwargs = dict(num_expert=c.moe_num_expert, top_k=c.moe_top_k, gate_name=c.router.name,
-                          backend=c.moe_backend, engine=c.moe_engine, hyper_expert_generator=self.hyper_expert_generator,
-                          router_settings=c.router.settings, n_token=n_token)
+                          backend=c.moe_backend, engine=c.moe_engine, router_settings=c.router.settings,
+                          hyper_expert_generator=self.hyper_expert_generator, n_token=n_token)
         self.layers = nn.ModuleList(
             RelPartialLearnableDecoderLayer(n_head, d_model, d_head, c.d_inner, c.dropout, c.dropatt, c.pre_lnorm,
                                             dict(moe_kwargs, layer_index=i) if i in self.moe_index else None)
