@@ -93,7 +93,7 @@ def test_fine_tuning_learns_a_separable_task_and_is_tested_at_every_k(pretrained
     with open(os.path.join(run_dir, 'results.json')) as f:
         [entry] = json.load(f)
     assert {k: entry[k] for k in ('dataset', 'metric', 'split', 'gate', 'method', 'checkpoint', 'step')} == {
-        'dataset': 'toy', 'metric': 'accuracy', 'split': 'test', 'gate': 'HyperRouterGate', 'method': 'HyperRouter',
+        'dataset': 'toy', 'metric': 'accuracy', 'split': 'test', 'gate': 'hyper_router', 'method': 'HyperRouter',
         'checkpoint': 'final', 'step': 36}
     assert set(entry['results']) == {'1', '2', '4'}                     # the k <= E = 4 of 1, 2, 4, 8, 16
     assert all(acc > 85 for acc in entry['results'].values()), entry['results']     # chance is about 50
@@ -126,7 +126,7 @@ def test_tensorboard_shows_the_hparams_row_the_test_per_k_and_dev_accuracy_at_va
     hparams = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG]).hparams
     assert {name: hparams[name].string_value or hparams[name].number_value for name in
             ('method', 'gate', 'k', 'experts', 'dataset', 'steps', 'checkpoint')} == {
-        'method': 'HyperRouter', 'gate': 'HyperRouterGate', 'k': 'all', 'experts': 4, 'dataset': 'toy', 'steps': 12,
+        'method': 'HyperRouter', 'gate': 'hyper_router', 'k': 'all', 'experts': 4, 'dataset': 'toy', 'steps': 12,
         'checkpoint': 'final'}
     experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
     assert [m.name.tag for m in experiment.metric_infos] == ['dev/accuracy/k1', 'dev/accuracy/k2', 'dev/accuracy/k4']
