@@ -267,7 +267,7 @@ def test_demo_routers_prints_one_table_with_each_fixed_k_method_marked_at_its_k(
 
 
 @pytest.mark.parametrize('methods,message', [
-    ('smoe nosuch', "error: unknown method 'nosuch' in METHODS; choose from: smoe smoe_dropout thor"),
+    ('smoe nosuch', "error: unknown method 'nosuch' in METHODS; choose from: smoe smoe_dropout hyper_router"),
 ])
 def test_demo_routers_refuses_an_unknown_method_before_training(methods, message, synthetic_dir, tmp_path):
     env = dict(script_env(synthetic_dir), WORK=str(tmp_path / 'demo'), METHODS=methods)
