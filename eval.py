@@ -57,10 +57,12 @@ def tensorboard_prefix(split, settings):
 
 
 def partial_test(args, config):
-    """{setting: value} of what makes this test less than a full one (the whole split at every k of the run's
-    HParams row): --max_eval_steps N, or --ks without some of the row's k; {} for a full test."""
+    """{setting: value} of what makes this test less than a full one (at every k of the run's HParams row, on the
+    whole split or on the windows of the run's own test): --max_eval_steps N, or --ks without some of the row's k;
+    {} for a full test."""
     row_ks = evaluation.table_ks(config['model_config'], evaluation.parse_ks(config['args']['eval_ks']))
-    partial = {'max_eval_steps': args.max_eval_steps} if args.max_eval_steps > 0 else {}
+    own_windows = config['args'].get('max_eval_steps', -1)
+    partial = {'max_eval_steps': args.max_eval_steps} if 0 < args.max_eval_steps != own_windows else {}
     if config['model_config']['moe'] and not set(row_ks) <= set(args.ks):
         partial['ks'] = '-'.join(map(str, args.ks))
     return partial

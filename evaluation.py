@@ -30,7 +30,7 @@ CHECKPOINTS = {'best': 'model_best.pt', 'best_dense': 'model_best_dense.pt'}
 # HyperRouter, whose k grows to all 16 experts, from model_best_dense.pt), or one kind for every run
 TABLE_RULE = 'training_k'
 TABLE_CHECKPOINTS = ('training_k', 'best_dense', 'best')
-CHECKPOINT_WORDS = {'best': 'model_best.pt (best validation at --moe-top-k; a dense run\'s one)',
+CHECKPOINT_WORDS = {'best': 'model_best.pt (best validation at --moe-top-k, a dense run\'s only one)',
                     'best_dense': 'model_best_dense.pt (best validation with all experts)'}
 RULE_WORDS = {'training_k': 'each run\'s checkpoint validated at the k it trained at',
               'best': 'every run\'s model_best.pt (--table_checkpoint best)',
@@ -325,6 +325,12 @@ def result_scalars(entry, ks):
     """{'<metric>/k<k>': value} of a results.json entry (result_tags without the split): a dense model's one value
     under the largest of `ks`, where the tables put it."""
     return {f"{entry['metric']}/k{max(ks) if k == 'dense' else k}": value for k, value in entry['results'].items()}
+
+
+def column_note(entry):
+    """The line under a run's final test naming the checkpoint (`entry`, table_entry's) that is its column."""
+    return (f'the run\'s column in the tables (eval.py --table, the HParams row): '
+            f'{CHECKPOINT_WORDS[entry["checkpoint"]]}, as {RULE_WORDS[TABLE_RULE]}')
 
 
 def table_entry(config, entries):

@@ -96,6 +96,12 @@ def record_resume(run_dir, ckpt, args):
         f.write(json.dumps(record) + '\n')
 
 
+def resume_hint(command, run_dir):
+    """What a stopped run prints after 'stopped at step N; ': the command lines that resume it."""
+    return (f'resume with:\n    {resume_command(command, run_dir)}\n(or the script that started it, with --restart '
+            f'--restart_dir {shlex.quote(run_dir)} after its flags)')
+
+
 def resume_command(command, run_dir):
     """The command line that resumes the run in `run_dir`: `command` (the run's own, a shell line) with its
     --restart flags, if any, replaced by those naming `run_dir`."""

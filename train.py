@@ -31,7 +31,7 @@ from mem_transformer import MemTransformerLM, ThorObjective
 from moe import (AUX_LOSSES, describe_engine, learned_temperatures, record_router_stats, record_routing, set_capacity,
                  uses_thor)
 from optimization import NonFiniteLoss, learning_rate, make_optimizer
-from run_records import (check_data_fits, check_resume, data_signature, record_resume, record_start, resume_command,
+from run_records import (check_data_fits, check_resume, data_signature, record_resume, record_start, resume_hint,
                          write_config)
 from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, keep_freed_memory,
                        make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
@@ -426,8 +426,7 @@ def final_test(trainer, args):
     entry = evaluation.table_entry({'args': vars(args), 'model_config': trainer.config}, entries)
     if entry is not None:
         log.record(entry['step'], 'test', **evaluation.result_scalars(entry, evaluation.table_ks(trainer.config, ks)))
-        log(f'the run\'s column in the tables (eval.py --table, the HParams row): '
-            f'{evaluation.CHECKPOINT_WORDS[entry["checkpoint"]]}, {evaluation.RULE_WORDS[evaluation.TABLE_RULE]}')
+        log(evaluation.column_note(entry))
     log.end_hparams()
     log('=' * 100)
     log(f'results: {os.path.join(trainer.run_dir, "results.json")}')
@@ -460,8 +459,7 @@ def train_in(run_dir, args, ddp, corpus, ckpt, command):
         log.close()
         return 1
     if status == 'stopped':
-        log(f'stopped at step {trainer.step}; resume with:\n    {resume_command(command, run_dir)}\n(or the script '
-            f'that started it, with --restart --restart_dir {shlex.quote(run_dir)} after its flags)')
+        log(f'stopped at step {trainer.step}; {resume_hint(command, run_dir)}')
     elif ddp.is_main:
         final_test(trainer, args)
     log.close()

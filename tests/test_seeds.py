@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def with_best_entry(run_dir, results):
     return run_dir
 
 
-BEST = 'model_best.pt (best validation at --moe-top-k; a dense run\'s one)'
+BEST = 'model_best.pt (best validation at --moe-top-k, a dense run\'s only one)'
 BEST_DENSE = 'model_best_dense.pt (best validation with all experts)'
 RULE = "checkpoint: each run's checkpoint validated at the k it trained at: "
 
@@ -416,3 +417,22 @@ def test_the_demo_without_seeds_trains_each_method_once_and_prints_plain_numbers
     [row] = [line for line in result.stdout.splitlines() if line.split()[:1] == ['1']]
     assert row.split()[1:] == ['1.111'] * 5                          # seed 1111 / 1000, no spread
     assert '±' not in result.stdout and 'sample std' not in result.stdout
+
+
+def test_the_tables_printed_in_the_docs_name_their_checkpoint_as_eval_py_does():
+    """Every table copied into README.md and docs/ carries the line eval.py prints above it: the rule, then which
+    column comes from which kept checkpoint."""
+    lines = []
+    for path in [os.path.join(REPO, 'README.md'), *glob.glob(os.path.join(REPO, 'docs', '*.md'))]:
+        with open(path) as f:
+            text = f.read()
+        for block in re.split(r'^```.*$', text, flags=re.M)[1::2]:           # the fenced blocks
+            if re.search(r'^ +k  +[A-Z]', block, re.M):                           # a table of runs
+                first = block.strip('\n').splitlines()[1 if block.lstrip('\n').startswith('Test ') else 0]
+                lines.append((path, first))
+    assert len(lines) >= 3
+    rules = tuple(f'checkpoint: {words}: ' for words in evaluation.RULE_WORDS.values())
+    for path, line in lines:
+        assert line.startswith(rules), (path, line)
+        for group in line.split(': ', 2)[2].split('; '):
+            assert group.split(' from ', 1)[1] in evaluation.CHECKPOINT_WORDS.values(), (path, group)

@@ -205,22 +205,23 @@ def last_scalars(logdir):
 
 
 def test_eval_run_adds_a_full_test_to_the_hparams_row_and_nothing_else(tmp_path, synthetic_dir, capsys):
-    """The run tests 2 windows (--max_eval_steps 2); a full test (the whole split, every k of the row) replaces
-    the row's numbers; a test of fewer windows or fewer k goes under a tag of its own, and says so."""
+    """The run tests 2 windows (--max_eval_steps 2): a test of those windows (or of the whole split) at every k of
+    the row adds its numbers to the row; one of fewer windows or fewer k goes under a tag of its own, says so, and
+    leaves the row as it was."""
     run_dir = train_run(tmp_path / 'runs', synthetic_dir, *RUN)
-    eval_script.main(['--run', run_dir, '--ks', '1,2,4'])                     # the whole split: other numbers
-    full, older = read_results(run_dir, 'eval_test.json')['best'], read_results(run_dir)['best']
-    assert full['results'] != older['results']
-    [row] = last_scalars(os.path.dirname(run_dir)).values()
-    assert {k: row[f'test/bpc/k{k}'] for k in ('1', '2', '4')} == pytest.approx(full['results'], rel=1e-6)
+    full = read_results(run_dir)['best']
+    eval_script.main(['--run', run_dir, '--max_eval_steps', '2', '--ks', '1,2,4'])      # the run's own test again
+    assert read_results(run_dir, 'eval_test.json')['best']['results'] == full['results']
+    assert len(scalar_points(read_events(run_dir), 'test/bpc/k1')) == 2                 # the run's, then eval.py's
     capsys.readouterr()
     for partial, tag in ((['--max_eval_steps', '1', '--ks', '1,2,4'], 'eval_test_max_eval_steps_1/bpc/k1'),
-                         (['--ks', '1,4'], 'eval_test_ks_1-4/bpc/k1')):
+                         (['--max_eval_steps', '2', '--ks', '1,4'], 'eval_test_ks_1-4/bpc/k1')):
         eval_script.main(['--run', run_dir, *partial])
         assert 'not written to the HParams row (test/bpc/k<k>)' in capsys.readouterr().out
         [row] = last_scalars(os.path.dirname(run_dir)).values()
         assert row[tag] == pytest.approx(read_results(run_dir, 'eval_test.json')['best']['results']['1'], rel=1e-6)
         assert {k: row[f'test/bpc/k{k}'] for k in ('1', '2', '4')} == pytest.approx(full['results'], rel=1e-6)
+        assert len(scalar_points(read_events(run_dir), 'test/bpc/k1')) == 2
     assert row['eval_test_max_eval_steps_1/bpc/k1'] != pytest.approx(full['results']['1'], rel=1e-6)
     eval_script.main(['--run', run_dir, '--split', 'valid', '--max_eval_steps', '1', '--ks', '1,2,4'])
     [row] = last_scalars(os.path.dirname(run_dir)).values()
