@@ -39,32 +39,50 @@ def split_compare(argv):
     return argv[:cut] + argv[end:], argv[cut + 1:end]
 
 
-def show_table(run_dirs, kind='best_dense'):
+def show_table(run_dirs, kind=evaluation.TABLE_RULE):
     """Print the --table of `run_dirs` (`kind`: one of TABLE_CHECKPOINTS); returns its records, for --json."""
     text, summaries = evaluation.table_of_runs(run_dirs, kind)
     print(text)
     return summaries
 
 
-def tensorboard_prefix(split, overrides):
+def tensorboard_prefix(split, settings):
     """Where eval.py's results go in the run's TensorBoard record: `test`, the tags of train.py's final test, for
-    the test split under the run's own settings (the HParams row then shows this newer test); otherwise
-    eval_<split>[_<setting>_<value>...], so that the validation curves and the run's own test stay as they are."""
-    if split == 'test' and not overrides:
+    a full test (the whole test split under the run's own settings: the HParams row then shows this newer test);
+    otherwise eval_<split>[_<setting>_<value>...] (`settings`: the inference overrides and a --max_eval_steps), so
+    that the validation curves and the row's test stay as they are."""
+    if split == 'test' and not settings:
         return 'test'
-    return '_'.join([f'eval_{split}', *(f'{name}_{value}' for name, value in overrides.items())])
+    return '_'.join([f'eval_{split}', *(f'{name}_{value}' for name, value in settings.items())])
+
+
+def partial_test(args, config):
+    """{setting: value} of what makes this test less than a full one (at every k of the run's HParams row, on the
+    whole split or on the windows of the run's own test): --max_eval_steps N, or --ks without some of the row's k;
+    {} for a full test."""
+    row_ks = evaluation.table_ks(config['model_config'], evaluation.parse_ks(config['args']['eval_ks']))
+    own_windows = config['args'].get('max_eval_steps', -1)
+    partial = {'max_eval_steps': args.max_eval_steps} if 0 < args.max_eval_steps != own_windows else {}
+    if config['model_config']['moe'] and not set(row_ks) <= set(args.ks):
+        partial['ks'] = '-'.join(map(str, args.ks))
+    return partial
 
 
 def record_in_tensorboard(run_dir, config, entries, prefix):
-    """Add the results to the run's TensorBoard record as train.py's final test does: the HParams row (written
-    again, for runs from before it existed; its columns stay the run's --eval_ks) and the test of the checkpoint
-    it names, as <prefix>/<metric>/k<k> at that checkpoint's step."""
+    """Add the results to the run's TensorBoard record as train.py's final test does: for a full test (`prefix`
+    test) the HParams row (written again, for runs from before it existed; its columns stay the run's --eval_ks);
+    and the test of the checkpoint the row names, as <prefix>/<metric>/k<k> at that checkpoint's step."""
     from torch.utils.tensorboard import SummaryWriter
     ks = evaluation.table_ks(config['model_config'], evaluation.parse_ks(config['args']['eval_ks']))
     entry = evaluation.table_entry(config, entries)
+    metric = dataset_metric(config['args']['dataset'])
     with SummaryWriter(run_dir) as tb:
-        write_hparams(tb, evaluation.run_hparams(config),
-                      evaluation.result_tags(dataset_metric(config['args']['dataset']), ks), evaluation.SHOWN_HPARAMS)
+        if prefix == 'test':
+            write_hparams(tb, evaluation.run_hparams(config), evaluation.result_tags(metric, ks),
+                          evaluation.SHOWN_HPARAMS)
+        else:
+            print(f'not written to the HParams row (test/{metric}/k<k>), which shows full tests only: these results '
+                  f'are under {prefix}/{metric}/k<k>')
         if entry is not None:
             for name, value in evaluation.result_scalars(entry, ks).items():
                 tb.add_scalar(f'{prefix}/{name}', value, entry['step'])
@@ -89,7 +107,8 @@ def evaluate_run(args, parser):
     problems = []
     entries = evaluation.test_checkpoints(args.run, corpus, args.split, args.ks, args.max_eval_steps,
                                'cuda' if args.cuda else 'cpu', problems=problems, **overrides)
-    record_in_tensorboard(args.run, config, entries, tensorboard_prefix(args.split, overrides))
+    record_in_tensorboard(args.run, config, entries, tensorboard_prefix(args.split, {**overrides, **partial_test(
+        args, config)}))
     return entries, problems
 
 
@@ -129,10 +148,12 @@ def main(argv=None):
                              'matched by seed): at each k the mean of A - B and a two-sided paired t-test '
                              '(Student t, n - 1 degrees of freedom); p < 0.05 is called beyond the seed-to-seed '
                              'spread')
-    parser.add_argument('--table_checkpoint', choices=evaluation.TABLE_CHECKPOINTS, default='best_dense',
-                        help='which kept checkpoint --table and --compare show: best_dense (best validation with all '
-                             'experts, default), best (best validation at --moe-top-k) or training_k (per run: best '
-                             'for a run trained at one fixed k, best_dense for a dynamic-k or dense run)')
+    parser.add_argument('--table_checkpoint', choices=evaluation.TABLE_CHECKPOINTS, default=evaluation.TABLE_RULE,
+                        help='which kept checkpoint --table and --compare show (the line above the table says): '
+                             'training_k (default, the rule of every table here: each run\'s checkpoint validated '
+                             'at the k it trained at, model_best.pt for a fixed-k or dense run, model_best_dense.pt '
+                             'for a dynamic-k run), or for every run best_dense (best validation with all experts) '
+                             'or best (best validation at --moe-top-k)')
     parser.add_argument('--ks', type=evaluation.parse_ks, default=list(evaluation.DEFAULT_KS),
                         help='k to evaluate (those <= E)')
     parser.add_argument('--split', choices=['test', 'valid'], default='test')

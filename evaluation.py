@@ -17,7 +17,7 @@ import router_registry
 import seeds
 from capacity import DEFAULT_GROUP_SIZE
 from data_utils import dataset_metric, loss_to_metric
-from hyper_router import set_top_k
+from hyper_router import set_top_k, top_k_schedule
 from mem_transformer import MemTransformerLM
 from model_config import router_name
 from moe import set_capacity
@@ -27,9 +27,16 @@ from run_utils import RunError
 EVAL_BATCH_SIZE = 10
 DEFAULT_KS = (1, 2, 4, 8, 16)
 CHECKPOINTS = {'best': 'model_best.pt', 'best_dense': 'model_best_dense.pt'}
-# which kept checkpoint --table and --compare show: one kind for every run, or `training_k`, a rule per run
-TABLE_CHECKPOINTS = ('best_dense', 'best', 'training_k')
-CHECKPOINT_WORDS = {'best': 'best validation at the training k', 'best_dense': 'best validation with all experts'}
+# which kept checkpoint a table shows: `training_k`, the rule of every table (a run's column comes from the
+# checkpoint validated at the k it trained at: Table 1's SMoE at k = 2 from model_best.pt, SMoE-Dropout and
+# HyperRouter, whose k grows to all 16 experts, from model_best_dense.pt), or one kind for every run
+TABLE_RULE = 'training_k'
+TABLE_CHECKPOINTS = ('training_k', 'best_dense', 'best')
+CHECKPOINT_WORDS = {'best': 'model_best.pt (best validation at --moe-top-k, a dense run\'s only one)',
+                    'best_dense': 'model_best_dense.pt (best validation with all experts)'}
+RULE_WORDS = {'training_k': 'each run\'s checkpoint validated at the k it trained at',
+              'best': 'every run\'s model_best.pt (--table_checkpoint best)',
+              'best_dense': 'every run\'s model_best_dense.pt (--table_checkpoint best_dense)'}
 LAST_CHECKPOINT = 'checkpoint_last.pt'
 
 
@@ -212,7 +219,7 @@ def test_checkpoints(run_dir, corpus, split='test', ks=DEFAULT_KS, max_eval_step
         results = evaluate_over_k(model, eval_iter, ckpt['args'], ks_here, max_eval_steps)
         entries.append(dict(results_entry(ckpt, kind, split, results, corpus.bpc_floor), **config_overrides))
         metric = dataset_metric(ckpt['args']['dataset'])
-        log(f'{split} {metric} of {filename} (step {ckpt["step"]}, {method_name(ckpt["model_config"])}):')
+        log(f'{split} {metric} of {CHECKPOINT_WORDS[kind]}, step {ckpt["step"]}, {method_name(ckpt["model_config"])}:')
         log(format_table({f'{method_name(ckpt["model_config"])} ({kind})': results}, metric, corpus.bpc_floor))
     if not found:
         raise RunError(f'no kept checkpoint ({", ".join(CHECKPOINTS.values())}) in {run_dir}: the run has not '
@@ -267,21 +274,31 @@ SHOWN_HPARAMS = ('checkpoint', 'gate', 'k', 'method', 'seed')
 
 def run_hparams(config):
     """A train.py run's columns in TensorBoard's HParams table, from its config.json: the method as the tables
-    name it, the router, k (the fixed k, or the schedule 'k_min-k_max mode'; 'all' for a dense model), the
-    experts (0: a dense FFN), the model's size, the recipe, the data, the seed, and the kept checkpoint whose
-    test the k columns show (table_checkpoint)."""
+    name it, the router, k (the fixed k, or the schedule run, scheduled_k; 'all' for a dense model), the experts
+    (0: a dense FFN), the model's size, the recipe, the data, the seed (as text: TensorBoard shows a number as a
+    float, 1111.0), and the kept checkpoint whose test the k columns show (table_checkpoint)."""
     args, model = config['args'], config['model_config']
     if not model['moe']:
         k = 'all'
     elif args.get('dynamic_moe'):
-        k = f"{args['moe_top_k_min']}-{args['moe_top_k_max']} {args['dynamic_moe_mode']}"
+        k = scheduled_k(args)
     else:
         k = str(args['moe_top_k'])
     return {'method': method_name(model), 'gate': router_name(model) if model['moe'] else 'dense', 'k': k,
             'experts': model['moe_num_expert'] if model['moe'] else 0, 'layers': model['n_layer'],
             'd_model': model['d_model'], 'dropout': model['dropout'], 'lr': args['lr'], 'steps': args['max_step'],
-            'batch': args['batch_size'], 'dataset': args['dataset'], 'seed': args['seed'],
+            'batch': args['batch_size'], 'dataset': args['dataset'], 'seed': str(args['seed']),
             'checkpoint': table_checkpoint(config)}
+
+
+def scheduled_k(args):
+    """The k schedule a run follows, as 'k_first-k_last mode': the k of its first and of its last step (the schedule
+    of a run shorter than its k schedule stops short of --moe-top-k-max, and says so)."""
+    steps = args.get('dynamic_overall_steps', -1)
+    steps = steps if steps > 0 else args['max_step']
+    k_first, k_last = (top_k_schedule(step, args['dynamic_moe_mode'], args['moe_top_k_min'], args['moe_top_k_max'],
+                                      steps) for step in (0, args['max_step'] - 1))
+    return f"{k_first}-{k_last} {args['dynamic_moe_mode']}"
 
 
 def table_checkpoint(config):
@@ -306,13 +323,19 @@ def result_scalars(entry, ks):
     return {f"{entry['metric']}/k{max(ks) if k == 'dense' else k}": value for k, value in entry['results'].items()}
 
 
+def column_note(entry):
+    """The line under a run's final test naming the checkpoint (`entry`, table_entry's) that is its column."""
+    return (f'the run\'s column in the tables (eval.py --table, the HParams row): '
+            f'{CHECKPOINT_WORDS[entry["checkpoint"]]}, as {RULE_WORDS[TABLE_RULE]}')
+
+
 def table_entry(config, entries):
     """The entry of the checkpoint that run_hparams names (None if it was not tested)."""
     kind = table_checkpoint(config)
     return next((e for e in entries if e['checkpoint'] == kind), None)
 
 
-def read_runs(run_dirs, kind='best_dense'):
+def read_runs(run_dirs, kind=TABLE_RULE):
     """[(label, [(seed, run_dir, results.json entry)])]: the runs grouped by configuration (those that differ
     only in seed form one group, seeds.group_runs), labelled with the method's name; `kind` (TABLE_CHECKPOINTS)
     says which checkpoint's entry."""
@@ -335,9 +358,10 @@ def group_summary(label, runs):
     return summary
 
 
-def table_of_runs(run_dirs, kind='best_dense'):
+def table_of_runs(run_dirs, kind=TABLE_RULE):
     """(text, records): the runs' results.json side by side (the `kind` checkpoint of each); runs that differ
     only in seed make one column, mean ± sample std, with the seeds of each column under the table."""
+    run_dirs, skipped = trained_runs(run_dirs)
     groups = read_runs(run_dirs, kind)
     summaries = [group_summary(label, runs) for label, runs in groups]
     columns = {s['method']: {k: seeds.format_cell(stats, s['n']) for k, stats in s['results'].items()}
@@ -346,11 +370,24 @@ def table_of_runs(run_dirs, kind='best_dense'):
     if kind == 'training_k':
         trained = {s['method']: fixed_training_k(seeds.read_config(runs[0][1])) for s, (_, runs) in zip(summaries, groups)}
         columns = {name: mark_training_k(cells, trained[name]) for name, cells in columns.items()}
-        notes += checkpoint_notes(summaries)
         if any(k is not None for k in trained.values()):
             notes.append('* the k a fixed-k run was trained at')
     floor = next((s['bpc_floor'] for s in summaries if 'bpc_floor' in s), None)
-    return '\n'.join([format_table(columns, summaries[-1]['metric'], floor), *notes]), summaries
+    text = [checkpoint_header(summaries, kind), format_table(columns, summaries[-1]['metric'], floor), *notes,
+            *(f'skipped {run_dir}: it never trained (no config.json; train.py stopped before its first step)'
+              for run_dir in skipped)]
+    return '\n'.join(text), summaries
+
+
+def trained_runs(run_dirs):
+    """(the directories that hold a config.json, those that do not): a glob over a script's folder (`--table
+    runs/table1-enwik8/*/*`) also matches a directory left by a run that stopped before training; it is named and
+    skipped, not an error, as long as some run is left."""
+    untrained = [d for d in run_dirs if os.path.isdir(d) and not os.path.isfile(os.path.join(d, 'config.json'))]
+    if len(untrained) == len(run_dirs):
+        raise RunError(f'none of {", ".join(run_dirs)} is a run directory of train.py (no config.json): give the '
+                       'directories train.py printed as "run directory: ..."')
+    return [d for d in run_dirs if d not in untrained], untrained
 
 
 def mark_training_k(cells, k):
@@ -361,13 +398,14 @@ def mark_training_k(cells, k):
     return dict(cells, **{str(k): (value if isinstance(value, str) else f'{value:.3f}') + '*'})
 
 
-def checkpoint_notes(summaries):
-    """The line under a table whose columns come from different checkpoints: which column from which."""
+def checkpoint_header(summaries, kind):
+    """The line above every table of runs: the rule (`kind`) and which column comes from which checkpoint."""
     by_kind = {}
     for s in summaries:
         by_kind.setdefault(s['checkpoint'], []).append(s['method'])
-    return ['checkpoint: ' + '; '.join(f"{CHECKPOINT_WORDS.get(kind, kind)}: {', '.join(methods)}"
-                                       for kind, methods in by_kind.items())]
+    return (f'checkpoint: {RULE_WORDS[kind]}: ' + '; '.join(
+        f"{', '.join(methods)} from {CHECKPOINT_WORDS.get(checkpoint, checkpoint)}"
+        for checkpoint, methods in by_kind.items()))
 
 
 def seed_notes(summaries):
@@ -402,7 +440,7 @@ def one_run_per_seed(flag, groups):
     return label, by_seed
 
 
-def compare_runs(runs_a, runs_b, kind='best_dense'):
+def compare_runs(runs_a, runs_b, kind=TABLE_RULE):
     """Two configurations compared seed by seed at each k (seeds.compare_by_seed), as text."""
     label_a, a = one_run_per_seed('A', read_runs(runs_a, kind))
     label_b, b = one_run_per_seed('B', read_runs(runs_b, kind))
@@ -414,7 +452,10 @@ def compare_runs(runs_a, runs_b, kind='best_dense'):
                                               {s: e['results'] for s, e in b.items()})
     except ValueError as err:                     # too few seeds on both sides
         raise RunError(str(err)) from err
-    return seeds.format_comparison(label_a, label_b, f'test {metric_a}', matched, rows)
+    summaries = [{'method': label, 'checkpoint': next(iter(side.values()))['checkpoint']}
+                 for label, side in ((label_a, a), (label_b, b))]
+    return '\n'.join([checkpoint_header(summaries, kind),
+                      seeds.format_comparison(label_a, label_b, f'test {metric_a}', matched, rows)])
 
 
 def parse_ks(text):

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import time
 
 import torch
@@ -14,7 +15,7 @@ import train_args
 from data_utils import dataset_metric
 from hyper_router import param_breakdown
 from model_config import ModelConfig
-from run_utils import RunError, git_commit
+from run_utils import RunError, git_commit, git_tree_modified
 from train_args import ARCHITECTURE_ARGS, DATA_LAYOUT_ARGS, dts_anneal_steps
 
 @functools.lru_cache(maxsize=1)
@@ -69,8 +70,8 @@ def check_resume(ckpt, args, corpus):
 
 def write_config(run_dir, args, trainer, ddp):
     config = {'args': vars(args), 'model_config': trainer.config, 'git_commit': git_commit(),
-              'torch': torch.__version__, 'world_size': ddp.world_size, 'params': param_breakdown(trainer.model),
-              'start_step': trainer.step}
+              'git_modified': git_tree_modified(), 'torch': torch.__version__, 'world_size': ddp.world_size,
+              'params': param_breakdown(trainer.model), 'start_step': trainer.step}
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
     return config
@@ -92,6 +93,26 @@ def record_resume(run_dir, ckpt, args):
     changed = {name: [ckpt['args'].get(name), value] for name, value in vars(args).items()
                if name not in ignored and ckpt['args'].get(name) != value}
     record = {'step': ckpt['step'], 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'git_commit': git_commit(),
-              'changed': changed}
+              'git_modified': git_tree_modified(), 'changed': changed}
     with open(os.path.join(run_dir, 'resumes.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
+
+
+def resume_hint(command, run_dir):
+    """What a stopped run prints after 'stopped at step N; ': the command lines that resume it."""
+    return (f'resume with:\n    {resume_command(command, run_dir)}\n(or the script that started it, with --restart '
+            f'--restart_dir {shlex.quote(run_dir)} after its flags)')
+
+
+def resume_command(command, run_dir):
+    """The command line that resumes the run in `run_dir`: `command` (the run's own, a shell line) with its
+    --restart flags, if any, replaced by those naming `run_dir`."""
+    words, kept = shlex.split(command), []
+    while words:
+        word = words.pop(0)
+        name = word.split('=', 1)[0].replace('-', '_')
+        if name == '__restart_dir' and '=' not in word and words:
+            words.pop(0)
+        if name not in ('__restart', '__restart_dir'):
+            kept.append(word)
+    return shlex.join([*kept, '--restart', '--restart_dir', run_dir])

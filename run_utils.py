@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -51,6 +52,16 @@ def git_commit():
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def git_tree_modified():
+    """Whether the sources differ from git_commit's (tracked files changed, or new files not ignored), so that a
+    run's record says when its commit alone does not tell its code; None outside a git checkout."""
+    try:
+        return bool(subprocess.run(['git', 'status', '--porcelain'], capture_output=True, text=True, check=True,
+                                   cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -273,6 +284,22 @@ def complete_records(path):
     return lines
 
 
+def quiet_tensorboard_writer_errors():
+    """Keep the OSError of TensorBoard's writer thread (a full disk) from printing a traceback of its own: the
+    writer raises the same error in the training thread at its next write, which the entry point turns into its
+    one `error: ...` line. Installed once; any other thread's exception goes to the hook that was there."""
+    previous = threading.excepthook
+    if getattr(previous, 'quiets_tensorboard', False):
+        return
+
+    def hook(args):
+        if issubclass(args.exc_type, OSError) and type(args.thread).__name__ == '_AsyncWriterThread':
+            return
+        previous(args)
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
+
+
 class RunLog:
     """Log lines (stdout + train.log), metrics.jsonl and TensorBoard, written by the main rank only.
 
@@ -286,6 +313,7 @@ class RunLog:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
+        quiet_tensorboard_writer_errors()
         metrics_path = os.path.join(run_dir, 'metrics.jsonl')
         log_path = os.path.join(run_dir, 'train.log')
         if resume_step is not None and os.path.exists(metrics_path):   # drop records past the checkpoint
@@ -310,15 +338,23 @@ class RunLog:
             self.log_file.write(line + '\n')
             self.log_file.flush()
 
-    def record(self, step, split, **values):
-        """One metrics.jsonl record; numeric values also go to TensorBoard as split/name."""
+    def record(self, step, split, tensorboard=True, **values):
+        """One metrics.jsonl record; numeric values also go to TensorBoard as split/name, unless `tensorboard` is
+        False (the caller then gives them tags of their own: scalars)."""
         if not self.enabled:
             return
         self.metrics.write(json.dumps(dict(step=step, split=split, **values)) + '\n')
         self.metrics.flush()
+        if tensorboard:
+            self.scalars(step, split, values)
+
+    def scalars(self, step, group, values):
+        """The numbers of `values` {name: value} as TensorBoard scalars group/name, one curve per tag."""
+        if not self.enabled:
+            return
         for name, value in values.items():
             if isinstance(value, (int, float)):
-                self.tb.add_scalar(f'{split}/{name}', value, step)
+                self.tb.add_scalar(f'{group}/{name}', value, step)
 
     def router_stats(self, step, stats, capacity=False):
         """Per MoE layer: the router entropy, the expert load (a histogram over expert ids) and, when the

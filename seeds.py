@@ -14,7 +14,7 @@ import os
 # fields of config.json that say how or where a run was made, not what was trained; two runs that differ
 # only in these (and the seed) are repetitions of one configuration
 RUN_ARGS = ('seed', 'work_dir', 'restart', 'restart_dir', 'stop_step')
-RUN_FIELDS = ('git_commit', 'start_step')
+RUN_FIELDS = ('git_commit', 'git_modified', 'start_step')
 
 
 def read_config(run_dir):

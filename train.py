@@ -31,7 +31,8 @@ from mem_transformer import MemTransformerLM, ThorObjective
 from moe import (AUX_LOSSES, describe_engine, learned_temperatures, record_router_stats, record_routing, set_capacity,
                  uses_thor)
 from optimization import NonFiniteLoss, learning_rate, make_optimizer
-from run_records import check_data_fits, check_resume, data_signature, record_resume, record_start, write_config
+from run_records import (check_data_fits, check_resume, data_signature, record_resume, record_start, resume_hint,
+                         write_config)
 from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, keep_freed_memory,
                        make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
 from train_args import aux_weights, model_config
@@ -353,8 +354,10 @@ class Trainer:
                  f'| {"Dense " if dense else ""}valid loss {loss:5.2f} | {self.metric} {value:9.5f}'
                  + (f' | k {k}' if k else ''))
         self.log('-' * 100)
-        self.log.record(self.step, 'valid', loss=loss, top_k=k, experts='all' if dense else 'top_k',
-                        **{self.metric: value})
+        self.log.record(self.step, 'valid', tensorboard=False, loss=loss, top_k=k,
+                        experts='all' if dense else 'top_k', **{self.metric: value})
+        group = 'valid/all_experts' if dense else (f'valid/k{k}' if k else 'valid')    # one curve per tag
+        self.log.scalars(self.step, group, {'loss': loss, self.metric: value})
 
     def run(self):
         """Train until max_step ('done') or until stopped by a signal or --stop_step ('stopped')."""
@@ -423,6 +426,7 @@ def final_test(trainer, args):
     entry = evaluation.table_entry({'args': vars(args), 'model_config': trainer.config}, entries)
     if entry is not None:
         log.record(entry['step'], 'test', **evaluation.result_scalars(entry, evaluation.table_ks(trainer.config, ks)))
+        log(evaluation.column_note(entry))
     log.end_hparams()
     log('=' * 100)
     log(f'results: {os.path.join(trainer.run_dir, "results.json")}')
@@ -455,8 +459,7 @@ def train_in(run_dir, args, ddp, corpus, ckpt, command):
         log.close()
         return 1
     if status == 'stopped':
-        log(f'stopped at step {trainer.step}; resume with: python train.py <same flags> --restart '
-            f'--restart_dir {run_dir}')
+        log(f'stopped at step {trainer.step}; {resume_hint(command, run_dir)}')
     elif ddp.is_main:
         final_test(trainer, args)
     log.close()

@@ -248,8 +248,40 @@ def check_args(args, parser):
                      f'none in {args.restart_dir!r}')
     if args.data is None:
         args.data = DEFAULT_DATA[args.dataset]
+    check_moe_index(args, parser)
+    check_k_schedule(args, parser)
+
+
+def check_k_schedule(args, parser):
+    """The k schedule spans the run: --dynamic_overall_steps defaults to --max_step (as the original scripts set
+    the two equal), so shortening a run shortens its schedule; an explicit span longer than the run is refused,
+    as the run would end before k reaches --moe-top-k-max while the learning rate ends its cosine."""
     if args.dynamic_overall_steps <= 0:
         args.dynamic_overall_steps = args.max_step
+    elif args.dynamic_moe and args.dynamic_overall_steps > args.max_step:
+        parser.error(f'--dynamic_overall_steps {args.dynamic_overall_steps} is longer than the run (--max_step '
+                     f'{args.max_step}): k would stop at {args.dynamic_moe_mode} step {args.max_step - 1} of '
+                     f'{args.dynamic_overall_steps}, never reaching the end of its schedule; drop '
+                     f'--dynamic_overall_steps (the schedule then spans --max_step) or give at most {args.max_step}')
+
+
+def check_moe_index(args, parser):
+    """--moe_index must name layers of the model, checked here rather than when the model is built (after the
+    run directory exists)."""
+    if not args.moe or args.moe_index is None:
+        return
+    try:
+        layers = [int(i) for i in args.moe_index.split(',') if i.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        parser.error(f'--moe_index needs comma-separated layer numbers such as 0,1,2,3; got {args.moe_index!r}')
+    outside = [i for i in layers if not 0 <= i < args.n_layer]
+    if outside:
+        inside = ','.join(str(i) for i in layers if 0 <= i < args.n_layer) or ','.join(map(str, range(args.n_layer)))
+        parser.error(f'--moe_index {args.moe_index}: layer(s) {",".join(map(str, outside))} outside the '
+                     f'{args.n_layer} layers (0..{args.n_layer - 1}) of --n_layer {args.n_layer}; give --moe_index '
+                     f'with layers below {args.n_layer} (e.g. --moe_index {inside}) after --n_layer')
 
 
 def check_compiled_engine(args, parser):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure of the README, and the analysis tables, from trained run directories (on the CPU).
+# Every figure of docs/analysis.md, and the analysis tables, from trained run directories (on the CPU).
 #
 #   Figs/fig1_metric_vs_k.png      Figure 1: test metric vs k, one line per method (from results.json)
 #   Figs/fig3_framework.png        Figure 3: SMoE, SMoE-Dropout and HyperRouter (drawn, no run needed)

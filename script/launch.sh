@@ -6,7 +6,9 @@
 #   PYTHON=/path/to/python                              -> another interpreter
 #   DEVICE=cuda | cpu | auto (default auto)              -> cuda: on the GPU, and an error at once when torch sees
 #                                                          none; cpu: on the CPU; auto: on the GPU when torch
-#                                                          sees one (--cuda is added), else on the CPU
+#                                                          sees one (--cuda is added), else on the CPU, but only
+#                                                          for a run of at most CPU_AUTO_MAX_STEP steps: a longer
+#                                                          one (a paper-size script) stops unless DEVICE=cpu
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
 N_GPU=${N_GPU:-1}
@@ -23,12 +25,39 @@ seed_list() {
     done
 }
 
-# device_flag: --cuda when the run goes on the GPU (see DEVICE above), nothing for the CPU; an error for
-# DEVICE=cuda without a GPU (a full-size run would otherwise train silently on the CPU, for weeks)
+# the most steps DEVICE=auto trains on the CPU without being told (DEVICE=cpu): the demo's 500 pass, the paper's
+# 100k-400k stop; a script shortened with --max_step N up to this runs wherever it is
+CPU_AUTO_MAX_STEP=10000
+
+# max_step_of [train.py flags]: the --max_step the run gets (train.py takes a flag's last value), empty if none
+max_step_of() {
+    local value="" previous="" word
+    for word in "$@"; do
+        case "$previous" in --max_step | --max-step) value=$word ;; esac
+        case "$word" in --max_step=* | --max-step=*) value=${word#*=} ;; esac
+        previous=$word
+    done
+    echo "$value"
+}
+
+# device_flag [train.py flags]: --cuda when the run goes on the GPU (see DEVICE above), nothing for the CPU; an error
+# for DEVICE=cuda without a GPU, and for DEVICE=auto without one when the run is longer than CPU_AUTO_MAX_STEP steps
+# (a full-size run would otherwise train silently on the CPU, for weeks)
 device_flag() {
+    local steps
     case "${DEVICE:-auto}" in
         cpu) ;;
-        auto) if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then echo --cuda; fi ;;
+        auto) if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+                  echo --cuda
+                  return
+              fi
+              steps=$(max_step_of "$@")
+              if [[ "$steps" =~ ^[0-9]+$ ]] && [ "$steps" -gt "$CPU_AUTO_MAX_STEP" ]; then
+                  echo "error: torch sees no CUDA device, and a run of $steps steps (--max_step) would train on the" \
+                       "CPU for days; give DEVICE=cpu to train it there anyway, DEVICE=cuda on a GPU machine, or a" \
+                       "shorter --max_step (at most $CPU_AUTO_MAX_STEP)" >&2
+                  return 2
+              fi ;;
         cuda) if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
                   echo "error: DEVICE=cuda but torch sees no CUDA device; run on a GPU machine, or give DEVICE=cpu" >&2
                   return 2
@@ -42,7 +71,7 @@ device_flag() {
 # launch_once SCRIPT [flags]: one run, with torchrun when N_GPU > 1
 launch_once() {
     local flag device=()
-    flag=$(device_flag) || return
+    flag=$(device_flag "$@") || return
     [ -n "$flag" ] && device=("$flag")
     if [ "$N_GPU" -gt 1 ]; then
         "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$N_GPU" "$@" "${device[@]}"

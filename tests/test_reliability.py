@@ -209,6 +209,33 @@ def test_a_full_disk_is_named_removes_the_partial_file_and_keeps_the_last_checkp
     assert torch.load(os.path.join(run_dir, 'checkpoint_last.pt'), weights_only=True)['step'] == 2
 
 
+FULL_DISK_IN_TENSORBOARD = """
+import errno, os, sys
+from tensorboard.summary.writer import record_writer
+write, writes = record_writer.RecordWriter.write, []
+
+def write_until_the_disk_is_full(self, data):      # TensorBoard's writer thread meets a full disk at its 30th record
+    writes.append(1)
+    if len(writes) >= 30:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(self, data)
+
+record_writer.RecordWriter.write = write_until_the_disk_is_full
+import train
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_met_by_tensorboards_writer_is_one_error_line(corpus, tmp_path):
+    result = subprocess.run([sys.executable, '-c', FULL_DISK_IN_TENSORBOARD,
+                             *train_args(corpus, tmp_path / 'runs', '--max_step', '40', '--eval-interval', '20',
+                                         '--log-interval', '1')],
+                            cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr
+    assert result.stderr.splitlines() == [
+        'error: no space left on device; free some space (a file being replaced is left intact)']
+
+
 # ----------------------------------------------------------------------------- resumes that cannot change the run
 
 @pytest.mark.parametrize('changed', [['--batch_size', '8'], ['--tgt_len', '12'], ['--ext_len', '4'],
@@ -291,7 +318,8 @@ def test_tensorboard_keeps_every_point_across_a_resume(corpus, tmp_path):
     train.main(train_args(corpus, tmp_path / 'runs', *common, '--restart', '--restart_dir', run_dir))
     events = EventAccumulator(run_dir).Reload()
     assert [e.step for e in events.Scalars('train/loss')] == [1, 2, 3, 4, 5, 6]
-    assert [e.step for e in events.Scalars('valid/bpc')] == [3, 3, 6, 6]        # all experts, then k = 2
+    for tag in ('valid/all_experts/bpc', 'valid/k2/bpc'):
+        assert [e.step for e in events.Scalars(tag)] == [3, 6]
 
 
 class HardKill(BaseException):

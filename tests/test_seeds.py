@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -72,7 +73,8 @@ def test_the_table_gives_mean_and_sample_std_over_seeds(tmp_path):
             for seed, v1, v2 in ((1, 1.0, 2.0), (2, 1.2, 2.0), (3, 1.4, 2.3))]
     hypermoe = write_run(tmp_path, 'h', {1: 0.9, 2: 1.9}, method='HyperMoE', seed=1, gate_name='other')
     text, records = evaluation.table_of_runs([*smoe, hypermoe])
-    header, row1, row2, floor, seeds_line = text.splitlines()
+    checkpoint, header, row1, row2, floor, seeds_line = text.splitlines()
+    assert checkpoint.startswith("checkpoint: each run's checkpoint validated at the k it trained at: ")
     assert header.split() == ['k', 'SMoE', 'HyperMoE']
     assert row1.split() == ['1', '1.200', '±', '0.200', '0.900']
     assert row2.split() == ['2', '2.100', '±', '0.173', '1.900']
@@ -89,7 +91,8 @@ def test_the_table_gives_mean_and_sample_std_over_seeds(tmp_path):
 def test_a_single_run_prints_as_before(tmp_path, capsys):
     run = write_run(tmp_path, 'one', {1: 1.0804, 2: 1.0791})
     eval_script.main(['--table', run])
-    assert capsys.readouterr().out == ('   k          SMoE\n'
+    assert capsys.readouterr().out == (RULE + f'SMoE from {BEST_DENSE}\n'   # a fixed-k run without model_best.pt
+                                       '   k          SMoE\n'
                                        '   1         1.080\n'
                                        '   2         1.079\n'
                                        'corpus floor (bpc): 1.040\n')
@@ -105,24 +108,65 @@ def with_best_entry(run_dir, results):
     return run_dir
 
 
-@pytest.mark.parametrize('kind,expected', [('best_dense', ['1', '2.000', '3.000']), ('best', ['1', '1.000', '4.000']),
-                                           ('training_k', ['1', '1.000*', '3.000'])])
-def test_the_table_shows_each_run_from_the_checkpoint_asked_for(kind, expected, tmp_path, capsys):
-    # SMoE trained at k = 1: best 1.0, best_dense 2.0; HyperRouter with a dynamic k: best 4.0, best_dense 3.0
+BEST = 'model_best.pt (best validation at --moe-top-k, a dense run\'s only one)'
+BEST_DENSE = 'model_best_dense.pt (best validation with all experts)'
+RULE = "checkpoint: each run's checkpoint validated at the k it trained at: "
+
+
+def fixed_and_dynamic_runs(tmp_path):
+    """SMoE trained at k = 1: best 1.0, best_dense 2.0; HyperRouter with a dynamic k: best 4.0, best_dense 3.0."""
     fixed = with_best_entry(write_run(tmp_path, 'fixed', {1: 2.0}, moe=True, dynamic_moe=False, moe_top_k=1),
                             {1: 1.0})
     dynamic = with_best_entry(write_run(tmp_path, 'dyn', {1: 3.0}, method='HyperRouter', gate_name='HyperRouterGate',
                                         moe=True, dynamic_moe=True), {1: 4.0})
-    eval_script.main(['--table_checkpoint', kind, '--table', fixed, dynamic])
+    return fixed, dynamic
+
+
+@pytest.mark.parametrize('kind,expected,header', [
+    (None, ['1', '1.000*', '3.000'], RULE + f'SMoE from {BEST}; HyperRouter from {BEST_DENSE}'),
+    ('training_k', ['1', '1.000*', '3.000'], RULE + f'SMoE from {BEST}; HyperRouter from {BEST_DENSE}'),
+    ('best_dense', ['1', '2.000', '3.000'], "checkpoint: every run's model_best_dense.pt (--table_checkpoint "
+                                            f'best_dense): SMoE, HyperRouter from {BEST_DENSE}'),
+    ('best', ['1', '1.000', '4.000'], f"checkpoint: every run's model_best.pt (--table_checkpoint best): SMoE, "
+                                      f'HyperRouter from {BEST}')])
+def test_the_table_shows_each_run_from_the_checkpoint_of_the_rule_and_says_which_above_it(kind, expected, header,
+                                                                                           tmp_path, capsys):
+    fixed, dynamic = fixed_and_dynamic_runs(tmp_path)
+    eval_script.main([*(['--table_checkpoint', kind] if kind else []), '--table', fixed, dynamic])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ['k', 'SMoE', 'HyperRouter'] and lines[1].split() == expected
-    notes = [line for line in lines if line.startswith('checkpoint:')]
-    if kind == 'training_k':
-        assert notes == ['checkpoint: best validation at the training k: SMoE; '
-                         'best validation with all experts: HyperRouter']
+    assert lines[0] == header
+    assert lines[1].split() == ['k', 'SMoE', 'HyperRouter'] and lines[2].split() == expected
+    if kind in (None, 'training_k'):
         assert lines[-1] == '* the k a fixed-k run was trained at'
     else:
-        assert notes == [] and '*' not in ''.join(lines)
+        assert '*' not in ''.join(lines)
+
+
+def test_compare_scores_a_fixed_k_run_at_its_training_k_checkpoint_and_says_so(tmp_path, capsys):
+    sides = []
+    for name, method, fixed_k in (('smoe', 'SMoE', True), ('hyper', 'HyperRouter', False)):
+        runs = []
+        for seed in (1, 2):
+            run = write_run(tmp_path, f'{name}{seed}', {1: 9.0}, method=method, seed=seed, moe=True,
+                            dynamic_moe=not fixed_k, moe_top_k=1, gate_name=name)
+            runs.append(with_best_entry(run, {1: 1.0 + seed / 10}) if fixed_k else run)
+        sides.append(runs)
+    eval_script.main(['--compare', *sides[0], '--', *sides[1]])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == RULE + f'SMoE from {BEST}; HyperRouter from {BEST_DENSE}'
+    [row] = [line.split() for line in out.splitlines() if line.split()[:1] == ['1']]
+    assert row[5] == '-7.8500'              # SMoE's model_best.pt (1.1, 1.2) against HyperRouter's 9.0
+
+
+def test_table_over_a_glob_names_and_skips_a_directory_that_never_trained(tmp_path, capsys):
+    run = write_run(tmp_path, 'run', {1: 1.0})
+    never = tmp_path / 'never'
+    (never / 'src').mkdir(parents=True)
+    (never / 'lock').write_text('')
+    eval_script.main(['--table', run, str(never)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ['k', 'SMoE'] and lines[2].split() == ['1', '1.000']
+    assert lines[-1] == f'skipped {never}: it never trained (no config.json; train.py stopped before its first step)'
 
 
 def test_the_table_says_when_a_seed_is_repeated(tmp_path):
@@ -310,7 +354,7 @@ def fake_python(tmp_path):
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / 'argv.log'
-    env = dict(os.environ, PYTHON=str(wrapper), STUB_LOG=str(log))
+    env = dict(os.environ, PYTHON=str(wrapper), STUB_LOG=str(log), DEVICE='cpu')   # a 400k-step script on the CPU
     env.pop('SEEDS', None)
     return env, log
 
@@ -373,3 +417,22 @@ def test_the_demo_without_seeds_trains_each_method_once_and_prints_plain_numbers
     [row] = [line for line in result.stdout.splitlines() if line.split()[:1] == ['1']]
     assert row.split()[1:] == ['1.111'] * 5                          # seed 1111 / 1000, no spread
     assert '±' not in result.stdout and 'sample std' not in result.stdout
+
+
+def test_the_tables_printed_in_the_docs_name_their_checkpoint_as_eval_py_does():
+    """Every table copied into README.md and docs/ carries the line eval.py prints above it: the rule, then which
+    column comes from which kept checkpoint."""
+    lines = []
+    for path in [os.path.join(REPO, 'README.md'), *glob.glob(os.path.join(REPO, 'docs', '*.md'))]:
+        with open(path) as f:
+            text = f.read()
+        for block in re.split(r'^```.*$', text, flags=re.M)[1::2]:           # the fenced blocks
+            if re.search(r'^ +k  +[A-Z]', block, re.M):                           # a table of runs
+                first = block.strip('\n').splitlines()[1 if block.lstrip('\n').startswith('Test ') else 0]
+                lines.append((path, first))
+    assert len(lines) >= 3
+    rules = tuple(f'checkpoint: {words}: ' for words in evaluation.RULE_WORDS.values())
+    for path, line in lines:
+        assert line.startswith(rules), (path, line)
+        for group in line.split(': ', 2)[2].split('; '):
+            assert group.split(' from ', 1)[1] in evaluation.CHECKPOINT_WORDS.values(), (path, group)

@@ -65,7 +65,7 @@ def read_results(run_dir, name='results.json'):
 def settings(method, gate, k, experts, checkpoint):
     """The HParams columns of the runs here, written out."""
     return {'method': method, 'gate': gate, 'k': k, 'experts': experts, 'layers': 2, 'd_model': 16, 'dropout': 0.1,
-            'lr': 0.00025, 'steps': 6, 'batch': 4, 'dataset': 'synthetic', 'seed': 1111, 'checkpoint': checkpoint}
+            'lr': 0.00025, 'steps': 6, 'batch': 4, 'dataset': 'synthetic', 'seed': '1111', 'checkpoint': checkpoint}
 
 
 @pytest.fixture(scope='module')
@@ -113,7 +113,7 @@ def test_a_runs_hparams_row_holds_its_settings_and_the_test_of_its_training_k_ch
 def test_a_dynamic_k_run_shows_the_test_of_its_all_experts_checkpoint_from_its_step(dynamic_k_run):
     events = read_events(dynamic_k_run)
     values, metrics, _ = hparams_row(events)
-    assert values == settings('HyperRouter', 'HyperRouterGate', '1-4 linear_increase', 4, 'best_dense')
+    assert values == settings('HyperRouter', 'HyperRouterGate', '1-3 linear_increase', 4, 'best_dense')  # k 3 at step 6
     results = read_results(dynamic_k_run)
     dense, best = results['best_dense'], results['best']
     assert (dense['step'], best['step']) == (2, 6) and dense['results'] != best['results']
@@ -204,20 +204,45 @@ def last_scalars(logdir):
     return {run: {tag: datum.value for tag, datum in tags.items()} for run, tags in found.items()}
 
 
-def test_eval_run_adds_its_test_to_the_hparams_row(tmp_path, synthetic_dir):
+def test_eval_run_adds_a_full_test_to_the_hparams_row_and_nothing_else(tmp_path, synthetic_dir, capsys):
+    """The run tests 2 windows (--max_eval_steps 2): a test of those windows (or of the whole split) at every k of
+    the row adds its numbers to the row; one of fewer windows or fewer k goes under a tag of its own, says so, and
+    leaves the row as it was."""
     run_dir = train_run(tmp_path / 'runs', synthetic_dir, *RUN)
-    eval_script.main(['--run', run_dir, '--max_eval_steps', '1', '--ks', '1,2,4'])   # other windows: other numbers
-    newer, older = read_results(run_dir, 'eval_test.json')['best'], read_results(run_dir)['best']
-    assert newer['results'] != older['results']
-    [row] = last_scalars(os.path.dirname(run_dir)).values()
-    assert {k: row[f'test/bpc/k{k}'] for k in ('1', '2', '4')} == pytest.approx(newer['results'], rel=1e-6)
+    full = read_results(run_dir)['best']
+    eval_script.main(['--run', run_dir, '--max_eval_steps', '2', '--ks', '1,2,4'])      # the run's own test again
+    assert read_results(run_dir, 'eval_test.json')['best']['results'] == full['results']
+    assert len(scalar_points(read_events(run_dir), 'test/bpc/k1')) == 2                 # the run's, then eval.py's
+    capsys.readouterr()
+    for partial, tag in ((['--max_eval_steps', '1', '--ks', '1,2,4'], 'eval_test_max_eval_steps_1/bpc/k1'),
+                         (['--max_eval_steps', '2', '--ks', '1,4'], 'eval_test_ks_1-4/bpc/k1')):
+        eval_script.main(['--run', run_dir, *partial])
+        assert 'not written to the HParams row (test/bpc/k<k>)' in capsys.readouterr().out
+        [row] = last_scalars(os.path.dirname(run_dir)).values()
+        assert row[tag] == pytest.approx(read_results(run_dir, 'eval_test.json')['best']['results']['1'], rel=1e-6)
+        assert {k: row[f'test/bpc/k{k}'] for k in ('1', '2', '4')} == pytest.approx(full['results'], rel=1e-6)
+        assert len(scalar_points(read_events(run_dir), 'test/bpc/k1')) == 2
+    assert row['eval_test_max_eval_steps_1/bpc/k1'] != pytest.approx(full['results']['1'], rel=1e-6)
     eval_script.main(['--run', run_dir, '--split', 'valid', '--max_eval_steps', '1', '--ks', '1,2,4'])
     [row] = last_scalars(os.path.dirname(run_dir)).values()
-    assert row['eval_valid/bpc/k1'] == pytest.approx(read_results(run_dir, 'eval_valid.json')['best']['results']['1'],
-                                                     rel=1e-6)
-    assert row['test/bpc/k1'] == pytest.approx(newer['results']['1'], rel=1e-6)     # the test column stays
+    assert row['eval_valid_max_eval_steps_1/bpc/k1'] == pytest.approx(
+        read_results(run_dir, 'eval_valid.json')['best']['results']['1'], rel=1e-6)
+    assert row['test/bpc/k1'] == pytest.approx(full['results']['1'], rel=1e-6)     # the test column stays
     values, metrics, _ = hparams_row(read_events(run_dir))
     assert values['checkpoint'] == 'best' and metrics == ['test/bpc/k1', 'test/bpc/k2', 'test/bpc/k4']
+
+
+def test_each_validation_curve_has_a_tag_of_its_own(fixed_k_run):
+    """An MoE run validates twice at each validation step (all experts, k = --moe-top-k): two curves, two tags, one
+    point per step each, holding what metrics.jsonl says of each."""
+    run_dir, _ = fixed_k_run
+    events = read_events(run_dir)
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f if '"valid"' in line and '"experts"' in line]
+    for experts, tag in (('all', 'valid/all_experts/bpc'), ('top_k', 'valid/k2/bpc')):
+        expected = [(r['step'], pytest.approx(r['bpc'], rel=1e-6)) for r in records if r['experts'] == experts]
+        assert scalar_points(events, tag) == expected and [s for s, _ in expected] == [3, 6]
+    assert 'valid/bpc' not in events.Tags()['tensors']
 
 
 def test_valid_ks_needs_moe_and_a_k_within_the_experts(capsys):

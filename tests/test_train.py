@@ -1,8 +1,11 @@
 """The training pipeline end to end on the built-in corpus, with a tiny model."""
 import glob
+import importlib.util
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import router_registry
 import train
 from hyper_router import top_k_schedule
 from moe import ROUTERS
+from run_records import resume_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ['--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8', '--d_inner', '16',
@@ -48,6 +52,7 @@ def test_a_run_writes_config_logs_events_checkpoints_and_results(tmp_path, synth
     with open(os.path.join(run_dir, 'config.json')) as f:
         config = json.load(f)
     assert config['model_config']['router']['name'] == 'hyper_router' and 'git_commit' in config
+    assert config['git_modified'] in (True, False)
     with open(os.path.join(run_dir, 'results.json')) as f:
         results = json.load(f)
     assert [r['checkpoint'] for r in results] == ['best', 'best_dense']
@@ -61,10 +66,12 @@ def test_a_run_writes_config_logs_events_checkpoints_and_results(tmp_path, synth
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(run_dir).Reload()
     scalars = set(events.Tags()['scalars'])
-    assert {'train/loss', 'train/bpc', 'train/lr', 'train/top_k', 'train/tokens_per_s', 'valid/bpc',
-            'valid/loss', 'router/entropy/layer0', 'router/entropy/layer1'} <= scalars
+    assert {'train/loss', 'train/bpc', 'train/lr', 'train/top_k', 'train/tokens_per_s', 'valid/all_experts/bpc',
+            'valid/all_experts/loss', 'valid/k2/bpc', 'valid/k2/loss', 'router/entropy/layer0',
+            'router/entropy/layer1'} <= scalars
     assert 'router/load/layer0' in events.Tags()['histograms']
-    assert [e.step for e in events.Scalars('valid/bpc')] == [3, 3, 6, 6]      # all experts, then k = 2
+    for tag in ('valid/all_experts/bpc', 'valid/k2/bpc'):
+        assert [e.step for e in events.Scalars(tag)] == [3, 6]                  # one curve per tag
 
     out = str(tmp_path / 'eval.json')
     eval_script.main(['--run', run_dir, '--max_eval_steps', '3', '--json', out])
@@ -193,6 +200,63 @@ def test_bad_flags_are_clear_errors(extra, message, capsys):
         train.parse_args(extra)
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_moe_index_outside_the_model_is_an_error_line_before_any_run_directory(tmp_path, synthetic_dir, capsys):
+    work = str(tmp_path / 'runs')
+    with pytest.raises(SystemExit) as stop:      # a table script's --moe_index 0,1,2,3 with --n_layer 2 (TINY_ARGS)
+        train.main(['--dataset', 'synthetic', '--data', synthetic_dir, '--work_dir', work, *TINY_ARGS, *MOE_ARGS,
+                    '--moe_index', '0,1,2,3'])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].split(': ', 1)[1] == (      # after the program's name
+        'error: --moe_index 0,1,2,3: layer(s) 2,3 outside the 2 layers (0..1) of --n_layer 2; give '
+        '--moe_index with layers below 2 (e.g. --moe_index 0,1) after --n_layer')
+    assert not os.path.exists(f'{work}-synthetic')
+    with pytest.raises(SystemExit):
+        train.parse_args([*MOE_ARGS, '--moe_index', 'all'])
+    assert 'needs comma-separated layer numbers' in capsys.readouterr().err
+
+
+def test_a_k_schedule_spans_the_run_and_one_longer_than_the_run_is_refused(capsys):
+    dynamic = [*MOE_ARGS, '--moe-num-expert', '16', '--dynamic_moe', '--moe-top-k-min', '8', '--moe-top-k-max', '16']
+    args = train.parse_args([*dynamic, '--max_step', '400000', '--max_step', '20'])
+    assert args.dynamic_overall_steps == 20
+    assert [train.current_top_k(s, args) for s in (0, 19)] == [8, 16]       # 8 + round(8 * 19 / 20) = 16
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args([*dynamic, '--dynamic_overall_steps', '400000', '--max_step', '20'])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert '--dynamic_overall_steps 400000 is longer than the run (--max_step 20)' in err and 'drop' in err
+    assert train.parse_args([*dynamic, '--dynamic_overall_steps', '10', '--max_step', '20']).dynamic_overall_steps == 10
+
+
+def test_the_resume_hint_is_a_command_line_that_resumes_the_run(tmp_path, synthetic_dir, capsys):
+    run_dir = run_train(tmp_path, synthetic_dir, *MOE_ARGS, '--max_step', '4', '--eval-interval', '2',
+                        '--stop_step', '2')
+    lines = capsys.readouterr().out.splitlines()
+    hint = lines[lines.index(next(line for line in lines if line.endswith('resume with:'))) + 1]
+    words = shlex.split(hint)
+    assert words[:2] == ['python', 'train.py'] and words[-3:] == ['--restart', '--restart_dir', run_dir]
+    train.main(words[2:])
+    assert os.path.isfile(os.path.join(run_dir, 'results.json'))
+    assert resume_command('python train.py --lr 1 --restart --restart_dir=old --restart-dir old --seed 2', 'a b') == \
+        "python train.py --lr 1 --seed 2 --restart --restart_dir 'a b'"        # a resumed run's own flags replaced
+
+
+def test_config_json_says_whether_the_sources_differ_from_the_commit(tmp_path):
+    """git_tree_modified of a copy of run_utils.py in a git repository of its own, clean and then edited."""
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    shutil.copy(os.path.join(REPO, 'run_utils.py'), repo)
+    git = ['git', '-c', 'user.name=t', '-c', 'user.email=t@t', '-C', str(repo)]
+    for command in (['init', '-q'], ['add', '.'], ['commit', '-q', '-m', 'x']):
+        subprocess.run([*git, *command], check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location('run_utils_copy', repo / 'run_utils.py')
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.git_tree_modified() is False
+    (repo / 'run_utils.py').write_text((repo / 'run_utils.py').read_text() + '# edited\n')
+    assert copy.git_tree_modified() is True
 
 
 def test_a_missing_data_folder_names_get_data_sh_without_a_traceback(tmp_path):

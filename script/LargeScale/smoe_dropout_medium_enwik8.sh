@@ -9,6 +9,9 @@
 #
 # Usage (from anywhere): bash script/LargeScale/smoe_dropout_medium_enwik8.sh [more train.py flags, which win]
 #   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+#   --max_step N shortens the run and its schedules alike; DEVICE=cpu to train more than 10000 steps on the CPU
+#   Runs go to runs/table2-enwik8/ (tensorboard --logdir runs/table2-enwik8 shows them side by side); to resume
+#   one, the same command with --restart --restart_dir RUN
 set -euo pipefail
 source "$(dirname "$0")/../launch.sh"
 launch train.py \
@@ -37,8 +40,7 @@ launch train.py \
     --moe_index 0,1,2,3,4,5,6,7 \
     --dynamic_moe \
     --dynamic_moe_mode linear_increase \
-    --dynamic_overall_steps 400000 \
     --moe-top-k-min 8 \
     --moe-top-k-max 16 \
-    --work_dir SMoE-Dropout-Medium \
+    --work_dir runs/table2-enwik8/SMoE-Dropout-Medium \
     "$@"

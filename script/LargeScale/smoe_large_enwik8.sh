@@ -3,7 +3,7 @@
 #
 # A trainable linear router with a fixed k = 2 and --dropout 0.0, as the last published version of
 # the original LargeScale smoe_* scripts (the paper's Table A1 lists no dropout, its C.1 says 0.1
-# for the architecture in general: see the README, "Differences"). Only one intermediate commit of
+# for the architecture in general: see docs/differences.md). Only one intermediate commit of
 # those scripts added --freeze_gate and the dynamic-k flags.
 # Large model: 12 layers, every FFN an MoE layer, 100k steps (paper C.1, C.2).
 # The published LargeScale scripts make only layers 0-3 MoE, and their "large" model has
@@ -11,6 +11,9 @@
 #
 # Usage (from anywhere): bash script/LargeScale/smoe_large_enwik8.sh [more train.py flags, which win]
 #   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+#   --max_step N shortens the run and its schedules alike; DEVICE=cpu to train more than 10000 steps on the CPU
+#   Runs go to runs/table2-enwik8/ (tensorboard --logdir runs/table2-enwik8 shows them side by side); to resume
+#   one, the same command with --restart --restart_dir RUN
 set -euo pipefail
 source "$(dirname "$0")/../launch.sh"
 launch train.py \
@@ -36,5 +39,5 @@ launch train.py \
     --moe --moe-num-expert 16 --moe-top-k 2 \
     --gate_name CustomNaiveGate \
     --moe_index 0,1,2,3,4,5,6,7,8,9,10,11 \
-    --work_dir SMoE-Large \
+    --work_dir runs/table2-enwik8/SMoE-Large \
     "$@"

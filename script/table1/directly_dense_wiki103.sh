@@ -6,6 +6,9 @@
 #
 # Usage (from anywhere): bash script/table1/directly_dense_wiki103.sh [more train.py flags, which win]
 #   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+#   --max_step N shortens the run and its schedules alike; DEVICE=cpu to train more than 10000 steps on the CPU
+#   Runs go to runs/table1-wt103/ (tensorboard --logdir runs/table1-wt103 shows them side by side); to resume
+#   one, the same command with --restart --restart_dir RUN
 set -euo pipefail
 source "$(dirname "$0")/../launch.sh"
 launch train.py \
@@ -28,5 +31,5 @@ launch train.py \
     --batch_size 22 \
     --eval-interval 4000 \
     --seed 1111 \
-    --work_dir Directly_Dense_Training-Wiki103 \
+    --work_dir runs/table1-wt103/Directly_Dense_Training-Wiki103 \
     "$@"

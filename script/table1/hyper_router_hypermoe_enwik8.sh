@@ -12,6 +12,9 @@
 #
 # Usage (from anywhere): bash script/table1/hyper_router_hypermoe_enwik8.sh [more train.py flags, which win]
 #   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+#   --max_step N shortens the run and its schedules alike; DEVICE=cpu to train more than 10000 steps on the CPU
+#   Runs go to runs/table1-enwik8/ (tensorboard --logdir runs/table1-enwik8 shows them side by side); to resume
+#   one, the same command with --restart --restart_dir RUN
 set -euo pipefail
 source "$(dirname "$0")/../launch.sh"
 launch train.py \
@@ -40,7 +43,6 @@ launch train.py \
     --moe_index 0,1,2,3 \
     --dynamic_moe \
     --dynamic_moe_mode linear_increase \
-    --dynamic_overall_steps 400000 \
     --moe-top-k-min 8 \
     --moe-top-k-max 16 \
     --moe_variant hypermoe \
@@ -48,5 +50,5 @@ launch train.py \
     --hypermoe_hidden 128 \
     --hypermoe_layer_emb_dim 10 \
     --hypermoe_adapter_dim 64 \
-    --work_dir Hyper-Router-HyperMoE-Enwik8 \
+    --work_dir runs/table1-enwik8/Hyper-Router-HyperMoE-Enwik8 \
     "$@"

@@ -11,11 +11,14 @@
 #   --importance_loss 0.01  cv^2 of the per-expert sum of gate values (HyperMoE's LM code, after Shazeer et al.)
 #   --load_loss 0.01        cv^2 of the noisy router's smooth load estimate (HyperMoE's LM code, after Shazeer et al.)
 # Dropout 0.1 on the experts' mixture only, not on the HyperExpert's output (as its LM code); the HyperMoE
-# modules start from the backbone's N(0, 0.02) init (as its LM code, README "HyperMoE").
+# modules start from the backbone's N(0, 0.02) init (as its LM code: docs/routing.md, "HyperMoE").
 # Small Transformer-XL (4 layers, d_model 256), 400k steps of batch 22 (paper Table A1).
 #
 # Usage (from anywhere): bash script/table1/hypermoe_enwik8.sh [more train.py flags, which win]
 #   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+#   --max_step N shortens the run and its schedules alike; DEVICE=cpu to train more than 10000 steps on the CPU
+#   Runs go to runs/table1-enwik8/ (tensorboard --logdir runs/table1-enwik8 shows them side by side); to resume
+#   one, the same command with --restart --restart_dir RUN
 set -euo pipefail
 source "$(dirname "$0")/../launch.sh"
 launch train.py \
@@ -48,5 +51,5 @@ launch train.py \
     --hypermoe_hidden 128 \
     --hypermoe_layer_emb_dim 10 \
     --hypermoe_adapter_dim 64 \
-    --work_dir HyperMoE-Enwik8 \
+    --work_dir runs/table1-enwik8/HyperMoE-Enwik8 \
     "$@"

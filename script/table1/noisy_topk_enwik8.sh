@@ -10,6 +10,9 @@
 #
 # Usage (from anywhere): bash script/table1/noisy_topk_enwik8.sh [more train.py flags, which win]
 #   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+#   --max_step N shortens the run and its schedules alike; DEVICE=cpu to train more than 10000 steps on the CPU
+#   Runs go to runs/table1-enwik8/ (tensorboard --logdir runs/table1-enwik8 shows them side by side); to resume
+#   one, the same command with --restart --restart_dir RUN
 set -euo pipefail
 source "$(dirname "$0")/../launch.sh"
 launch train.py \
@@ -35,5 +38,5 @@ launch train.py \
     --moe --moe-num-expert 16 --moe-top-k 2 \
     --gate_name noisy_topk \
     --moe_index 0,1,2,3 \
-    --work_dir NoisyTopK-Enwik8 \
+    --work_dir runs/table1-enwik8/NoisyTopK-Enwik8 \
     "$@"

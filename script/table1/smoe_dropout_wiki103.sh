@@ -7,6 +7,9 @@
 #
 # Usage (from anywhere): bash script/table1/smoe_dropout_wiki103.sh [more train.py flags, which win]
 #   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+#   --max_step N shortens the run and its schedules alike; DEVICE=cpu to train more than 10000 steps on the CPU
+#   Runs go to runs/table1-wt103/ (tensorboard --logdir runs/table1-wt103 shows them side by side); to resume
+#   one, the same command with --restart --restart_dir RUN
 set -euo pipefail
 source "$(dirname "$0")/../launch.sh"
 launch train.py \
@@ -35,8 +38,7 @@ launch train.py \
     --moe_index 0,1,2,3 \
     --dynamic_moe \
     --dynamic_moe_mode linear_increase \
-    --dynamic_overall_steps 400000 \
     --moe-top-k-min 8 \
     --moe-top-k-max 16 \
-    --work_dir SMoE-Dropout-Wiki103 \
+    --work_dir runs/table1-wt103/SMoE-Dropout-Wiki103 \
     "$@"

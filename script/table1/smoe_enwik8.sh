@@ -3,13 +3,16 @@
 #
 # A trainable linear router with a fixed k = 2 and no dropout, as the last published version of
 # the original smoe_* scripts (they leave --dropout at the original train.py's default 0.0; the
-# paper's Table A1 lists no dropout, its C.1 says 0.1 for the architecture in general: see the
-# README, "Differences"). Only one intermediate commit of those scripts added --freeze_gate and
+# paper's Table A1 lists no dropout, its C.1 says 0.1 for the architecture in general: see
+# docs/differences.md). Only one intermediate commit of those scripts added --freeze_gate and
 # the dynamic-k flags.
 # Small Transformer-XL (4 layers, d_model 256), 400k steps of batch 22 (paper Table A1).
 #
 # Usage (from anywhere): bash script/table1/smoe_enwik8.sh [more train.py flags, which win]
 #   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+#   --max_step N shortens the run and its schedules alike; DEVICE=cpu to train more than 10000 steps on the CPU
+#   Runs go to runs/table1-enwik8/ (tensorboard --logdir runs/table1-enwik8 shows them side by side); to resume
+#   one, the same command with --restart --restart_dir RUN
 set -euo pipefail
 source "$(dirname "$0")/../launch.sh"
 launch train.py \
@@ -35,5 +38,5 @@ launch train.py \
     --moe --moe-num-expert 16 --moe-top-k 2 \
     --gate_name CustomNaiveGate \
     --moe_index 0,1,2,3 \
-    --work_dir SMoE-Enwik8 \
+    --work_dir runs/table1-enwik8/SMoE-Enwik8 \
     "$@"

@@ -15,6 +15,9 @@
 #
 # Usage (from anywhere): bash script/table1/thor_wiki103.sh [more train.py flags, which win]
 #   DATA=path/to/data (relative to the repository root)  N_GPU=4 (torchrun)  PYTHON=python3
+#   --max_step N shortens the run and its schedules alike; DEVICE=cpu to train more than 10000 steps on the CPU
+#   Runs go to runs/table1-wt103/ (tensorboard --logdir runs/table1-wt103 shows them side by side); to resume
+#   one, the same command with --restart --restart_dir RUN
 set -euo pipefail
 source "$(dirname "$0")/../launch.sh"
 launch train.py \
@@ -43,5 +46,5 @@ launch train.py \
     --thor_alpha 5.0 \
     --thor_inference random \
     --moe_index 0,1,2,3 \
-    --work_dir THOR-Wiki103 \
+    --work_dir runs/table1-wt103/THOR-Wiki103 \
     "$@"
