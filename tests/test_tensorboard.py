@@ -113,7 +113,7 @@ def test_a_runs_hparams_row_holds_its_settings_and_the_test_of_its_training_k_ch
 def test_a_dynamic_k_run_shows_the_test_of_its_all_experts_checkpoint_from_its_step(dynamic_k_run):
     events = read_events(dynamic_k_run)
     values, metrics, _ = hparams_row(events)
-    assert values == settings('HyperRouter', 'HyperRouterGate', '1-3 linear_increase', 4, 'best_dense')  # k 3 at step 6
+    assert values == settings('HyperRouter', 'hyper_router', '1-3 linear_increase', 4, 'best_dense')  # k 3 at step 6
     results = read_results(dynamic_k_run)
     dense, best = results['best_dense'], results['best']
     assert (dense['step'], best['step']) == (2, 6) and dense['results'] != best['results']
