@@ -173,6 +173,22 @@ class SimGenerator(torch.Generator):
         return self._device
 
 
+class SimStream:
+    """The current stream of the simulated device: never capturing a CUDA graph (what Adam's step asks)."""
+    device = CUDA
+    device_index = 0
+    device_type = 'cuda'
+
+    def is_capturing(self):
+        return False
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
 _ACTIVE = []
 
 
@@ -422,6 +438,17 @@ class SimulatedCuda:
             (cuda, 'get_rng_state_all'): lambda: [torch.zeros(16, dtype=torch.uint8)],
             (cuda, 'set_rng_state'): lambda state, device='cuda': None,
             (cuda, 'set_rng_state_all'): lambda states: None,
+            (cuda, 'current_stream'): lambda device=None: SimStream(),
+            (cuda, 'is_current_stream_capturing'): lambda: False,
+            # torch.accelerator (Adam's graph-capture health check asks it for the current stream): answered here,
+            # so that neither a CPU build (no accelerator compiled in) nor a CUDA build without a driver is asked
+            (torch.accelerator, 'current_accelerator'): lambda check_available=False: torch.device('cuda'),
+            (torch.accelerator, 'is_available'): lambda: True,
+            (torch.accelerator, 'device_count'): lambda: 1,
+            (torch.accelerator, 'current_device_index'): lambda: 0,
+            (torch.accelerator, 'set_device_index'): lambda device: None,
+            (torch.accelerator, 'current_stream'): lambda device=None: SimStream(),
+            (torch.accelerator, 'synchronize'): lambda device=None: None,
             (torch, 'Generator'): SimGenerator,
             (torch, 'autocast'): SimAutocast,
             (torch.nn.functional, 'one_hot'): one_hot,

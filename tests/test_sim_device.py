@@ -50,6 +50,22 @@ def test_the_simulated_device_takes_cudas_autocast_and_its_engine_choice():
         assert describe_engine(model, torch.device('cuda', 0), torch.bfloat16).startswith('moe engine: loop')
 
 
+def test_the_simulated_device_answers_torch_accelerator_so_adam_steps_on_any_torch_build():
+    # Adam's step asks torch.accelerator for the current stream (is a CUDA graph being captured?): a CPU build
+    # answers "no accelerator", a CUDA build without a driver raises; the simulation answers as one idle GPU
+    real = torch.accelerator.current_accelerator
+    with SimulatedCuda():
+        assert torch.accelerator.current_accelerator(check_available=True) == torch.device('cuda')
+        assert torch.accelerator.is_available() and torch.accelerator.device_count() == 1
+        assert not torch.accelerator.current_stream().is_capturing()
+        weight = torch.nn.Parameter(torch.ones(3, device='cuda'))
+        opt = torch.optim.Adam([weight], lr=0.5)
+        (weight * torch.arange(3.0, device='cuda')).sum().backward()
+        opt.step()
+        assert weight.detach().elem.tolist() == pytest.approx([1.0, 0.5, 0.5])    # Adam's first step: lr * sign(g)
+    assert torch.accelerator.current_accelerator is real               # a real GPU's answers come back
+
+
 # ----------------------------------------------------------------------------- training step, every router
 
 @pytest.fixture(scope='module')
