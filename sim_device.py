@@ -75,6 +75,10 @@ COPIES = {aten._to_copy.default, aten.copy_.default, aten.copy.default}
 # matrix products that CUDA computes from bf16 inputs with fp32 accumulation, rounding the output once; the sim
 # does the same in fp32 (the CPU's bf16 kernels are slow where the CPU lacks bf16 instructions)
 PRODUCTS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten._grouped_mm.default}
+# with compute='meta', the factories whose small outputs (at most SMALL elements) keep values, on the CPU
+FACTORIES = {aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.zeros.default,
+             aten.ones.default, aten.full.default, aten.arange.default, aten.arange.start, aten.arange.start_step}
+SMALL = 64
 MAX_GROUPS = 1023           # torch's CUDA grouped GEMM: TORCH_CHECK(group_count < 1024, "Can't process ...")
 TF32_DROPPED_BITS = 13      # fp32 keeps 23 mantissa bits, TF32 10: a TF32 matmul rounds its inputs to 10
 
@@ -273,6 +277,19 @@ def _widen(x):
     return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x
 
 
+def _to_meta(x):
+    return x.to('meta') if isinstance(x, torch.Tensor) and not x.is_meta else x
+
+
+def _even_group_ends(sorted_ids, groups, kwargs):
+    """compute='meta': searchsorted(sorted ids [S], arange(G), right=True) as if the S ids were spread evenly over
+    the G groups, with values (a CPU tensor), so that code reading its group sizes (the MoE loop engine's
+    .tolist()) runs at full size."""
+    n, n_group = sorted_ids.shape[-1], groups.shape[-1]
+    dtype = torch.int32 if kwargs.get('out_int32') else torch.long
+    return (torch.arange(1, n_group + 1) * n // n_group).to(dtype)
+
+
 def _tf32_on():
     return torch.backends.cuda.matmul.allow_tf32
 
@@ -321,6 +338,8 @@ class SimDispatch(TorchDispatchMode):
                 return self._meta_read(func, args)
         if func in COPIES:
             return self._copy(func, args, kwargs, on_sim, to_sim)
+        if func is aten.searchsorted.Tensor and on_sim and self.sim.compute == 'meta':
+            return SimTensor(_even_group_ends(args[0], args[1], kwargs))
         if on_sim and cpu and torch._C._current_autograd_node() is not None:
             # an autograd formula made it from a SimTensor's options(), whose device is the TensorImpl's (the CPU;
             # torch 2.11's topk backward: zeros(grad.options()).scatter(...)): on CUDA it is on the device
@@ -354,7 +373,14 @@ class SimDispatch(TorchDispatchMode):
                 return x
             return elems[id(x)] if id(x) in elems else SimTensor(x)
         args, kwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
-        if func in PRODUCTS and self.sim.compute == 'cpu' and args[0].dtype == torch.bfloat16:
+        if self.sim.compute == 'meta' and any(x.is_meta for x in tree_flatten((args, kwargs))[0]
+                                              if isinstance(x, torch.Tensor)):
+            args, kwargs = tree_map(_to_meta, (args, kwargs))      # the values of _even_group_ends join the shapes
+        if func in FACTORIES and self.sim.compute == 'meta':
+            out = func(*args, **kwargs)
+            if out.numel() <= SMALL:                                # with values, for _even_group_ends' users
+                out = func(*args, **dict(kwargs, device='cpu'))
+        elif func in PRODUCTS and self.sim.compute == 'cpu' and args[0].dtype == torch.bfloat16:
             out = func(*tree_map(_widen, args), **kwargs).to(torch.bfloat16)
         elif func in PRODUCTS and self.sim.compute == 'cpu' and args[0].dtype == torch.float32 and _tf32_on():
             out = func(*tree_map(_tf32_input, args), **kwargs)
@@ -643,3 +669,18 @@ def _patched(owner, name, value):
         yield
     finally:
         setattr(owner, name, old)
+
+
+def main(argv):
+    """python sim_device.py SCRIPT [ARGS...]: SCRIPT run as __main__ on the simulated H100 (gpu_check's dry run)."""
+    import runpy
+    import sys
+    sys.argv = list(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+    with SimulatedCuda():
+        runpy.run_path(argv[0], run_name='__main__')
+
+
+if __name__ == '__main__':
+    import sys
+    main(sys.argv[1:])
