@@ -257,6 +257,8 @@ def main(argv=None):
                  'or give --device cpu (or --simulate)')
     sizes = dict(SIZES['quick' if args.quick else 'full'])
     sizes['steps'] = args.steps or sizes['steps']
+    if args.simulate:                 # the comparisons compute on the CPU: a shorter batch keeps the dry run short
+        sizes.update(cmp_bsz=2, cmp_len=32)
     sizes['warmup'] = sizes['warmup'] if args.warmup is None else args.warmup
     cfg = dict(MODEL, **sizes.get('model', {}))
     os.makedirs(args.work, exist_ok=True)

@@ -25,17 +25,24 @@ OUT=${OUT:-.}
 WORK=${WORK:-/tmp/gpu_check}
 BUDGET=${BUDGET:-460}
 export PYTHONUNBUFFERED=1
-torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>&1 | tail -1)
-"$PYTHON" -c 'import torch, torch_version; torch_version.check_torch(torch.__version__)' >/dev/null 2>&1 || {
-    echo "error: $PYTHON cannot run this code's torch ($torch_version); give PYTHON=a python with torch >= 2.11" >&2
-    exit 2
-}
-if [ "$DEVICE" = cuda ]; then      # before anything else: without a GPU the full-size steps would crawl on the CPU
-    "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' || {
-        echo "error: DEVICE=cuda but torch $torch_version sees no CUDA device; run on a GPU machine, or give DEVICE=cpu for the shortened CPU form (DEVICE=sim: the simulated GPU)" >&2
-        exit 2
-    }
-fi
+preflight=$("$PYTHON" - 2>&1 <<'EOF'
+import sys
+import torch
+import torch_version
+print(torch.__version__)
+torch_version.check_torch(torch.__version__)          # below the oldest torch this code runs on: one error line
+sys.exit(0 if torch.cuda.is_available() else 3)
+EOF
+)
+case $? in
+    0) ;;
+    3) if [ "$DEVICE" = cuda ]; then   # before anything else: without a GPU the full-size steps would crawl
+           echo "error: DEVICE=cuda but torch $(head -1 <<< "$preflight") sees no CUDA device; run on a GPU machine, or give DEVICE=cpu for the shortened CPU form (DEVICE=sim: the simulated GPU)" >&2
+           exit 2
+       fi ;;
+    *) echo "error: $PYTHON cannot run this code's torch ($(tail -1 <<< "$preflight")); give PYTHON=a python with torch >= 2.11" >&2
+       exit 2 ;;
+esac
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT" || exit 2
 case $DEVICE in
     cpu) STEPS=${STEPS:-5}; HELPER=(--device cpu --quick)
