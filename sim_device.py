@@ -339,7 +339,9 @@ class SimDispatch(TorchDispatchMode):
         if func in COPIES:
             return self._copy(func, args, kwargs, on_sim, to_sim)
         if func is aten.searchsorted.Tensor and on_sim and self.sim.compute == 'meta':
-            return SimTensor(_even_group_ends(args[0], args[1], kwargs))
+            out = SimTensor(_even_group_ends(args[0], args[1], kwargs))
+            self.sim.count(func, args, kwargs, out)
+            return out
         if on_sim and cpu and torch._C._current_autograd_node() is not None:
             # an autograd formula made it from a SimTensor's options(), whose device is the TensorImpl's (the CPU;
             # torch 2.11's topk backward: zeros(grad.options()).scatter(...)): on CUDA it is on the device
