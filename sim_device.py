@@ -1,5 +1,5 @@
 """A simulated CUDA device (tests, bench.py's trace, gpu_check's dry run): tensors that say they are on cuda:0,
-their data elsewhere. One file of about 600 lines: the dispatch mode and the patches of torch.* it needs are one
+their data elsewhere. One file of about 700 lines: the dispatch mode and the patches of torch.* it needs are one
 mechanism, read together.
 
     with SimulatedCuda() as sim:                        # torch.cuda.* and torch.accelerator answer as one H100
@@ -672,17 +672,3 @@ def _patched(owner, name, value):
     finally:
         setattr(owner, name, old)
 
-
-def main(argv):
-    """python sim_device.py SCRIPT [ARGS...]: SCRIPT run as __main__ on the simulated H100 (gpu_check's dry run)."""
-    import runpy
-    import sys
-    sys.argv = list(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
-    with SimulatedCuda():
-        runpy.run_path(argv[0], run_name='__main__')
-
-
-if __name__ == '__main__':
-    import sys
-    main(sys.argv[1:])

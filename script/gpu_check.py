@@ -211,7 +211,12 @@ def check_resume(cfg, device, sizes, args):
 
     def run(name, *extra):
         work = os.path.join(args.work, 'resume', name)
-        subprocess.run([*flags, '--work_dir', work, *extra], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        if args.simulate:                   # in this process, on the simulated GPU (no second torch import)
+            import train
+            with args.compute('cpu'), contextlib.redirect_stdout(open(os.devnull, 'w')):
+                train.main([*flags[len(args.python) + 1:], '--work_dir', work, *extra])
+        else:
+            subprocess.run([*flags, '--work_dir', work, *extra], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
         run_dir = max(glob.glob(work + '-synthetic/*'), key=os.path.getmtime)      # this run's, the newest
         with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
             return run_dir, [r['loss'] for r in map(json.loads, f) if r['split'] == 'valid']
@@ -232,8 +237,7 @@ def simulation():
     """--simulate: the checks on sim_device.py's H100; the timed steps at full size in shapes only (compute='meta',
     seconds on a CPU), the comparisons with the CPU and the resume with the data."""
     from sim_device import SimulatedCuda
-    return dict(compute=lambda kind: SimulatedCuda(compute='cpu' if kind == 'cpu' else 'meta'),
-                python=[sys.executable, os.path.join(REPO, 'sim_device.py')])
+    return dict(compute=lambda kind: SimulatedCuda(compute='cpu' if kind == 'cpu' else 'meta'))
 
 
 def main(argv=None):
