@@ -1,11 +1,15 @@
-"""A simulated CUDA device (tests, bench.py's trace): tensors that say they are on cuda:0, their data elsewhere.
+"""A simulated CUDA device (tests, bench.py's trace, gpu_check's dry run): tensors that say they are on cuda:0,
+their data elsewhere. One file of about 700 lines: the dispatch mode and the patches of torch.* it needs are one
+mechanism, read together.
 
-    with SimulatedCuda() as sim:                        # torch.cuda.* answers as one H100 would
+    with SimulatedCuda() as sim:                        # torch.cuda.* and torch.accelerator answer as one H100
         model = tiny_model().to(sim.device)             # parameters become SimTensors on "cuda:0"
         with torch.autocast('cuda', dtype=torch.bfloat16):
             loss = model(data.to(sim.device), ...)      # the code's CUDA branches: grouped engine, fused attention
         loss.backward()
     sim.host_reads                                      # [(op, part, where)]: every read back to the host
+    sim.host_copies                                     # [(op, part, where)]: every synchronous host -> device copy
+    sim.host_syncs                                      # both: what torch.cuda.set_sync_debug_mode would flag
 
 Why this and not FakeTensorMode or the meta device (tried first): a fake CUDA tensor cannot take part in autograd
 on a CPU-only torch (its AccumulateGrad asks CUDA's device guard), and meta tensors are not 'cuda' to the code's
@@ -15,15 +19,34 @@ CUDA run takes). torch.autocast('cuda') sets CUDA's autocast state, which the co
 CPU's with the same dtype, which does the casting (C++ sees CPU tensors): the CPU's op lists stand in for
 CUDA's (matmuls, linear, attention in the low precision in both; a few reductions' lists differ).
 Every operator goes through `SimDispatch`, which runs it on the data (`elem`: a CPU tensor, or a meta tensor
-with `compute='meta'`, shapes only, for counting at full size), and:
-- raises SimDeviceError when an operator mixes a simulated-CUDA tensor with a CPU tensor that is not a 0-d
-  scalar (what CUDA refuses: a tensor made on the wrong device);
-- records a host read for every operator that synchronises with the host on CUDA (`.item()`, `.tolist()`,
-  `.cpu()`, nonzero, unique, bincount, boolean indexing, ...), with the model part it came from and the first
-  line of the repository's code on the stack;
-- counts the operators per part (attention, moe, rest, optimizer): a proxy of CUDA kernel launches.
-What it cannot show: CUDA's kernels themselves (their numerics, speed, memory), the sdpa dispatcher's choice
-(it runs the CPU's; `sdpa_backends` records the choice CUDA would make from the enabled backends), streams.
+with `compute='meta'`, shapes only, for counting at full size), and counts the operators per part (attention,
+moe, rest, optimizer): a proxy of CUDA kernel launches.
+
+What it refuses or records, as a GPU would (the API other code and tests rely on; keep it stable):
+- SimDeviceError when an operator mixes a simulated-CUDA tensor with a CPU tensor that is not a 0-d scalar
+  (a tensor made on the wrong device; in the backward, a tensor an autograd formula made is taken as the
+  device's);
+- `host_reads`: every operator that synchronises with the host on CUDA (`.item()`, `.tolist()`, `.cpu()`,
+  nonzero, unique, bincount, boolean indexing, ...), with the model part and the repository's line;
+- `host_copies`: every synchronous host-to-device copy (`cpu_tensor.to('cuda')`, `.cuda()`, `copy_` into a
+  device tensor, `torch.tensor(list, device='cuda')`), as torch's copy waits for its stream; a copy with
+  `non_blocking=True` is not one;
+- `torch.cuda.set_sync_debug_mode('warn' | 'error')`, as on CUDA: at a host read or synchronous copy, a
+  UserWarning or a SimDeviceError 'called a synchronizing CUDA operation: <op> at <line>';
+- F.grouped_mm within torch's CUDA limits (`check_grouped_mm`): fewer than 1024 groups ("Can't process more
+  than 1024 groups"), int32 offsets, strides and base addresses on 16 bytes; the CPU's kernel has no group limit;
+- TF32: with `torch.backends.cuda.matmul.allow_tf32` on, fp32 matmul inputs (mm, bmm, addmm, baddbmm,
+  grouped_mm) are rounded to TF32's 10 mantissa bits (`round_to_tf32`), as CUDA's tensor cores read them;
+  attention (the CPU's sdpa) is not rounded. The TF32 flags are restored on exit;
+- CUDA's RNG: a generator of its own (`torch.cuda.manual_seed`, `get_rng_state`, `set_rng_state`), drawn from
+  by every random operator on the device, leaving the CPU's state alone, so a resume that restores the CPU's
+  state and forgets the device's gives other draws, as on a GPU;
+- `torch.accelerator` (Adam's step asks it whether a CUDA graph is being captured) answered as one idle GPU, on
+  a CPU build and on a CUDA build without a driver; everything patched is put back on exit, so a real GPU's
+  answers are untouched outside the context.
+What it cannot show: CUDA's kernels themselves (their speed, memory; numerics beyond TF32's input rounding and
+bf16's output rounding), the sdpa dispatcher's choice (it runs the CPU's; `sdpa_backends` records the choice
+CUDA would make from the enabled backends), streams, the nondeterminism of atomics.
 """
 import bisect
 import collections
@@ -31,6 +54,7 @@ import contextlib
 import importlib
 import os
 import traceback
+import warnings
 
 import torch
 import torch.nn.utils.clip_grad
@@ -51,10 +75,25 @@ COPIES = {aten._to_copy.default, aten.copy_.default, aten.copy.default}
 # matrix products that CUDA computes from bf16 inputs with fp32 accumulation, rounding the output once; the sim
 # does the same in fp32 (the CPU's bf16 kernels are slow where the CPU lacks bf16 instructions)
 PRODUCTS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten._grouped_mm.default}
+# with compute='meta', the factories whose small outputs (at most SMALL elements) keep values, on the CPU
+FACTORIES = {aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.zeros.default,
+             aten.ones.default, aten.full.default, aten.arange.default, aten.arange.start, aten.arange.start_step}
+SMALL = 64
+MAX_GROUPS = 1023           # torch's CUDA grouped GEMM: TORCH_CHECK(group_count < 1024, "Can't process ...")
+TF32_DROPPED_BITS = 13      # fp32 keeps 23 mantissa bits, TF32 10: a TF32 matmul rounds its inputs to 10
 
 
 class SimDeviceError(RuntimeError):
-    """An operator mixed a tensor on the simulated CUDA device with a CPU tensor (CUDA would refuse)."""
+    """What CUDA would refuse: a CPU tensor beside a device one, grouped_mm outside its limits, a host sync
+    under torch.cuda.set_sync_debug_mode('error')."""
+
+
+def round_to_tf32(x):
+    """fp32 values rounded to TF32's 10 mantissa bits (to nearest, ties to even), as a TF32 matmul reads them."""
+    bits = x.contiguous().view(torch.int32)
+    lowest_kept = (bits >> TF32_DROPPED_BITS) & 1
+    bits = (bits + ((1 << (TF32_DROPPED_BITS - 1)) - 1) + lowest_kept) & ~((1 << TF32_DROPPED_BITS) - 1)
+    return bits.view(torch.float32).view(x.shape)
 
 
 class SimTensor(torch.Tensor):
@@ -140,6 +179,34 @@ def one_hot(tensor, num_classes=-1):
     return out.scatter_(-1, tensor.unsqueeze(-1), 1)
 
 
+def _indexed(device):
+    """'cuda' as cuda:0: the C++ would ask the CUDA runtime for the current device."""
+    return CUDA if isinstance(device, (str, torch.device)) and _is_cuda(device) else device
+
+
+REAL_TO = torch.Tensor.to
+
+
+def tensor_to(self, *args, **kwargs):
+    """Tensor.to('cuda') as Tensor.to('cuda:0')."""
+    args = [_indexed(a) for a in args]
+    if 'device' in kwargs:
+        kwargs['device'] = _indexed(kwargs['device'])
+    return REAL_TO(self, *args, **kwargs)
+
+
+def from_host_data(make):
+    """torch.tensor / torch.as_tensor with device='cuda': made on the host, then copied to the device, as torch
+    does (a synchronous copy, counted); the C++ would ask the CUDA runtime for the device."""
+    def made_on_host(data, *args, device=None, **kwargs):
+        if not _is_cuda(device):
+            return make(data, *args, device=device, **kwargs)
+        if isinstance(data, SimTensor):
+            return make(data, *args, **kwargs)
+        return make(data, *args, **kwargs).to(CUDA)
+    return made_on_host
+
+
 class SimAutocast(REAL_AUTOCAST):
     """torch.autocast: for 'cuda', CUDA's state (queried by the code) and the CPU's (which casts SimTensors)."""
 
@@ -173,6 +240,22 @@ class SimGenerator(torch.Generator):
         return self._device
 
 
+class SimStream:
+    """The current stream of the simulated device: never capturing a CUDA graph (what Adam's step asks)."""
+    device = CUDA
+    device_index = 0
+    device_type = 'cuda'
+
+    def is_capturing(self):
+        return False
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
 _ACTIVE = []
 
 
@@ -192,6 +275,46 @@ def _data(x):
 
 def _widen(x):
     return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x
+
+
+def _to_meta(x):
+    return x.to('meta') if isinstance(x, torch.Tensor) and not x.is_meta else x
+
+
+def _even_group_ends(sorted_ids, groups, kwargs):
+    """compute='meta': searchsorted(sorted ids [S], arange(G), right=True) as if the S ids were spread evenly over
+    the G groups, with values (a CPU tensor), so that code reading its group sizes (the MoE loop engine's
+    .tolist()) runs at full size."""
+    n, n_group = sorted_ids.shape[-1], groups.shape[-1]
+    dtype = torch.int32 if kwargs.get('out_int32') else torch.long
+    return (torch.arange(1, n_group + 1) * n // n_group).to(dtype)
+
+
+def _tf32_on():
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def _tf32_input(x):
+    """A matmul's fp32 operand as TF32 reads it (offsets and scalars pass)."""
+    return round_to_tf32(x) if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x
+
+
+def check_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """torch's CUDA checks of F.grouped_mm that its CPU kernel lacks: fewer than 1024 groups, int32 offsets,
+    rows and base addresses on 16 bytes (the CUTLASS kernel's TMA loads); SimDeviceError with torch's words."""
+    groups = offs.size(0) if offs is not None else (mat_a if mat_a.dim() == 3 else mat_b).size(0)
+    if groups > MAX_GROUPS:
+        raise SimDeviceError(f"Can't process more than 1024 groups (got {groups}; torch's CUDA grouped_mm)")
+    if offs is not None and offs.dtype != torch.int32:
+        raise SimDeviceError(f'Offsets have to be int32 (got {offs.dtype}; CUDA grouped_mm)')
+    for name, mat in (('mat_a', mat_a), ('mat_b', mat_b)):
+        alignment = 16 // mat.element_size()
+        rows, cols = mat.stride()[-2:]
+        if cols == 1 and rows % alignment or rows == 1 and cols % alignment:
+            raise SimDeviceError(f'Expected {name} stride {mat.stride()} to be a multiple of 16 bytes in its '
+                                 f'leading dimension (CUDA grouped_mm)')
+        if mat.storage_offset() * mat.element_size() % 16:
+            raise SimDeviceError(f'Expected {name} data_ptr to be aligned to 16 bytes (CUDA grouped_mm)')
 
 
 class SimDispatch(TorchDispatchMode):
@@ -215,12 +338,26 @@ class SimDispatch(TorchDispatchMode):
                 return self._meta_read(func, args)
         if func in COPIES:
             return self._copy(func, args, kwargs, on_sim, to_sim)
+        if func is aten.searchsorted.Tensor and on_sim and self.sim.compute == 'meta':
+            out = SimTensor(_even_group_ends(args[0], args[1], kwargs))
+            self.sim.count(func, args, kwargs, out)
+            return out
+        if on_sim and cpu and torch._C._current_autograd_node() is not None:
+            # an autograd formula made it from a SimTensor's options(), whose device is the TensorImpl's (the CPU;
+            # torch 2.11's topk backward: zeros(grad.options()).scatter(...)): on CUDA it is on the device
+            args, kwargs = tree_map(lambda x: SimTensor(x) if any(x is c for c in cpu) else x, (args, kwargs))
+            cpu = []
         if on_sim and cpu:
             raise SimDeviceError(f'{func} got a CPU tensor of shape {tuple(cpu[0].shape)} beside tensors on cuda:0 '
                                  f'(made on the wrong device?); at {self.sim.where()}')
         if not (on_sim or to_sim):
             return func(*args, **kwargs)
-        out = self._run(func, args, kwargs)
+        if func is aten._grouped_mm.default:
+            check_grouped_mm(*tree_map(_data, args), **tree_map(_data, kwargs))
+        if torch.Tag.nondeterministic_seeded in func.tags and self.sim.compute == 'cpu':
+            out = self.sim.with_cuda_rng(lambda: self._run(func, args, kwargs))
+        else:
+            out = self._run(func, args, kwargs)
         self.sim.count(func, args, kwargs, out)
         return out
 
@@ -238,8 +375,17 @@ class SimDispatch(TorchDispatchMode):
                 return x
             return elems[id(x)] if id(x) in elems else SimTensor(x)
         args, kwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
-        if func in PRODUCTS and self.sim.compute == 'cpu' and args[0].dtype == torch.bfloat16:
+        if self.sim.compute == 'meta' and any(x.is_meta for x in tree_flatten((args, kwargs))[0]
+                                              if isinstance(x, torch.Tensor)):
+            args, kwargs = tree_map(_to_meta, (args, kwargs))      # the values of _even_group_ends join the shapes
+        if func in FACTORIES and self.sim.compute == 'meta':
+            out = func(*args, **kwargs)
+            if out.numel() <= SMALL:                                # with values, for _even_group_ends' users
+                out = func(*args, **dict(kwargs, device='cpu'))
+        elif func in PRODUCTS and self.sim.compute == 'cpu' and args[0].dtype == torch.bfloat16:
             out = func(*tree_map(_widen, args), **kwargs).to(torch.bfloat16)
+        elif func in PRODUCTS and self.sim.compute == 'cpu' and args[0].dtype == torch.float32 and _tf32_on():
+            out = func(*tree_map(_tf32_input, args), **kwargs)
         else:
             out = func(*args, **kwargs)
         return tree_map(wrap_output, out) if wrap else out
@@ -259,6 +405,8 @@ class SimDispatch(TorchDispatchMode):
                 return self._run(func, args, kwargs, wrap=False).to('cpu')
             if not (on_sim or to_sim):
                 return func(*args, **kwargs)
+            if to_sim and not on_sim and not kwargs.get('non_blocking', False):    # host -> device, synchronous
+                self.sim.host_copy('to cuda', args[0])
             out = self._run(func, args, kwargs)
             self.sim.count(func, args, kwargs, out)
             return out
@@ -269,6 +417,8 @@ class SimDispatch(TorchDispatchMode):
         if not (on_sim or to_sim):
             return func(*args, **kwargs)
         if isinstance(dst, SimTensor) and not isinstance(src, SimTensor):     # host -> device
+            if not (args[2:] and args[2]) and not kwargs.get('non_blocking', False):
+                self.sim.host_copy('copy_ to cuda', src)
             src = src.to(self.sim.data_device)
         out = self._run(func, (dst, src, *args[2:]), kwargs)
         self.sim.count(func, args, kwargs, out)
@@ -297,6 +447,9 @@ class SimulatedCuda:
         self.bytes = {}                 # part -> bytes its operators read and write (measure_cost)
         self.data_device = torch.device(compute)
         self.host_reads = []            # [(what, part, first line of the repository's code on the stack)]
+        self.host_copies = []           # [(what, part, line)]: synchronous host-to-device copies
+        self.sync_debug_mode = 0        # torch.cuda.set_sync_debug_mode: 0 default, 1 warn, 2 error
+        self.cuda_rng = torch.Generator().manual_seed(0).get_state()    # the device's default generator
         self.op_counts = {}             # part -> operators run on the device
         self.op_names = collections.Counter()   # operator name -> times run on the device
         self.sdpa_backends = []         # the backend CUDA would choose for each scaled_dot_product_attention
@@ -339,10 +492,50 @@ class SimulatedCuda:
         return f'{os.path.relpath(frames[-1].filename, REPO)}:{frames[-1].lineno}' if frames else '?'
 
     def host_read(self, what):
-        self.host_reads.append((what, self.part(), self.where()))
+        self._sync(what, self.host_reads)
+
+    def host_copy(self, what, src):
+        """A synchronous copy from the host (torch's copy_ waits for its stream unless non_blocking)."""
+        self._sync(f'{what} {tuple(src.shape)}', self.host_copies)
+
+    def _sync(self, what, records):
+        """Recorded; and what torch.cuda.set_sync_debug_mode asks of a synchronizing operation."""
+        where = self.where()
+        records.append((what, self.part(), where))
+        message = f'called a synchronizing CUDA operation: {what} at {where}'
+        if self.sync_debug_mode == 2:
+            raise SimDeviceError(message)
+        if self.sync_debug_mode == 1:
+            warnings.warn(message, stacklevel=2)
+
+    def set_sync_debug_mode(self, mode):
+        self.sync_debug_mode = {'default': 0, 'warn': 1, 'error': 2}.get(mode, mode)
+
+    @property
+    def host_syncs(self):
+        """Every operation that would synchronise the host with the GPU: the reads and the synchronous copies."""
+        return self.host_reads + self.host_copies
+
+    # ------------------------------------------------------------------ CUDA's RNG
+    def with_cuda_rng(self, run):
+        """run() drawing from the device's generator, not the CPU's (whose state is left as it was)."""
+        cpu_state = torch.get_rng_state()
+        torch.set_rng_state(self.cuda_rng)
+        try:
+            return run()
+        finally:
+            self.cuda_rng = torch.get_rng_state()
+            torch.set_rng_state(cpu_state)
+
+    def cuda_manual_seed(self, seed):
+        self.cuda_rng = torch.Generator().manual_seed(int(seed)).get_state()
+
+    def set_cuda_rng_state(self, state, device='cuda'):
+        self.cuda_rng = state.clone()
 
     def reset_counts(self):
         self.host_reads.clear()
+        self.host_copies.clear()
         self.op_counts.clear()
         self.op_names.clear()
         self.sdpa_backends.clear()
@@ -416,12 +609,31 @@ class SimulatedCuda:
             (cuda, 'is_bf16_supported'): lambda *a, **k: True,
             (cuda, 'max_memory_allocated'): lambda device=None: 0,
             (cuda, 'reset_peak_memory_stats'): lambda device=None: None,
-            (cuda, 'manual_seed'): lambda seed: None,
-            (cuda, 'manual_seed_all'): lambda seed: None,
-            (cuda, 'get_rng_state'): lambda device='cuda': torch.zeros(16, dtype=torch.uint8),
-            (cuda, 'get_rng_state_all'): lambda: [torch.zeros(16, dtype=torch.uint8)],
-            (cuda, 'set_rng_state'): lambda state, device='cuda': None,
-            (cuda, 'set_rng_state_all'): lambda states: None,
+            (cuda, 'manual_seed'): self.cuda_manual_seed,
+            (cuda, 'manual_seed_all'): self.cuda_manual_seed,
+            (cuda, 'seed'): lambda: self.cuda_manual_seed(torch.seed()),
+            (cuda, 'get_rng_state'): lambda device='cuda': self.cuda_rng.clone(),
+            (cuda, 'get_rng_state_all'): lambda: [self.cuda_rng.clone()],
+            (cuda, 'set_rng_state'): self.set_cuda_rng_state,
+            (cuda, 'set_rng_state_all'): lambda states: self.set_cuda_rng_state(states[0]),
+            (cuda, 'set_sync_debug_mode'): self.set_sync_debug_mode,
+            (cuda, 'get_sync_debug_mode'): lambda: self.sync_debug_mode,
+            (cuda, 'current_stream'): lambda device=None: SimStream(),
+            (cuda, 'is_current_stream_capturing'): lambda: False,
+            # torch.accelerator (Adam's graph-capture health check asks it for the current stream): answered here,
+            # so that neither a CPU build (no accelerator compiled in) nor a CUDA build without a driver is asked
+            (torch.accelerator, 'current_accelerator'): lambda check_available=False: torch.device('cuda'),
+            (torch.accelerator, 'is_available'): lambda: True,
+            (torch.accelerator, 'device_count'): lambda: 1,
+            (torch.accelerator, 'current_device_index'): lambda: 0,
+            (torch.accelerator, 'set_device_index'): lambda device: None,
+            (torch.accelerator, 'current_stream'): lambda device=None: SimStream(),
+            (torch.accelerator, 'synchronize'): lambda device=None: None,
+            (torch.Tensor, 'to'): tensor_to,
+            (torch.Tensor, 'cuda'): lambda self, device=None, non_blocking=False, **kw: self.to(
+                CUDA, non_blocking=non_blocking, **kw),
+            (torch, 'tensor'): from_host_data(torch.tensor),
+            (torch, 'as_tensor'): from_host_data(torch.as_tensor),
             (torch, 'Generator'): SimGenerator,
             (torch, 'autocast'): SimAutocast,
             (torch.nn.functional, 'one_hot'): one_hot,
@@ -433,6 +645,8 @@ class SimulatedCuda:
         }
         for (owner, name), value in patches.items():
             self._stack.enter_context(_patched(owner, name, value))
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32    # set by the code inside
+        self._stack.callback(_set_tf32, *tf32)
         swap = torch.__future__.get_swap_module_params_on_conversion()
         torch.__future__.set_swap_module_params_on_conversion(True)   # model.to(cuda): each parameter in place
         self._stack.callback(torch.__future__.set_swap_module_params_on_conversion, swap)
@@ -445,6 +659,10 @@ class SimulatedCuda:
         return self._stack.__exit__(*exc)
 
 
+def _set_tf32(matmul, cudnn):
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 @contextlib.contextmanager
 def _patched(owner, name, value):
     old = getattr(owner, name)
@@ -453,3 +671,4 @@ def _patched(owner, name, value):
         yield
     finally:
         setattr(owner, name, old)
+
