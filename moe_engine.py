@@ -16,6 +16,7 @@ from torch_version import check_torch
 check_torch(torch.__version__)      # one line on a torch older than the APIs below, not a traceback
 
 ENGINES = ('auto', 'grouped', 'loop')
+GROUPED_MM_MAX_GROUPS = 1023   # CUDA's grouped_mm refuses more ("Can't process more than 1024 groups")
 
 
 def spare_bin(top_idx, num_expert):
