@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from adaptive_softmax import ProjectedAdaptiveLogSoftmax
 from hyper_expert import HyperExpert, HyperExpertGenerator, run_adapters
 from moe_engine import GROUPED_MM_MAX_GROUPS, grouped_mm_problem
 from sim_device import SimulatedCuda
@@ -81,3 +82,35 @@ def test_hyper_moe_in_bf16_on_a_simulated_h100_keeps_grouped_mm_under_its_limit(
         with GroupedMMCalls() as calls, torch.autocast('cuda', dtype=torch.bfloat16):
             expert(x, top_idx.to(sim.device)).float().sum().backward()
     assert calls.groups and max(calls.groups) <= GROUPED_MM_MAX_GROUPS, calls.groups
+
+
+# ----------------------------------------------------------------------------- 2. the chunked softmax under bf16
+
+def norm_error(actual, expected):
+    """|actual - expected| / |expected| in the 2-norm, in float64."""
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def test_chunked_softmax_under_bf16_autocast_sums_its_output_gradients_over_wt103s_45_chunks_in_fp32():
+    """WikiText-103's plain softmax is computed in 45 chunks of rows (11,264 x 267,735 logits): its output
+    weight's and bias's gradients, summed over the chunks, against fp64 from the same (bf16-exact) inputs.
+    Here 2,880 rows x 512 words in 45 chunks. Measured (torch 2.14, relative error in the 2-norm): bias 4e-6,
+    weight 2.5e-3 (as in one piece: each chunk's bf16 product); with autocast's one bf16 copy shared by the
+    chunks (before) 1.9e-2 and 8.2e-3."""
+    torch.manual_seed(0)
+    n_rows, n_token, d = 45 * 64, 512, 32
+    crit = ProjectedAdaptiveLogSoftmax(n_token, d, d, [], chunk_elements=64 * n_token)
+    layer = crit.out_layers[0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n_token, d).mul(0.05).bfloat16())
+        layer.bias.copy_(torch.randn(n_token).mul(0.1).bfloat16())
+    hidden = torch.randn(n_rows, d).bfloat16().float()
+    target = torch.randint(n_token // 8, (n_rows,))            # a skewed target: the bias gradients do not cancel
+    reference = ProjectedAdaptiveLogSoftmax(n_token, d, d, []).double()
+    reference.load_state_dict(crit.state_dict())
+    reference(hidden.double(), target).sum().backward()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        crit(hidden, target).sum().backward()
+    ref = reference.out_layers[0]
+    assert norm_error(layer.bias.grad, ref.bias.grad) < 1e-4
+    assert norm_error(layer.weight.grad, ref.weight.grad) < 4e-3
