@@ -9,9 +9,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaptive_softmax import ProjectedAdaptiveLogSoftmax
+from mem_transformer import ThorObjective
 from hyper_expert import HyperExpert, HyperExpertGenerator, run_adapters
 from moe_engine import GROUPED_MM_MAX_GROUPS, grouped_mm_problem
 from sim_device import SimulatedCuda
+from tests.conftest import tiny_model
 
 
 class GroupedMMCalls(TorchDispatchMode):
@@ -114,3 +116,44 @@ def test_chunked_softmax_under_bf16_autocast_sums_its_output_gradients_over_wt10
     ref = reference.out_layers[0]
     assert norm_error(layer.bias.grad, ref.bias.grad) < 1e-4
     assert norm_error(layer.weight.grad, ref.weight.grad) < 4e-3
+
+
+# ----------------------------------------------------------------------------- 6. THOR's loss in chunks
+
+class LargestLogits(TorchDispatchMode):
+    """The most rows of any [rows, V] log-softmax computed (V the vocabulary): the log-probabilities held at once."""
+
+    def __init__(self, n_token):
+        super().__init__()
+        self.n_token, self.rows = n_token, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._log_softmax.default and out.size(-1) == self.n_token:
+            self.rows = max(self.rows, out.numel() // self.n_token)
+        return out
+
+
+def thor_step(tokens, chunk_elements):
+    """THOR's objective and its gradients on the tiny word-level model, the loss in chunks of `chunk_elements`."""
+    model = tiny_model(gate_name='thor', moe_top_k=1, dropout=0.1)
+    model.crit.chunk_elements = chunk_elements
+    torch.manual_seed(5)
+    with LargestLogits(model.crit.n_token) as largest:
+        nll, consistency = ThorObjective(model)(tokens[:-1], tokens[1:])[:2]
+        (nll + 1.5 * consistency).sum().backward()
+    return [nll, consistency, *(p.grad for p in model.parameters() if p.grad is not None)], largest.rows
+
+
+def test_thor_objective_is_computed_in_chunks_of_rows_with_the_same_numbers(tokens):
+    """12 x 3 = 36 predicted tokens, 37 words: in chunks of 4 rows no [rows, V] tensor has more than 4 rows
+    (before: both passes' [36, V] log-probabilities at once), and the NLL, the consistency and every gradient
+    are those of the whole (one chunk), as in the plain chunked loss."""
+    whole, whole_rows = thor_step(tokens, 2 ** 26)
+    chunked, chunk_rows = thor_step(tokens, 4 * 37)
+    assert whole_rows == 36 and chunk_rows == 4
+    assert len(whole) == len(chunked)
+    for got, want in zip(chunked[:2], whole[:2]):                     # row by row: the same up to a rounding
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for got, want in zip(chunked[2:], whole[2:]):                     # sums over the rows, in another order
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
