@@ -4,16 +4,25 @@ grouped_mm's group limit for HyperMoE's adapters, fp32 sums of the chunked softm
 THOR's loss in chunks, no host read nor synchronous host-to-device copy per step, one compiled graph per router,
 routing in full fp32, the engine per GPU generation.
 """
+import signal
+import types
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import train
 from adaptive_softmax import ProjectedAdaptiveLogSoftmax
-from mem_transformer import ThorObjective
+from data_utils import get_lm_corpus
 from hyper_expert import HyperExpert, HyperExpertGenerator, run_adapters
+from mem_transformer import ThorObjective
 from moe_engine import GROUPED_MM_MAX_GROUPS, grouped_mm_problem
-from sim_device import SimulatedCuda
-from tests.conftest import tiny_model
+from run_utils import Distributed
+from sim_device import SimTensor, SimulatedCuda
+from tests.conftest import TINY_MOE_ARGS, tiny_model
+
+aten = torch.ops.aten
 
 
 class GroupedMMCalls(TorchDispatchMode):
@@ -157,3 +166,93 @@ def test_thor_objective_is_computed_in_chunks_of_rows_with_the_same_numbers(toke
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     for got, want in zip(chunked[2:], whole[2:]):                     # sums over the rows, in another order
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 3. no host sync per step
+
+class HostCopies(TorchDispatchMode):
+    """Counts the synchronous host-to-device copies on the simulated device (a CPU tensor moved to cuda:0). Stands
+    in for the simulator's own count of them as host syncs (issue 25)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get('device')
+        if func is aten._to_copy.default and device is not None and torch.device(device).type == 'cuda' \
+                and not isinstance(args[0], SimTensor):
+            self.copies.append(tuple(args[0].shape))
+        elif func is aten.copy_.default and isinstance(args[0], SimTensor) and not isinstance(args[1], SimTensor):
+            self.copies.append(tuple(args[1].shape))
+        return func(*args, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def corpus(synthetic_dir):
+    return get_lm_corpus(synthetic_dir, 'synthetic')
+
+
+class EndOfTest(Exception):
+    """Ends Trainer.run after the steps a test looks at (before its validation and checkpoint)."""
+
+
+def syncs_per_step(corpus, synthetic_dir, tmp_path, monkeypatch, extra=(), ranks=1):
+    """{step: (host reads, host-to-device copies) made in it} of steps 2-5 of Trainer.run in bf16 on the simulated
+    H100, a log line every 3 steps. ranks 2: the loop's collectives as under DDP (the model unwrapped and each
+    all-reduce a no-op, so that one rank's host reads and copies are counted)."""
+    monkeypatch.setattr(dist, 'all_reduce', lambda tensor, op=None: None)
+    totals = {}
+    with SimulatedCuda() as sim, HostCopies() as copies:
+        args = train.parse_args([*TINY_MOE_ARGS, '--cuda', '--amp', '--data', synthetic_dir, '--max_step', '100',
+                                 '--log-interval', '3', *extra])
+        trainer = train.Trainer(args, Distributed(args.cuda), corpus, str(tmp_path))
+        trainer.ddp.world_size = ranks
+        should_stop = trainer._should_stop
+
+        def counted(stop):
+            stopping = should_stop(stop)
+            totals[trainer.step] = (len(sim.host_reads), len(copies.copies))
+            if trainer.step == 5:
+                raise EndOfTest
+            return stopping
+        trainer._should_stop = counted
+        with pytest.raises(EndOfTest):
+            trainer.run()
+    return {step: tuple(now - before for now, before in zip(totals[step], totals[step - 1])) for step in range(2, 6)}
+
+
+@pytest.mark.parametrize('extra, ranks', [((), 1), (('--gate_name', 'switch', '--moe-top-k', '1'), 2),
+                                          (('--capacity_factor', '1.0'), 2)], ids=['plain', 'ddp', 'capacity-ddp'])
+def test_a_step_without_log_or_evaluation_reads_nothing_back_and_copies_nothing_from_the_host(
+        extra, ranks, corpus, synthetic_dir, tmp_path, monkeypatch):
+    """Steps 2, 4 and 5 (a log line at 3): no host read, no synchronous copy from the host, with and without
+    capacity, alone and under DDP. Before: capacity built on the host and copied once
+    per MoE layer and step; under DDP the stop flag copied, all-reduced and read back at every step."""
+    per_step = syncs_per_step(corpus, synthetic_dir, tmp_path, monkeypatch, extra, ranks)
+    assert {step: per_step[step] for step in (2, 4, 5)} == {2: (0, 0), 4: (0, 0), 5: (0, 0)}, per_step
+
+
+def test_under_ddp_a_signal_stops_every_rank_at_the_next_log_step():
+    """The ranks agree on a signal only at log, evaluation and stop steps: a signal after step 4 (log lines every
+    3 steps) stops the run at step 6, every rank together; --stop_step still stops at its step."""
+    agreed = []
+
+    class TwoRanks:
+        world_size = 2
+
+        def max(self, value):
+            agreed.append(value)
+            return value
+    args = types.SimpleNamespace(log_interval=3, eval_interval=1000, max_step=100, stop_step=8)
+    trainer = types.SimpleNamespace(ddp=TwoRanks(), args=args, stop_signal=0)
+    stop = types.SimpleNamespace(signum=None)
+    stopped = {}
+    for trainer.step in range(1, 9):
+        stop.signum = signal.SIGTERM if trainer.step > 4 else None
+        stopped[trainer.step] = train.Trainer._should_stop(trainer, stop)
+    assert [step for step, yes in stopped.items() if yes] == [6, 7, 8] and trainer.stop_signal == signal.SIGTERM
+    assert agreed == [0, signal.SIGTERM, signal.SIGTERM]              # at steps 3, 6 and the stop step 8
+    trainer.stop_signal, stop.signum = 0, None
+    assert train.Trainer._should_stop(trainer, stop)                  # step 8, --stop_step, no signal
