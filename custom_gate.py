@@ -8,7 +8,7 @@ by default with the scores the softmax over the k selected logits (the full soft
 the top k). `BaseGate` owns that shared path; a subclass says how the logits [T, E] are made (`logits`)
 and, where its method differs, how the k experts are chosen (`choose`: THOR's random routing) and how
 their gate values are computed (`scores`: Switch's full-softmax probability). The logits and scores
-are computed in fp32 (or wider) whatever the model dtype, and `forward(x, return_logits=True)` also
+are computed in fp32 (or wider; TF32 off) whatever the model dtype, and `forward(x, return_logits=True)` also
 returns the full logits so callers can compute entropy, expert load or auxiliary losses.
 
 What a gate may declare (class attributes and hooks, all with neutral defaults here):
@@ -27,9 +27,26 @@ What a gate may declare (class attributes and hooks, all with neutral defaults h
   at a fixed temperature).
 - `set_step(step)`: called by the trainer before every training step (routers with a schedule).
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@contextlib.contextmanager
+def full_fp32_matmuls(device):
+    """fp32 matmuls on CUDA inside, TF32 off whatever the run's setting (restored after): routing by TF32 logits
+    (10 mantissa bits) flips near-tie choices. torch.compile keeps the switch in its graph; the CPU has no TF32."""
+    matmul = torch.backends.cuda.matmul
+    if device.type != 'cuda' or not matmul.allow_tf32:
+        yield
+        return
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = True
 
 
 class BaseGate(nn.Module):
@@ -85,7 +102,7 @@ class BaseGate(nn.Module):
     def forward(self, x, token_ids=None, return_logits=False):
         if self.needs_token_ids and token_ids is None:
             raise ValueError(f'{type(self).__name__} routes by token id: call it with token_ids [T]')
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type=x.device.type, enabled=False), full_fp32_matmuls(x.device):
             x = x.to(torch.promote_types(x.dtype, torch.float32))
             logits = self.logits(x, token_ids) if self.needs_token_ids else self.logits(x)   # [T, E], >= fp32
             top_val, top_idx = self.choose(logits)                           # [T, k]

@@ -14,9 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from adaptive_softmax import ProjectedAdaptiveLogSoftmax
+from custom_gate import BaseGate
 from data_utils import get_lm_corpus
 from hyper_expert import HyperExpert, HyperExpertGenerator, run_adapters
 from mem_transformer import ThorObjective
+from moe import ROUTERS
 from moe_engine import GROUPED_MM_MAX_GROUPS, grouped_mm_problem
 from run_utils import Distributed
 from sim_device import SimTensor, SimulatedCuda
@@ -256,3 +258,45 @@ def test_under_ddp_a_signal_stops_every_rank_at_the_next_log_step():
     assert agreed == [0, signal.SIGTERM, signal.SIGTERM]              # at steps 3, 6 and the stop step 8
     trainer.stop_signal, stop.signum = 0, None
     assert train.Trainer._should_stop(trainer, stop)                  # step 8, --stop_step, no signal
+
+
+# ----------------------------------------------------------------------------- 7. routing in full fp32
+
+MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+
+
+class MatmulPrecision(TorchDispatchMode):
+    """Records, for every fp32 matmul of a forward on the simulated device, its model part and whether TF32 was
+    allowed when it ran. Stands in for the simulator's TF32 emulation (issue 25)."""
+
+    def __init__(self, sim):
+        super().__init__()
+        self.sim, self.seen = sim, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS and args[0].dtype == torch.float32 and torch._C._current_autograd_node() is None:
+            self.seen.append((self.sim.part(), torch.backends.cuda.matmul.allow_tf32))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('gate_name, variant', [(name, 'plain') for name in ROUTERS] + [('hyper_router', 'hypermoe')])
+def test_every_router_routes_in_full_fp32_on_cuda_while_the_rest_takes_tf32(gate_name, variant, tokens):
+    """A fp32 run on the simulated H100 with TF32 on (train.py's default): every matmul of the router (HyperRouter's
+    hypernetwork included) runs with TF32 off, the other matmuls keep TF32, and the setting is restored."""
+    model = tiny_model(gate_name=gate_name, moe_variant=variant, d_inner=16)
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with SimulatedCuda() as sim:
+            model.to(sim.device)
+            sim.attribute_parts(model, {BaseGate: 'router'})
+            with MatmulPrecision(sim) as matmuls:
+                model(tokens[:-1].to(sim.device), tokens[1:].to(sim.device))
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    router = [tf32 for part, tf32 in matmuls.seen if part == 'router']
+    rest = [tf32 for part, tf32 in matmuls.seen if part != 'router']
+    assert rest and all(rest)
+    assert not any(router), matmuls.seen
+    assert router or gate_name in ('thor', 'hash')                     # random and hashed routing: no matmul
