@@ -460,14 +460,16 @@ class DTSGate(BaseGate):
         self.gate = nn.Linear(d_model, self.tot_expert, bias=False)
         self.max_temp, self.min_temp, self.anneal_steps, self.threshold = max_temp, min_temp, anneal_steps, threshold
         self.step = 0
+        self.dense = True       # whether a training forward now routes by threshold (the dense-to-sparse phase)
+        # the temperature as the forward reads it: a tensor, so that torch.compile makes one graph for every step
+        # (a Python number is a constant of its graph); filled in place, not a state of the model
+        self.register_buffer('gumbel_temperature', torch.tensor(float(max_temp), dtype=torch.float64),
+                             persistent=False)
 
     def set_step(self, step):
         self.step = step
-
-    @property
-    def dense(self):
-        """Whether a training forward now routes by threshold (the dense-to-sparse phase)."""
-        return self.step < self.anneal_steps
+        self.dense = step < self.anneal_steps
+        self.gumbel_temperature.fill_(self.temperature)
 
     @property
     def temperature(self):
@@ -484,7 +486,7 @@ class DTSGate(BaseGate):
             return torch.topk(logits, self.top_k, dim=-1)
         uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)          # (0, 1): no log(0)
         gumbel = -(-uniform.log()).log()                                                     # [T, E], Gumbel(0, 1)
-        weights = F.softmax((logits + gumbel) / self.temperature, dim=-1)                    # [T, E]
+        weights = F.softmax((logits + gumbel) / self.gumbel_temperature, dim=-1)             # [T, E]
         if not self.dense:
             return torch.topk(weights, self.top_k, dim=-1)                                   # [T, k]
         top_w, top_idx = torch.sort(weights, dim=-1, descending=True)                        # [T, E]

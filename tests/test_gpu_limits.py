@@ -300,3 +300,29 @@ def test_every_router_routes_in_full_fp32_on_cuda_while_the_rest_takes_tf32(gate
     assert rest and all(rest)
     assert not any(router), matmuls.seen
     assert router or gate_name in ('thor', 'hash')                     # random and hashed routing: no matmul
+
+
+# ----------------------------------------------------------------------------- 4. one compiled graph per router
+
+@pytest.mark.parametrize('gate_name', ROUTERS)
+def test_torch_compile_makes_no_new_graph_as_the_training_steps_go_on(gate_name):
+    """Each router of the tiny model compiled, routing four training batches, each told its step as Trainer.run
+    tells it (DTS-Gate's Gumbel temperature changes at every one): the graph made at the first step serves the
+    others. Before: DTS-Gate's step and temperature were constants of its graph, a new graph at every step (32 of
+    them, then eager without a word)."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    torch._dynamo.reset()
+    gate = tiny_model(gate_name=gate_name).moe_layers[0].gate
+    compiled = torch.compile(gate, backend=counting_backend)
+    x, token_ids = torch.randn(24, gate.d_model), torch.randint(37, (24,))
+    made = []
+    for step in range(4):
+        gate.set_step(step)
+        compiled(x, token_ids if gate.needs_token_ids else None)
+        made.append(len(graphs))
+    torch._dynamo.reset()
+    assert made[0] > 0 and made[1:] == [made[0]] * 3, made
