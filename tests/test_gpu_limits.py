@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
@@ -19,7 +20,7 @@ from data_utils import get_lm_corpus
 from hyper_expert import HyperExpert, HyperExpertGenerator, run_adapters
 from mem_transformer import ThorObjective
 from moe import ROUTERS
-from moe_engine import GROUPED_MM_MAX_GROUPS, grouped_mm_problem
+from moe_engine import GROUPED_MM_MAX_GROUPS, choose_engine, grouped_mm, grouped_mm_problem
 from run_utils import Distributed
 from sim_device import SimTensor, SimulatedCuda
 from tests.conftest import TINY_MOE_ARGS, tiny_model
@@ -326,3 +327,36 @@ def test_torch_compile_makes_no_new_graph_as_the_training_steps_go_on(gate_name)
         made.append(len(graphs))
     torch._dynamo.reset()
     assert made[0] > 0 and made[1:] == [made[0]] * 3, made
+
+
+# ----------------------------------------------------------------------------- 5. the engine per GPU generation
+
+@pytest.mark.parametrize('capability, engine', [((8, 0), 'loop'), ((8, 9), 'loop'), ((9, 0), 'grouped'),
+                                                ((10, 0), 'grouped'), ((10, 3), 'grouped'), ((12, 0), 'loop')])
+def test_auto_takes_grouped_only_where_torchs_grouped_gemm_kernel_runs(capability, engine):
+    """torch's CUDA grouped_mm runs its kernel on majors 9 and 10 only; on 12.x (RTX 50xx) it is the per-group
+    fallback that copies the offsets to the host, as on 8.x. Before: grouped for any capability >= 9.0."""
+    assert choose_engine('auto', torch.device('cuda'), torch.bfloat16, (16, 16), False, capability)[0] == engine
+
+
+def test_an_empty_groups_weight_gradient_is_zero_whatever_the_kernel_leaves_there(monkeypatch):
+    """sm100's grouped_mm leaves an empty group's weight gradient non-zero (pytorch#172439): played here by a
+    grouped_mm that writes 7 into every group of the 2-D x 2-D form; the experts' gradient of an empty group
+    must still be 0, the others the naive per-group products."""
+    real = F.grouped_mm
+
+    def sm100_like(a, b, offs=None, **kwargs):
+        out = real(a, b, offs=offs, **kwargs)
+        if a.dim() == 2 and b.dim() == 2:                               # the weight gradient: [G, K, N]
+            counts = torch.diff(offs, prepend=offs.new_zeros(1))
+            out = torch.where((counts == 0)[:, None, None], 7.0, out)
+        return out
+    monkeypatch.setattr(F, 'grouped_mm', sm100_like)
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 16), torch.randn(3, 16, 16, requires_grad=True)
+    offs = torch.tensor([2, 2, 6], dtype=torch.int32)                  # group 1 is empty
+    grad = torch.randn(6, 16)
+    grouped_mm(x, w, offs).backward(grad)
+    torch.testing.assert_close(w.grad[0], x[:2].t() @ grad[:2])
+    assert (w.grad[1] == 0).all()
+    torch.testing.assert_close(w.grad[2], x[2:].t() @ grad[2:])
