@@ -4,7 +4,9 @@ grouped_mm's group limit for HyperMoE's adapters, fp32 sums of the chunked softm
 THOR's loss in chunks, no host read nor synchronous host-to-device copy per step, one compiled graph per router,
 routing in full fp32, the engine per GPU generation.
 """
+import os
 import signal
+import subprocess
 import types
 
 import pytest
@@ -13,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import evaluation
 import train
 from adaptive_softmax import ProjectedAdaptiveLogSoftmax
 from custom_gate import BaseGate
@@ -26,6 +29,7 @@ from sim_device import SimTensor, SimulatedCuda
 from tests.conftest import TINY_MOE_ARGS, tiny_model
 
 aten = torch.ops.aten
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class GroupedMMCalls(TorchDispatchMode):
@@ -360,3 +364,45 @@ def test_an_empty_groups_weight_gradient_is_zero_whatever_the_kernel_leaves_ther
     torch.testing.assert_close(w.grad[0], x[:2].t() @ grad[:2])
     assert (w.grad[1] == 0).all()
     torch.testing.assert_close(w.grad[2], x[2:].t() @ grad[2:])
+
+
+# ----------------------------------------------------------------------------- 8. one precision switch
+
+RECORDING_PYTHON = '''#!/bin/sh
+[ "$1" = -c ] && exit 0                  # launch.sh asks whether torch sees a GPU: yes
+echo "$@" >> "$STUB_LOG"
+'''
+
+
+@pytest.mark.parametrize('precision, flags, status', [(None, [], 0), ('fp32', [], 0), ('bf16', ['--amp'], 0),
+                                                      ('fp16', None, 2)])
+def test_the_scripts_take_one_precision_switch(precision, flags, status, tmp_path):
+    """PRECISION=fp32 (the default, the paper's) or bf16 (--amp) on every script, as DEVICE and SEEDS; anything
+    else is one error line and exit 2."""
+    python = tmp_path / 'python'
+    python.write_text(RECORDING_PYTHON)
+    python.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(python), STUB_LOG=str(tmp_path / 'argv.log'), DEVICE='auto')
+    env.pop('PRECISION', None)
+    if precision:
+        env['PRECISION'] = precision
+    result = subprocess.run(['bash', 'script/table1/hyper_router_enwik8.sh'], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == status, result.stderr
+    if status:
+        assert result.stderr.strip() == "error: PRECISION must be fp32 or bf16; got 'fp16'"
+        return
+    argv = (tmp_path / 'argv.log').read_text().split()
+    assert argv[0] == '-u' and argv[1] == 'train.py' and '--cuda' in argv
+    assert [flag for flag in argv if flag == '--amp'] == flags
+
+
+@pytest.mark.parametrize('flags, precision', [([], 'fp32'), (['--cuda'], 'tf32'), (['--cuda', '--no_tf32'], 'fp32'),
+                                              (['--cuda', '--amp'], 'bf16')])
+def test_a_runs_precision_is_a_column_of_its_hparams_row(flags, precision, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    args = vars(train.parse_args(['--moe', *flags]))
+    config = {'args': args, 'model_config': {'moe': True, 'gate_name': 'smoe', 'moe_num_expert': 16, 'n_layer': 12,
+                                             'd_model': 512, 'dropout': 0.1, 'moe_variant': 'plain'}}
+    assert evaluation.run_precision(args) == precision
+    assert evaluation.run_hparams(config)['precision'] == precision and 'precision' in evaluation.SHOWN_HPARAMS
