@@ -11,22 +11,20 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import bench
 import evaluation
 import train
 from adaptive_softmax import ProjectedAdaptiveLogSoftmax
 from custom_gate import BaseGate
-from data_utils import get_lm_corpus
 from hyper_expert import HyperExpert, HyperExpertGenerator, run_adapters
 from mem_transformer import ThorObjective
 from moe import ROUTERS
 from moe_engine import GROUPED_MM_MAX_GROUPS, choose_engine, grouped_mm, grouped_mm_problem
-from run_utils import Distributed
-from sim_device import SimTensor, SimulatedCuda
-from tests.conftest import TINY_MOE_ARGS, tiny_model
+from sim_device import SimulatedCuda
+from tests.conftest import tiny_model
 
 aten = torch.ops.aten
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,67 +175,14 @@ def test_thor_objective_is_computed_in_chunks_of_rows_with_the_same_numbers(toke
 
 # ----------------------------------------------------------------------------- 3. no host sync per step
 
-class HostCopies(TorchDispatchMode):
-    """Counts the synchronous host-to-device copies on the simulated device (a CPU tensor moved to cuda:0). Stands
-    in for the simulator's own count of them as host syncs (issue 25)."""
-
-    def __init__(self):
-        super().__init__()
-        self.copies = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        device = kwargs.get('device')
-        if func is aten._to_copy.default and device is not None and torch.device(device).type == 'cuda' \
-                and not isinstance(args[0], SimTensor):
-            self.copies.append(tuple(args[0].shape))
-        elif func is aten.copy_.default and isinstance(args[0], SimTensor) and not isinstance(args[1], SimTensor):
-            self.copies.append(tuple(args[1].shape))
-        return func(*args, **kwargs)
-
-
-@pytest.fixture(scope='module')
-def corpus(synthetic_dir):
-    return get_lm_corpus(synthetic_dir, 'synthetic')
-
-
-class EndOfTest(Exception):
-    """Ends Trainer.run after the steps a test looks at (before its validation and checkpoint)."""
-
-
-def syncs_per_step(corpus, synthetic_dir, tmp_path, monkeypatch, extra=(), ranks=1):
-    """{step: (host reads, host-to-device copies) made in it} of steps 2-5 of Trainer.run in bf16 on the simulated
-    H100, a log line every 3 steps. ranks 2: the loop's collectives as under DDP (the model unwrapped and each
-    all-reduce a no-op, so that one rank's host reads and copies are counted)."""
-    monkeypatch.setattr(dist, 'all_reduce', lambda tensor, op=None: None)
-    totals = {}
-    with SimulatedCuda() as sim, HostCopies() as copies:
-        args = train.parse_args([*TINY_MOE_ARGS, '--cuda', '--amp', '--data', synthetic_dir, '--max_step', '100',
-                                 '--log-interval', '3', *extra])
-        trainer = train.Trainer(args, Distributed(args.cuda), corpus, str(tmp_path))
-        trainer.ddp.world_size = ranks
-        should_stop = trainer._should_stop
-
-        def counted(stop):
-            stopping = should_stop(stop)
-            totals[trainer.step] = (len(sim.host_reads), len(copies.copies))
-            if trainer.step == 5:
-                raise EndOfTest
-            return stopping
-        trainer._should_stop = counted
-        with pytest.raises(EndOfTest):
-            trainer.run()
-    return {step: tuple(now - before for now, before in zip(totals[step], totals[step - 1])) for step in range(2, 6)}
-
-
-@pytest.mark.parametrize('extra, ranks', [((), 1), (('--gate_name', 'switch', '--moe-top-k', '1'), 2),
-                                          (('--capacity_factor', '1.0'), 2)], ids=['plain', 'ddp', 'capacity-ddp'])
-def test_a_step_without_log_or_evaluation_reads_nothing_back_and_copies_nothing_from_the_host(
-        extra, ranks, corpus, synthetic_dir, tmp_path, monkeypatch):
-    """Steps 2, 4 and 5 (a log line at 3): no host read, no synchronous copy from the host, with and without
-    capacity, alone and under DDP. Before: capacity built on the host and copied once
-    per MoE layer and step; under DDP the stop flag copied, all-reduced and read back at every step."""
-    per_step = syncs_per_step(corpus, synthetic_dir, tmp_path, monkeypatch, extra, ranks)
+@pytest.mark.parametrize('case', ['plain', 'ddp', 'capacity_ddp'])
+def test_a_step_without_log_or_evaluation_reads_nothing_back_and_copies_nothing_from_the_host(case, synthetic_dir):
+    """train.py's loop on the simulated H100 in bf16, steps 2, 4 and 5 (a log line at 3): no host read, no
+    synchronous copy from the host, with and without capacity, alone and under DDP (bench.py's (g) figures).
+    Before: the capacity built on the host and copied once per MoE layer and step; under DDP the stop flag
+    copied, all-reduced and read back at every step. The copies are counted by bench.HostCopies until the
+    simulated device counts them as host syncs itself (issue 25)."""
+    per_step = bench.loop_syncs_per_step(case, synthetic_dir)
     assert {step: per_step[step] for step in (2, 4, 5)} == {2: (0, 0), 4: (0, 0), 5: (0, 0)}, per_step
 
 
