@@ -57,11 +57,12 @@ def run_adapters(x, token_set, w_down, b_down, w_up, b_up, grouped_max_sets=GROU
     """HyperExpert(x_t) = ReLU(x_t W_down[s_t] + b_down[s_t]) W_up[s_t] + b_up[s_t] -> [T, d].
 
     The tokens are grouped by set and each adapter runs on its own tokens: two grouped GEMMs with the
-    grouped engine (see choose_engine; in blocks of sets past grouped_mm's limit, grouped_adapters), else 2 matmuls per set in a loop, with no copy of the weights
-    (E = 16, k = 2 has at most 120 sets). The loop is used up to `grouped_max_sets` adapters; beyond
-    that (larger k: most sets hold a token or two, and a Python loop over them would be slow), every
-    token gathers its adapter and one batched matmul runs them all: memory T * 2 d b, as if the
-    adapters had been generated per token, though only U were generated.
+    grouped engine (see choose_engine; past grouped_mm's group limit, in blocks of sets: grouped_adapters),
+    else 2 matmuls per set in a loop, with no copy of the weights (E = 16, k = 2 has at most 120 sets).
+    The loop is used up to `grouped_max_sets` adapters; beyond that (larger k: most sets hold a token or
+    two, and a Python loop over them would be slow), every token gathers its adapter and one batched
+    matmul runs them all: memory T * 2 d b, as if the adapters had been generated per token, though only
+    U were generated.
     """
     n_set = w_down.size(0)
     widths = (w_down.size(1), w_down.size(2))

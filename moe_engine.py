@@ -60,10 +60,11 @@ def choose_engine(engine, device, dtype, widths, compiling=None, capability=None
     """'grouped' or 'loop' for `engine` (auto|grouped|loop) on this device and compute dtype, and why.
 
     auto takes grouped where torch's grouped GEMM is a kernel of its own: CUDA of compute capability
-    (`capability`, default: the device's) 9.x or 10.x (H100/H200, B200/GB200; FAST_GROUPED_MM_MAJORS). Elsewhere
-    (8.x: A100, A40, L4; 12.x: RTX 50xx, RTX PRO 6000) torch's grouped_mm is a loop over the groups that copies
-    the offsets to the host, so the loop engine, which reads its counts once per layer, is taken. `compiling` (default: whether torch.compile is tracing) makes auto take
-    grouped wherever grouped_mm runs, on CPU and on 8.x too: the loop's host-side counts would break the
+    (`capability`, default: the device's) 9.x or 10.x (H100/H200, B200/GB200; FAST_GROUPED_MM_MAJORS).
+    Elsewhere (8.x: A100, A40, L4; 12.x: RTX 50xx, RTX PRO 6000) torch's grouped_mm is a loop over the
+    groups that copies the offsets to the host, so the loop engine, which reads its counts once per layer,
+    is taken. `compiling` (default: whether torch.compile is tracing) makes auto take grouped wherever
+    grouped_mm runs, on CPU, 8.x and 12.x too: the loop's host-side counts would break the
     graph at every MoE layer, while grouped_mm is one opaque op in it, whatever it does inside.
     """
     if engine not in ENGINES:
