@@ -266,7 +266,7 @@ def fixed_training_k(config):
 
 
 # the HParams columns shown before the reader ticks more (TensorBoard shows five): what tells a table's rows apart
-SHOWN_HPARAMS = ('checkpoint', 'gate', 'k', 'method', 'precision', 'seed')
+SHOWN_HPARAMS = ('checkpoint', 'gate', 'k', 'method', 'seed')
 
 
 def run_hparams(config):
