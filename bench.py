@@ -28,6 +28,7 @@ with nothing else on the machine (two PyTorch processes sharing the cores slow e
 """
 import argparse
 import contextlib
+import io
 import json
 import os
 import statistics
@@ -343,7 +344,9 @@ def bench_loop_syncs(data_dir):
     """Host reads and synchronous host-to-device copies per step of the loop, at steps that write no log line."""
     res = {}
     for case in LOOP_CASES:
-        quiet = [counts for step, counts in loop_syncs_per_step(case, data_dir).items() if step % 3]
+        with contextlib.redirect_stdout(io.StringIO()):        # the corpus's and the run's own lines: not a figure
+            per_step = loop_syncs_per_step(case, data_dir)
+        quiet = [counts for step, counts in per_step.items() if step % 3]
         res[f'loop_host_reads_per_step_{case}'] = max(reads for reads, _ in quiet)
         res[f'loop_host_copies_per_step_{case}'] = max(copies for _, copies in quiet)
     return res
