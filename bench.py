@@ -18,19 +18,26 @@
     device (the grouped engine): host syncs per step (sim_host_syncs_per_step, target 0), operators per step per
     part as a proxy of kernel launches (sim_kernels_per_step), and a projected H100 step time from a stated
     model (H100_MODEL: FLOPs at a fraction of peak, bytes at HBM bandwidth, a cost per launch; a model, not a
-    measurement). train.py's own reads per step are tested in tests/test_sim_device.py.
+    measurement). train.py's own reads per step are tested in tests/test_sim_device.py;
+(g) train.py's own loop (Trainer.run: step, log window, stop check) on the simulated sm90 device in bf16, a tiny
+    model: host reads and synchronous host-to-device copies per step without a log line, for the plain,
+    capacity and DDP cases (loop_host_reads_per_step_<case>, loop_host_copies_per_step_<case>; target 0).
 Prints a table and writes the figures as JSON. Timings are medians over interleaved repeats; run it
 with nothing else on the machine (two PyTorch processes sharing the cores slow each other 10x).
 `--quick` shrinks the model and every size so that the run takes seconds (for tests; its ratios mean little).
 """
 import argparse
 import contextlib
+import io
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hyper_expert import HyperExpert, HyperExpertGenerator
 from hyper_router import set_top_k
@@ -39,7 +46,7 @@ from model_flops import FLOPS_FORMULA, SMALL, analytic_eval_flops, analytic_forw
 from moe import MoEPositionwiseFF
 from output_files import STDOUT, write_text
 from run_utils import keep_freed_memory
-from sim_device import SimulatedCuda
+from sim_device import SimTensor, SimulatedCuda
 
 # measured / target: 'max' ratios are times (lower is better), 'min' ratios speeds or utilisation
 TARGETS = {'moe_block_vs_floor': ('max', 1.0), 'train_hr_k2_vs_dense': ('min', 0.97), 'train_mfu': ('min', 0.55),
@@ -264,6 +271,87 @@ def bench_simulated_step(cfg, sizes):
             'sim_h100_tokens_per_s_projected': bsz * tgt_len / step_s, 'h100_model': H100_MODEL}
 
 
+class HostCopies(TorchDispatchMode):
+    """Counts the synchronous host-to-device copies on the simulated device (a CPU tensor moved to cuda:0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get('device')
+        if func is torch.ops.aten._to_copy.default and device is not None and torch.device(device).type == 'cuda' \
+                and not isinstance(args[0], SimTensor):
+            self.copies.append(tuple(args[0].shape))
+        elif func is torch.ops.aten.copy_.default and isinstance(args[0], SimTensor) \
+                and not isinstance(args[1], SimTensor):
+            self.copies.append(tuple(args[1].shape))
+        return func(*args, **kwargs)
+
+
+class _StepsDone(Exception):
+    """Ends Trainer.run after the steps counted (before its validation and checkpoint)."""
+
+
+# the loop's cases: train.py flags, and the ranks whose collectives the loop makes
+LOOP_CASES = {'plain': ((), 1), 'capacity': (('--capacity_factor', '1.0'), 1),
+              'ddp': ((), 2), 'capacity_ddp': (('--capacity_factor', '1.0'), 2)}
+
+
+def loop_syncs_per_step(case, data_dir, steps=5):
+    """{step: (host reads, host-to-device copies)} of train.py's own loop (Trainer.run: the step, the log
+    window, the stop check) on the simulated H100 in bf16 (the grouped engine), a tiny model, a log line every
+    3 steps; ranks 2: the loop's collectives as under DDP, each all-reduce a no-op (one rank's work counted).
+    The loop's host work is train.py's, so this measure runs its Trainer (imported here, not at the top)."""
+    import torch.distributed as dist
+
+    import train
+    from data_utils import get_lm_corpus
+    from run_utils import Distributed
+    flags, ranks = LOOP_CASES[case]
+    totals = {}
+    all_reduce, dist.all_reduce = dist.all_reduce, lambda tensor, op=None: None
+    try:
+        with tempfile.TemporaryDirectory() as run_dir, SimulatedCuda() as sim, HostCopies() as copies:
+            args = train.parse_args(['--dataset', 'synthetic', '--data', data_dir, '--cuda', '--amp', '--n_layer', '2',
+                                     '--d_model', '16', '--n_head', '2', '--d_head', '8', '--d_inner', '16',
+                                     '--tgt_len', '16', '--mem_len', '16', '--batch_size', '4', '--moe',
+                                     '--moe-num-expert', '4', '--moe-top-k', '2', '--max_step', '100',
+                                     '--log-interval', '3', *flags])
+            trainer = train.Trainer(args, Distributed(args.cuda), get_lm_corpus(data_dir, 'synthetic'), run_dir)
+            trainer.ddp.world_size = ranks
+            should_stop = trainer._should_stop
+
+            def counted(stop):
+                stopping = should_stop(stop)
+                totals[trainer.step] = (len(sim.host_reads), len(copies.copies))
+                if trainer.step == steps:
+                    raise _StepsDone
+                return stopping
+            trainer._should_stop = counted
+            try:
+                trainer.run()
+            except _StepsDone:
+                pass
+    finally:
+        dist.all_reduce = all_reduce
+    return {step: tuple(now - before for now, before in zip(totals[step], totals[step - 1]))
+            for step in range(2, steps + 1)}
+
+
+def bench_loop_syncs(data_dir):
+    """Host reads and synchronous host-to-device copies per step of the loop, at steps that write no log line."""
+    res = {}
+    for case in LOOP_CASES:
+        with contextlib.redirect_stdout(io.StringIO()):        # the corpus's and the run's own lines: not a figure
+            per_step = loop_syncs_per_step(case, data_dir)
+        quiet = [counts for step, counts in per_step.items() if step % 3]
+        res[f'loop_host_reads_per_step_{case}'] = max(reads for reads, _ in quiet)
+        res[f'loop_host_copies_per_step_{case}'] = max(copies for _, copies in quiet)
+    return res
+
+
 def verdict(res, name):
     """(measured, target text, 'ok' or 'MISSED') of one ratio."""
     kind, target = TARGETS[name]
@@ -309,6 +397,10 @@ def print_report(res):
           f"TFLOP/s, {H100_MODEL['hbm_bytes_per_s'] / 1e12:.2f} TB/s, {H100_MODEL['launch_s'] * 1e6:.0f} us a launch, "
           f"host {H100_MODEL['host_launch_s'] * 1e6:.0f} us a launch): {res['sim_h100_step_s_projected'] * 1e3:.1f} ms, "
           f"{res['sim_h100_tokens_per_s_projected']:,.0f} tokens/s")
+    print('(g) train.py\'s loop on the simulated sm90 device, bf16, steps without a log line: host reads / '
+          'synchronous host-to-device copies per step (target 0 / 0): '
+          + ', '.join(f"{case} {res[f'loop_host_reads_per_step_{case}']} / {res[f'loop_host_copies_per_step_{case}']}"
+                      for case in LOOP_CASES))
     print('\nratio                              measured  target')
     for name in TARGETS:
         measured, target, ok = verdict(res, name)
@@ -342,6 +434,8 @@ def main(argv=None):
     res.update(bench_hyper_vs_smoe_dropout(cfg, device, args.amp, sizes, repeats))
     res.update(bench_hyper_expert(cfg, device, args.amp, sizes['hyper_expert_tokens'], repeats))
     res.update(bench_simulated_step(cfg, sizes))
+    with tempfile.TemporaryDirectory() as data_dir:
+        res.update(bench_loop_syncs(os.path.join(data_dir, 'synthetic')))
     with contextlib.redirect_stdout(sys.stderr) if args.json == STDOUT else contextlib.nullcontext():
         print_report(res)        # with --json -, the JSON alone goes to stdout
     write_text(args.json, json.dumps(res, indent=2) + '\n')

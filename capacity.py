@@ -3,7 +3,8 @@
 A slot of index -1 in top_idx [T, k] is routed nowhere (not computed, not counted); `drop_over_capacity` turns
 the slots beyond an expert's capacity into -1, every token's first choice before any second choice, then token
 order; `drop_over_group_capacity` does so per group of consecutive positions of one sequence, so that the drops
-do not depend on how a batch is split over GPUs or --batch_chunk chunks. No function here reads back to the host.
+do not depend on how a batch is split over GPUs or --batch_chunk chunks. No function here reads back to the host
+nor copies from it.
 """
 import math
 
@@ -31,7 +32,8 @@ def drop_over_capacity(top_idx, capacity, num_expert):
     Slots already -1 stay -1 and take no room. No host sync.
     """
     n_tok, k = top_idx.shape[-2:]
-    capacity = torch.as_tensor(capacity, device=top_idx.device).unsqueeze(-1)          # [..., 1]
+    if isinstance(capacity, torch.Tensor):
+        capacity = capacity.unsqueeze(-1)                                   # [..., 1]
     by_priority = top_idx.transpose(-1, -2).flatten(-2)                     # [..., k * T]: choice 1 of all, then 2, ...
     one_hot = F.one_hot(spare_bin(by_priority, num_expert), num_expert + 1)   # [..., k * T, E + 1]
     position = (one_hot.cumsum(-2) * one_hot).sum(-1) - 1                   # [..., k * T], rank in the expert's queue
@@ -55,8 +57,11 @@ def drop_over_group_capacity(top_idx, factor, num_expert, n_seq=1, group_size=DE
     by_seq = top_idx.view(seq_len, n_seq, k).transpose(0, 1)                # [B, T, k]
     by_seq = F.pad(by_seq, (0, 0, 0, n_groups * group_size - seq_len), value=-1)   # [B, n_groups * G, k]
     groups = by_seq.reshape(n_seq * n_groups, group_size, k)                 # [B * n_groups, G, k]
-    sizes = [min(group_size, seq_len - g * group_size) for g in range(n_groups)]
-    capacity = torch.tensor([expert_capacity(factor, n, k, num_expert) for n in sizes] * n_seq)   # [B * n_groups]
+    last_size = seq_len - (n_groups - 1) * group_size                       # the last group of a sequence
+    full, last = (expert_capacity(factor, n, k, num_expert) for n in (group_size, last_size))
+    # made on the device from two numbers: a tensor built on the host would be a synchronous copy per layer and step
+    is_last = torch.arange(n_groups, device=top_idx.device) == n_groups - 1
+    capacity = torch.where(is_last, last, full).repeat(n_seq)               # [B * n_groups]
     kept = drop_over_capacity(groups, capacity, num_expert)                  # [B * n_groups, G, k]
     kept = kept.reshape(n_seq, n_groups * group_size, k)[:, :seq_len]        # [B, T, k]
     return kept.transpose(0, 1).reshape(n_rows, k)                           # [T * B, k], time-major

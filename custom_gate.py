@@ -8,7 +8,7 @@ by default with the scores the softmax over the k selected logits (the full soft
 the top k). `BaseGate` owns that shared path; a subclass says how the logits [T, E] are made (`logits`)
 and, where its method differs, how the k experts are chosen (`choose`: THOR's random routing) and how
 their gate values are computed (`scores`: Switch's full-softmax probability). The logits and scores
-are computed in fp32 (or wider) whatever the model dtype, and `forward(x, return_logits=True)` also
+are computed in fp32 (or wider; TF32 off) whatever the model dtype, and `forward(x, return_logits=True)` also
 returns the full logits so callers can compute entropy, expert load or auxiliary losses.
 
 What a gate may declare (class attributes and hooks, all with neutral defaults here):
@@ -31,6 +31,7 @@ Each class registers itself (router_registry.py) with its name, paper, reference
 beside it. This file is over 500 lines for that reason: nine routers, each with its registration, are one idea
 (the built-in routers); a new router goes in a file of its own (docs/adding_a_router.md).
 """
+import contextlib
 import dataclasses
 
 import torch
@@ -42,6 +43,21 @@ from router_registry import register_router, setting
 HYPER_ROUTER_CODE = '[giangdip2410/HyperRouter](https://github.com/giangdip2410/HyperRouter)'
 FASTMOE = '[laekov/fastmoe](https://github.com/laekov/fastmoe)'
 MESH = '[tensorflow/mesh](https://github.com/tensorflow/mesh)'
+
+
+@contextlib.contextmanager
+def full_fp32_matmuls(device):
+    """fp32 matmuls on CUDA inside, TF32 off whatever the run's setting (restored after): routing by TF32 logits
+    (10 mantissa bits) flips near-tie choices. torch.compile keeps the switch in its graph; the CPU has no TF32."""
+    matmul = torch.backends.cuda.matmul
+    if device.type != 'cuda' or not matmul.allow_tf32:
+        yield
+        return
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = True
 
 
 class BaseGate(nn.Module):
@@ -97,7 +113,7 @@ class BaseGate(nn.Module):
     def forward(self, x, token_ids=None, return_logits=False):
         if self.needs_token_ids and token_ids is None:
             raise ValueError(f'{type(self).__name__} routes by token id: call it with token_ids [T]')
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type=x.device.type, enabled=False), full_fp32_matmuls(x.device):
             x = x.to(torch.promote_types(x.dtype, torch.float32))
             logits = self.logits(x, token_ids) if self.needs_token_ids else self.logits(x)   # [T, E], >= fp32
             top_val, top_idx = self.choose(logits)                           # [T, k]
@@ -529,14 +545,16 @@ class DTSGate(BaseGate):
         self.gate = nn.Linear(d_model, self.tot_expert, bias=False)
         self.max_temp, self.min_temp, self.anneal_steps, self.threshold = max_temp, min_temp, anneal_steps, threshold
         self.step = 0
+        self.dense = True       # whether a training forward now routes by threshold (the dense-to-sparse phase)
+        # the temperature as the forward reads it: a tensor, so that torch.compile makes one graph for every step
+        # (a Python number is a constant of its graph); filled in place, not a state of the model
+        self.register_buffer('gumbel_temperature', torch.tensor(float(max_temp), dtype=torch.float64),
+                             persistent=False)
 
     def set_step(self, step):
         self.step = step
-
-    @property
-    def dense(self):
-        """Whether a training forward now routes by threshold (the dense-to-sparse phase)."""
-        return self.step < self.anneal_steps
+        self.dense = step < self.anneal_steps
+        self.gumbel_temperature.fill_(self.temperature)
 
     @property
     def temperature(self):
@@ -553,7 +571,7 @@ class DTSGate(BaseGate):
             return torch.topk(logits, self.top_k, dim=-1)
         uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)          # (0, 1): no log(0)
         gumbel = -(-uniform.log()).log()                                                     # [T, E], Gumbel(0, 1)
-        weights = F.softmax((logits + gumbel) / self.temperature, dim=-1)                    # [T, E]
+        weights = F.softmax((logits + gumbel) / self.gumbel_temperature, dim=-1)             # [T, E]
         if not self.dense:
             return torch.topk(weights, self.top_k, dim=-1)                                   # [T, k]
         top_w, top_idx = torch.sort(weights, dim=-1, descending=True)                        # [T, E]

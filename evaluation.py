@@ -276,7 +276,8 @@ def run_hparams(config):
     """A train.py run's columns in TensorBoard's HParams table, from its config.json: the method as the tables
     name it, the router, k (the fixed k, or the schedule run, scheduled_k; 'all' for a dense model), the experts
     (0: a dense FFN), the model's size, the recipe, the data, the seed (as text: TensorBoard shows a number as a
-    float, 1111.0), and the kept checkpoint whose test the k columns show (table_checkpoint)."""
+    float, 1111.0), the kept checkpoint whose test the k columns show (table_checkpoint), and the precision
+    (run_precision)."""
     args, model = config['args'], config['model_config']
     if not model['moe']:
         k = 'all'
@@ -288,7 +289,15 @@ def run_hparams(config):
             'experts': model['moe_num_expert'] if model['moe'] else 0, 'layers': model['n_layer'],
             'd_model': model['d_model'], 'dropout': model['dropout'], 'lr': args['lr'], 'steps': args['max_step'],
             'batch': args['batch_size'], 'dataset': args['dataset'], 'seed': str(args['seed']),
-            'checkpoint': table_checkpoint(config)}
+            'checkpoint': table_checkpoint(config), 'precision': run_precision(args)}
+
+
+def run_precision(args):
+    """How a run's matmuls computed, from its arguments (a dict): 'bf16' (--amp), 'tf32' (fp32 on CUDA with TF32
+    matmuls, train.py's default there) or 'fp32'."""
+    if args.get('amp'):
+        return 'bf16'
+    return 'tf32' if args.get('cuda') and not args.get('no_tf32') else 'fp32'
 
 
 def scheduled_k(args):

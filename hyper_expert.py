@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_engine import choose_engine, compute_dtype, group_counts, group_ends, grouped_mm, spare_bin
+from moe_engine import (GROUPED_MM_MAX_GROUPS, choose_engine, compute_dtype, group_counts, group_ends, grouped_mm,
+                        spare_bin)
 
 GROUPED_MAX_SETS = 256   # HyperExpert: tokens grouped by expert set up to this many sets, else gathered
 
@@ -56,11 +57,12 @@ def run_adapters(x, token_set, w_down, b_down, w_up, b_up, grouped_max_sets=GROU
     """HyperExpert(x_t) = ReLU(x_t W_down[s_t] + b_down[s_t]) W_up[s_t] + b_up[s_t] -> [T, d].
 
     The tokens are grouped by set and each adapter runs on its own tokens: two grouped GEMMs with the
-    grouped engine (see choose_engine), else 2 matmuls per set in a loop, with no copy of the weights
-    (E = 16, k = 2 has at most 120 sets). The loop is used up to `grouped_max_sets` adapters; beyond
-    that (larger k: most sets hold a token or two, and a Python loop over them would be slow), every
-    token gathers its adapter and one batched matmul runs them all: memory T * 2 d b, as if the
-    adapters had been generated per token, though only U were generated.
+    grouped engine (see choose_engine; past grouped_mm's group limit, in blocks of sets: grouped_adapters),
+    else 2 matmuls per set in a loop, with no copy of the weights (E = 16, k = 2 has at most 120 sets).
+    The loop is used up to `grouped_max_sets` adapters; beyond that (larger k: most sets hold a token or
+    two, and a Python loop over them would be slow), every token gathers its adapter and one batched
+    matmul runs them all: memory T * 2 d b, as if the adapters had been generated per token, though only
+    U were generated.
     """
     n_set = w_down.size(0)
     widths = (w_down.size(1), w_down.size(2))
@@ -73,11 +75,7 @@ def run_adapters(x, token_set, w_down, b_down, w_up, b_up, grouped_max_sets=GROU
     sorted_set, order = torch.sort(token_set, stable=True)                                 # tokens grouped by set
     x_sorted = x.index_select(0, order)                                                    # [T, d]
     if grouped:
-        dtype = compute_dtype(x)
-        ends = group_ends(sorted_set, n_set)
-        # the biases gathered in their own dtype, so that their gradients are summed in it (as the experts')
-        hidden = grouped_mm(x_sorted.to(dtype), w_down.to(dtype), ends).add_(b_down.index_select(0, sorted_set))
-        y_sorted = grouped_mm(F.relu(hidden), w_up.to(dtype), ends).add_(b_up.index_select(0, sorted_set))
+        y_sorted = grouped_adapters(x_sorted, sorted_set, w_down, b_down, w_up, b_up)
     else:
         counts = group_counts(sorted_set, n_set).tolist()                                 # one host read
         # unbind: the backward stacks the per-set gradients once instead of U full-size scatters
@@ -89,6 +87,37 @@ def run_adapters(x, token_set, w_down, b_down, w_up, b_up, grouped_max_sets=GROU
                 outs.append(torch.addmm(b_up[u], hidden, w_up[u]))                         # [S_u, d]
         y_sorted = torch.cat(outs, 0)                                                      # [T, d] by set
     return torch.empty_like(y_sorted).index_copy(0, order, y_sorted)                       # token order
+
+
+def grouped_adapters(x_sorted, sorted_set, w_down, b_down, w_up, b_up):
+    """run_adapters' grouped engine: x_sorted [T, d] (tokens sorted by set), sorted_set [T] -> [T, d] by set.
+
+    One grouped GEMM per projection up to GROUPED_MM_MAX_GROUPS sets. Beyond (CUDA's grouped_mm refuses
+    1024 groups; HyperMoE at k = 4 of 16 has about 1,800 sets), one call per block of sets, each over every
+    row: a zero weight group before and one after the block's rows give those rows exactly 0, so the blocks'
+    outputs add up to the one call's, with the offsets still on the device (no host read). Each block costs
+    one adapter pass over all T tokens (k = 8: 8 blocks, a few % of the experts' FLOPs).
+    """
+    n_set, n_row = w_down.size(0), x_sorted.size(0)
+    dtype = compute_dtype(x_sorted)
+    x_sorted = x_sorted.to(dtype)
+    ends = group_ends(sorted_set, n_set)                                                   # [U], on the device
+    # the biases gathered in their own dtype, so that their gradients are summed in it (as the experts')
+    bias_down = b_down.index_select(0, sorted_set)                                         # [T, b]
+    if n_set <= GROUPED_MM_MAX_GROUPS:
+        hidden = grouped_mm(x_sorted, w_down.to(dtype), ends).add_(bias_down)
+        y_sorted = grouped_mm(F.relu(hidden), w_up.to(dtype), ends)
+    else:
+        block = GROUPED_MM_MAX_GROUPS - 2                                                  # sets per call
+        y_sorted = 0
+        for first in range(0, n_set, block):
+            last = min(first + block, n_set)
+            start = ends[first - 1:first] if first else ends.new_zeros(1)
+            offs = torch.cat([start, ends[first:last], ends.new_full((1,), n_row)])       # [last - first + 2]
+            down, up = (F.pad(w[first:last].to(dtype), (0, 0, 0, 0, 1, 1)) for w in (w_down, w_up))   # zero groups
+            hidden = grouped_mm(x_sorted, down, offs).add_(bias_down)                      # [T, b]
+            y_sorted = y_sorted + grouped_mm(F.relu(hidden), up, offs)                     # [T, d], 0 off the block
+    return y_sorted.add_(b_up.index_select(0, sorted_set))
 
 
 class HyperExpert(nn.Module):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from hyper_expert import HyperExpert, HyperExpertGenerator
@@ -412,8 +413,37 @@ class ThorObjective(nn.Module):
         self.model = model
 
     def forward(self, data, target, *mems):
-        nll_1, logp_1, new_mems = self.model.forward_log_probs(data, target, *mems)
-        nll_2, logp_2, _ = self.model.forward_log_probs(data, target, *mems)
-        consistency = symmetric_kl(logp_1, logp_2).view_as(nll_1)            # [T, B]
-        out = [0.5 * (nll_1 + nll_2), consistency]
+        model, flat_target = self.model, target.reshape(-1)                  # [T * B]
+        n_chunks = -(-flat_target.numel() * model.crit.n_token // model.crit.chunk_elements)
+        hid_1, new_mems = model._predicting_hidden(data, target, mems)       # [T * B, d]
+        if n_chunks <= 1:       # pass 1's log-probabilities before pass 2, as ever: the gradients summed alike
+            logp_1 = model.log_probs(hid_1)                                  # [T * B, V]
+            hid_2, _ = model._predicting_hidden(data, target, mems)
+            terms = thor_terms(logp_1, model.log_probs(hid_2), flat_target)
+        else:
+            hid_2, _ = model._predicting_hidden(data, target, mems)
+            terms = chunked_thor_terms(model, hid_1, hid_2, flat_target, n_chunks)
+        nll_1, nll_2, consistency = (term.view_as(target) for term in terms)
+        out = [0.5 * (nll_1 + nll_2), consistency]                           # [T, B] each
         return out if new_mems is None else [*out, *new_mems]
+
+
+def thor_terms(logp_1, logp_2, target):
+    """THOR's per-token terms from its two passes' log-probabilities [N, V]: (nll_1, nll_2, CR(p1, p2)) [N] each."""
+    pick = target.unsqueeze(1)                                               # [N, 1]
+    return -logp_1.gather(1, pick).squeeze(1), -logp_2.gather(1, pick).squeeze(1), symmetric_kl(logp_1, logp_2)
+
+
+def chunked_thor_terms(model, hid_1, hid_2, target, n_chunks):
+    """thor_terms from the two passes' hidden states [N, d], in chunks of rows as the plain loss
+    (adaptive_softmax.py): the [n, V] log-probabilities of one chunk at a time, recomputed in the backward
+    (WikiText-103's whole [N, V] pairs took about 53 GiB at --batch_chunk 2)."""
+    def terms(h_1, h_2, tgt):
+        return thor_terms(model.log_probs(h_1), model.log_probs(h_2), tgt)   # [n] each
+
+    chunks = zip(*(x.tensor_split(n_chunks) for x in (hid_1, hid_2, target)))
+    if torch.is_grad_enabled():    # no RNG runs here: preserving its state would read the CUDA generator back
+        parts = [checkpoint(terms, *chunk, use_reentrant=False, preserve_rng_state=False) for chunk in chunks]
+    else:
+        parts = [terms(*chunk) for chunk in chunks]
+    return tuple(torch.cat(term) for term in zip(*parts))                   # [N] each

@@ -16,6 +16,10 @@ from torch_version import check_torch
 check_torch(torch.__version__)      # one line on a torch older than the APIs below, not a traceback
 
 ENGINES = ('auto', 'grouped', 'loop')
+GROUPED_MM_MAX_GROUPS = 1023   # CUDA's grouped_mm refuses more ("Can't process more than 1024 groups")
+# compute capability majors where torch's CUDA grouped_mm runs its grouped GEMM kernel (sm90, sm100); the others
+# take its per-group fallback (torch's _grouped_mm_cuda: use_fast_path for major 9 or 10 only)
+FAST_GROUPED_MM_MAJORS = (9, 10)
 
 
 def spare_bin(top_idx, num_expert):
@@ -56,10 +60,11 @@ def choose_engine(engine, device, dtype, widths, compiling=None, capability=None
     """'grouped' or 'loop' for `engine` (auto|grouped|loop) on this device and compute dtype, and why.
 
     auto takes grouped where torch's grouped GEMM is a kernel of its own: CUDA of compute capability
-    (`capability`, default: the device's) 9.0 or more (H100, B200). On 8.x (A100, A40) torch's grouped_mm
-    is a loop over the groups that copies the offsets to the host, so the loop engine, which reads its
-    counts once per layer, is taken. `compiling` (default: whether torch.compile is tracing) makes auto take
-    grouped wherever grouped_mm runs, on CPU and on 8.x too: the loop's host-side counts would break the
+    (`capability`, default: the device's) 9.x or 10.x (H100/H200, B200/GB200; FAST_GROUPED_MM_MAJORS).
+    Elsewhere (8.x: A100, A40, L4; 12.x: RTX 50xx, RTX PRO 6000) torch's grouped_mm is a loop over the
+    groups that copies the offsets to the host, so the loop engine, which reads its counts once per layer,
+    is taken. `compiling` (default: whether torch.compile is tracing) makes auto take grouped wherever
+    grouped_mm runs, on CPU, 8.x and 12.x too: the loop's host-side counts would break the
     graph at every MoE layer, while grouped_mm is one opaque op in it, whatever it does inside.
     """
     if engine not in ENGINES:
@@ -82,9 +87,9 @@ def choose_engine(engine, device, dtype, widths, compiling=None, capability=None
         # stay in cache; the grouped engine's run over all T * k rows at once, about 15% slower per block
         return 'loop', 'auto: faster than grouped_mm on CPU, where there is no device to sync with'
     capability = capability or torch.cuda.get_device_capability(device)
-    if capability < (9, 0):
+    if capability[0] not in FAST_GROUPED_MM_MAJORS:
         return 'loop', (f'auto: grouped_mm on compute capability {capability[0]}.{capability[1]} is a per-group loop '
-                        'with host copies; grouped GEMM kernels need 9.0 (H100)')
+                        'with host copies; its grouped GEMM kernel runs on 9.x (H100) and 10.x (B200) only')
     return 'grouped', f'auto: grouped_mm runs here (compute capability {capability[0]}.{capability[1]})'
 
 
@@ -96,8 +101,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     A custom op: torch.compile treats it as one opaque call (the compiler's own shape function for
     grouped_mm accepts bf16 only), and its backward makes the incoming gradient contiguous first:
     grouped_mm's kernels refuse an expanded (stride-0) gradient, e.g. the one `.sum().backward()`
-    sends ("Invalid strides/sizes"). Both gradients are grouped GEMMs again; an empty group gets a
-    zero weight gradient.
+    sends ("Invalid strides/sizes"). Both gradients are grouped GEMMs again; an empty group's weight gradient
+    is set to zero here (sm100's kernel leaves it non-zero, pytorch#172439).
     """
     return F.grouped_mm(a, b, offs=offs)
 
@@ -117,7 +122,11 @@ def _grouped_mm_backward(ctx, grad):
     a, b, offs = ctx.saved_tensors
     grad = grad.contiguous()                                                # [S, N]
     grad_a = grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-    grad_b = grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None   # [G, K, N]
+    grad_b = None
+    if ctx.needs_input_grad[1]:
+        grad_b = grouped_mm(a.t(), grad, offs)                             # [G, K, N]
+        empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0           # [G], on the device
+        grad_b = torch.where(empty[:, None, None], 0, grad_b)              # 0, not sm100's (pytorch#172439)
     return grad_a, grad_b, None
 
 

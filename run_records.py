@@ -71,7 +71,8 @@ def check_resume(ckpt, args, corpus):
 def write_config(run_dir, args, trainer, ddp):
     config = {'args': vars(args), 'model_config': trainer.config, 'git_commit': git_commit(),
               'git_modified': git_tree_modified(), 'torch': torch.__version__, 'world_size': ddp.world_size,
-              'params': param_breakdown(trainer.model), 'start_step': trainer.step}
+              'params': param_breakdown(trainer.model), 'start_step': trainer.step,
+              'precision': evaluation.run_precision(vars(args))}
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
     return config

@@ -209,7 +209,7 @@ class Distributed:
             tensor = value.clone()
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
             return tensor
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        tensor = torch.full((1,), value, dtype=torch.float64, device=self.device)   # a fill, not a host copy
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.item()
 
@@ -222,7 +222,7 @@ class Distributed:
             tensor = value.clone()
             dist.all_reduce(tensor)
             return tensor / self.world_size
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        tensor = torch.full((1,), value, dtype=torch.float64, device=self.device)   # a fill, not a host copy
         dist.all_reduce(tensor)
         return tensor.item() / self.world_size
 

@@ -390,9 +390,14 @@ class Trainer:
         return 'done'
 
     def _should_stop(self, stop):
-        """After a signal on any rank, or at --stop_step; the signal is kept for the exit status."""
-        self.stop_signal = int(self.ddp.max(stop.signum or 0))
-        return self.stop_signal > 0 or self.step == self.args.stop_step
+        """After a signal on any rank, or at --stop_step; the signal is kept for the exit status. Under DDP the
+        ranks agree on a signal (an all-reduce read back) at log, evaluation and stop steps only, where the host
+        waits anyway: a signal stops the run within --log-interval steps, and no other step reads back."""
+        args = self.args
+        if self.ddp.world_size == 1 or any(self.step % n == 0 for n in (args.log_interval, args.eval_interval)) \
+                or self.step in (args.max_step, args.stop_step):
+            self.stop_signal = int(self.ddp.max(stop.signum or 0))
+        return self.stop_signal > 0 or self.step == args.stop_step
 
     def checkpoint_note(self):
         """Where a stopped run can resume from, for the log."""

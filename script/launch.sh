@@ -9,6 +9,10 @@
 #                                                          sees one (--cuda is added), else on the CPU, but only
 #                                                          for a run of at most CPU_AUTO_MAX_STEP steps: a longer
 #                                                          one (a paper-size script) stops unless DEVICE=cpu
+#   PRECISION=fp32 | bf16 (default fp32)                 -> fp32: the paper's (the original trained in fp32; on a
+#                                                          GPU its matmuls take TF32, as the original's did on
+#                                                          A100; --no_tf32 for full fp32); bf16: --amp, bf16
+#                                                          autocast with the routers in fp32 (GPU only)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
 N_GPU=${N_GPU:-1}
@@ -68,11 +72,23 @@ device_flag() {
     esac
 }
 
+# precision_flag: --amp for PRECISION=bf16, nothing for fp32 (see PRECISION above)
+precision_flag() {
+    case "${PRECISION:-fp32}" in
+        fp32) ;;
+        bf16) echo --amp ;;
+        *) echo "error: PRECISION must be fp32 or bf16; got '$PRECISION'" >&2
+           return 2 ;;
+    esac
+}
+
 # launch_once SCRIPT [flags]: one run, with torchrun when N_GPU > 1
 launch_once() {
     local flag device=()
     flag=$(device_flag "$@") || return
     [ -n "$flag" ] && device=("$flag")
+    flag=$(precision_flag) || return
+    [ -n "$flag" ] && device+=("$flag")
     if [ "$N_GPU" -gt 1 ]; then
         "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$N_GPU" "$@" "${device[@]}"
     else

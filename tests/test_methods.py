@@ -61,13 +61,13 @@ def test_thor_consistency_is_zero_when_both_passes_draw_the_same(tokens):
     nll, consistency = objective(tokens[:-1], tokens[1:])[:2]
     assert consistency.shape == nll.shape == (12, 3) and (consistency > 0).all()
 
-    original = model.forward_log_probs
+    original = model._predicting_hidden
 
     def same_draws(*args):                  # both passes start from one RNG state: same experts, same dropout
         torch.set_rng_state(state)
         return original(*args)
 
-    model.forward_log_probs = same_draws
+    model._predicting_hidden = same_draws
     nll, consistency = objective(tokens[:-1], tokens[1:])[:2]
     assert consistency.abs().max() == 0
     torch.set_rng_state(state)

@@ -54,13 +54,13 @@ def test_thor_training_step_minimises_the_mean_nll_plus_half_alpha_times_the_sym
     logits = nn.Parameter(torch.tensor([PASS_1, PASS_2]).log())                  # [2 passes, N, V]
     passes = []
 
-    def constructed_pass(data, target, *mems):
-        """Stands in for the model's forward: pass i predicts PASS_i for every token."""
-        logp = torch.log_softmax(logits[len(passes) % 2], -1)                    # [N, V]
+    def constructed_pass(data, target, mems):
+        """Stands in for the model's forward: pass i's hidden state is PASS_i's logits for every token."""
         passes.append(data)
-        return -logp.gather(1, target.reshape(-1, 1)).view_as(target), logp, None
+        return logits[(len(passes) - 1) % 2], None                               # [N, V]
 
-    trainer.model.forward_log_probs = constructed_pass
+    trainer.model._predicting_hidden = constructed_pass
+    trainer.model.log_probs = lambda hidden: torch.log_softmax(hidden, -1)      # [N, V]
     target = torch.tensor(TARGET).view(2, 1)                                     # [T, B]
     nll = trainer.train_step(target, target)
     assert len(passes) == 2                                                      # THOR runs the batch twice

@@ -354,6 +354,9 @@ def test_bench_quick_writes_every_ratio_finite_and_positive(capsys):
     assert all(res['sim_kernels_per_step'][part] > 0 for part in bench.SIM_PARTS)
     assert res['sim_kernels_per_step']['total'] == sum(res['sim_kernels_per_step'][p] for p in bench.SIM_PARTS)
     assert 0 < res['sim_h100_step_s_projected'] < math.inf and 'projected H100 step' in report
+    # train.py's loop, steps without a log line: no host read, no synchronous copy from the host, in every case
+    assert all(res[f'loop_host_{what}_per_step_{case}'] == 0
+               for what in ('reads', 'copies') for case in bench.LOOP_CASES)
 
 
 def test_the_h100_projection_adds_flops_bytes_and_launches_and_the_host_can_bind():

@@ -65,7 +65,8 @@ def read_results(run_dir, name='results.json'):
 def settings(method, gate, k, experts, checkpoint):
     """The HParams columns of the runs here, written out."""
     return {'method': method, 'gate': gate, 'k': k, 'experts': experts, 'layers': 2, 'd_model': 16, 'dropout': 0.1,
-            'lr': 0.00025, 'steps': 6, 'batch': 4, 'dataset': 'synthetic', 'seed': '1111', 'checkpoint': checkpoint}
+            'lr': 0.00025, 'steps': 6, 'batch': 4, 'dataset': 'synthetic', 'seed': '1111', 'checkpoint': checkpoint,
+            'precision': 'fp32'}
 
 
 @pytest.fixture(scope='module')
