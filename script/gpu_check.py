@@ -208,20 +208,17 @@ def check_vs_cpu(cfg, device, sizes, args):
 
 def check_resume(cfg, device, sizes, args):
     """A 4-step tiny bf16 run stopped at step 2 and resumed ends with the straight run's validation losses."""
-    flags = [*args.python, 'train.py', '--dataset', 'synthetic', '--data', os.path.join(args.work, 'synthetic'),
+    flags = ['--dataset', 'synthetic', '--data', os.path.join(args.work, 'synthetic'),
              '--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16', '--d_inner', '32',
              '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '8', '--batch_size', '4', '--max_step', '4',
              '--eval-interval', '2', '--max_eval_steps', '2', '--eval_ks', '2', '--moe', '--moe-num-expert', '4',
              '--gate_name', 'hyper_router', *(['--cuda', '--amp'] if device.type == 'cuda' else [])]
 
-    def run(name, *extra):
+    def run(name, *extra):          # train.py's main in this process: three imports of torch saved
+        import train
         work = os.path.join(args.work, 'resume', name)
-        if args.simulate:                   # in this process, on the simulated GPU (no second torch import)
-            import train
-            with args.compute('cpu'), contextlib.redirect_stdout(open(os.devnull, 'w')):
-                train.main([*flags[len(args.python) + 1:], '--work_dir', work, *extra])
-        else:
-            subprocess.run([*flags, '--work_dir', work, *extra], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        with args.compute('cpu'), contextlib.redirect_stdout(open(os.devnull, 'w')):
+            train.main([*flags, '--work_dir', work, *extra])
         run_dir = max(glob.glob(work + '-synthetic/*'), key=os.path.getmtime)      # this run's, the newest
         with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
             return run_dir, [r['loss'] for r in map(json.loads, f) if r['split'] == 'valid']
@@ -256,7 +253,6 @@ def main(argv=None):
     parser.add_argument('--work', default='/tmp/gpu_check', help='where the check writes its runs and CHECK.json')
     args = parser.parse_args(argv)
     args.compute, args.cpu_reference = (lambda kind: contextlib.nullcontext()), contextlib.nullcontext
-    args.python = [sys.executable]
     if args.simulate:
         args.device = 'cuda'
         vars(args).update(simulation())

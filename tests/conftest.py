@@ -3,6 +3,9 @@
 `python -m pytest --device cuda -m device` runs the device-aware tests (marked `device`, taking the
 `device` fixture) on a GPU, as script/gpu_check.sh does; the default is the CPU.
 """
+import os
+import subprocess
+
 import pytest
 import torch
 
@@ -38,6 +41,35 @@ TINY_MOE_ARGS = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', 
                  '--d_inner', '16', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '8', '--batch_size', '4',
                  '--max_eval_steps', '2', '--eval_ks', '1,2', '--moe', '--moe-num-expert', '4', '--moe-top-k', '2',
                  '--gate_name', 'smoe']
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a stand-in for python, given to a script as PYTHON: says no GPU to launch.sh's question and records the command
+# line of the run the script starts (NUL-separated, after `python -u`) instead of running it
+RECORDING_PYTHON = '''#!/bin/sh
+case "$2" in *cuda.is_available*) exit 1 ;; esac
+[ "$1" = -u ] && shift
+printf '%s\\0' "$@" > "$RUN_COMMAND"
+'''
+
+
+@pytest.fixture
+def script_command(tmp_path):
+    """script_command(script, *flags, **env) -> the command line (['train.py', ...]) that `bash script *flags`
+    starts through launch.sh, found without running it. The test runs that command in the test's process,
+    which saves the seconds a second process takes to import torch, per script."""
+    python, record = tmp_path / 'recording_python', tmp_path / 'run_command'
+    python.write_text(RECORDING_PYTHON)
+    python.chmod(0o755)
+
+    def command(script, *flags, **env):
+        env = dict(os.environ, PYTHON=str(python), RUN_COMMAND=str(record), **env)
+        result = subprocess.run(['bash', script, *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        return record.read_text().split('\0')[:-1]
+    return command
 
 
 @pytest.fixture

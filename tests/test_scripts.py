@@ -42,7 +42,8 @@ def expected_method(script):
 
 
 def script_env(synthetic_dir):
-    return dict(os.environ, DATA=synthetic_dir, PYTHON=sys.executable, OMP_NUM_THREADS='1')
+    # DEVICE=cpu: launch.sh does not start a python to ask whether torch sees a GPU (seconds a run)
+    return dict(os.environ, DATA=synthetic_dir, PYTHON=sys.executable, OMP_NUM_THREADS='1', DEVICE='cpu')
 
 
 
@@ -220,12 +221,8 @@ def test_script_header_documents_its_departures_from_the_published_scripts(scrip
     assert [phrase for phrase in wanted if phrase not in header] == []
 
 
-@pytest.mark.parametrize('script', SCRIPTS)
-def test_script_runs_its_pipeline(script, synthetic_dir, tmp_path):
-    work = str(tmp_path / 'runs')
-    result = subprocess.run(['bash', script, *SHRINK, '--work_dir', work], cwd=REPO, env=script_env(synthetic_dir),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def check_pipeline_output(script, work, out):
+    """The run of `script` under `work` trained, tested at every k and printed its table, under its method."""
     [run_dir] = glob.glob(f'{work}-synthetic/*')
     with open(os.path.join(run_dir, 'results.json')) as f:
         entries = json.load(f)
@@ -233,11 +230,31 @@ def test_script_runs_its_pipeline(script, synthetic_dir, tmp_path):
         config = json.load(f)
     assert entries and all(e['split'] == 'test' and e['results'] for e in entries)
     assert {e['method'] for e in entries} == {expected_method(script)}
-    assert 'bpc' in result.stdout                                  # the final table is printed
+    assert 'bpc' in out                                            # the final table is printed
     expected_dataset = 'wt103' if 'wiki103' in script else 'enwik8'
     with open(os.path.join(REPO, script)) as f:
         assert f'--dataset {expected_dataset}' in f.read()
     assert config['args']['lr'] == 0.00025 and config['args']['tgt_len'] == 16
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_script_runs_its_pipeline(script, synthetic_dir, tmp_path, script_command, capsys):
+    # the command the script starts, run in this process (test_a_script_runs_as_a_user_starts_it: one in its own)
+    work = str(tmp_path / 'runs')
+    program, *flags = script_command(script, *SHRINK, '--work_dir', work, DATA=synthetic_dir)
+    assert program == 'train.py'
+    train.main(flags)
+    check_pipeline_output(script, work, capsys.readouterr().out)
+
+
+def test_a_script_runs_as_a_user_starts_it(synthetic_dir, tmp_path):
+    script, work = 'script/table1/hyper_router_enwik8.sh', str(tmp_path / 'runs')
+    env = script_env(synthetic_dir)
+    env.pop('DEVICE')                                              # launch.sh's default: auto
+    result = subprocess.run(['bash', script, *SHRINK, '--work_dir', work], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_pipeline_output(script, work, result.stdout)
 
 
 def test_demo_prints_the_side_by_side_table(synthetic_dir, tmp_path):
