@@ -45,9 +45,10 @@ def test_gpu_check_with_a_python_that_has_no_torch_says_so_in_one_line(tmp_path)
 
 
 def run_gpu_check(tmp_path, device):
-    """(exit status, stdout, {check: result}, gpu_check.json) of gpu_check.sh with DEVICE=device."""
+    """(exit status, stdout, {check: result}, gpu_check.json) of gpu_check.sh with DEVICE=device. Its device
+    tests are those of tests/test_device.py alone: the suite runs them all already."""
     env = dict(os.environ, DEVICE=device, OUT=str(tmp_path / 'out'), WORK=str(tmp_path / 'work'),
-               PYTHON=sys.executable, OMP_NUM_THREADS='1')
+               PYTHON=sys.executable, OMP_NUM_THREADS='1', PYTEST_ADDOPTS='tests/test_device.py')
     result = subprocess.run(['bash', 'script/gpu_check.sh'], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=900)
     with open(tmp_path / 'out' / 'gpu_check.json') as f:
