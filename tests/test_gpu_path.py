@@ -297,32 +297,34 @@ def test_after_a_fused_adam_step_hyperrouter_validates_with_the_router_of_the_ne
     torch.testing.assert_close(bias, expected[:, -1], rtol=1e-6, atol=1e-6)
 
 
-def ddp_step(rank, world_size, port, batch_chunk, folder):
-    """One training step of a 2-process gloo run (spawned): rank 0 saves the gradients and the number of bucket
-    all-reduces that DDP made in it."""
+def ddp_steps(rank, world_size, port, folder):
+    """One training step of a 2-process gloo run (spawned) with --batch_chunk 1 and one with 2: rank 0 saves the
+    gradients and the number of bucket all-reduces that DDP made in each."""
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     ddp = Distributed(False)
-    args = train.parse_args(['--dataset', 'synthetic', '--moe', '--moe-num-expert', '4', '--moe-top-k', '2',
-                             '--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8', '--d_inner', '16',
-                             '--tgt_len', '8', '--mem_len', '8', '--batch_size', '8', '--batch_chunk', str(batch_chunk),
-                             '--dropout', '0', '--moe_engine', 'grouped'])
     stream = torch.randint(0, 11, (2000,), generator=torch.Generator().manual_seed(0))
     corpus = Corpus('synthetic', Vocab([str(i) for i in range(11)]), stream, stream[:400], stream[:400])
-    trainer = train.Trainer(args, ddp, corpus, os.path.join(folder, f'rank{rank}'))
-    reduces = []
+    for batch_chunk in (1, 2):
+        args = train.parse_args(['--dataset', 'synthetic', '--moe', '--moe-num-expert', '4', '--moe-top-k', '2',
+                                 '--n_layer', '2', '--d_model', '16', '--n_head', '2', '--d_head', '8',
+                                 '--d_inner', '16', '--tgt_len', '8', '--mem_len', '8', '--batch_size', '8',
+                                 '--batch_chunk', str(batch_chunk), '--dropout', '0', '--moe_engine', 'grouped'])
+        trainer = train.Trainer(args, ddp, corpus, os.path.join(folder, f'rank{rank}'))
+        reduces = []
 
-    def counting_allreduce(state, bucket):
-        reduces.append(bucket.index())
-        return allreduce_hook(state, bucket)
-    trainer.ddp_model.register_comm_hook(dist.group.WORLD, counting_allreduce)
-    data, target, _ = next(trainer.tr_iter.iter_from(0))
-    trainer.train_step(data, target)
-    if rank == 0:
-        grads = {name: p.grad for name, p in trainer.model.named_parameters() if p.grad is not None}
-        torch.save({'grads': grads, 'reduces': len(reduces), 'broadcast_buffers': trainer.ddp_model.broadcast_buffers},
-                   os.path.join(folder, f'chunks{batch_chunk}.pt'))
+        def counting_allreduce(state, bucket):
+            reduces.append(bucket.index())
+            return allreduce_hook(state, bucket)
+        trainer.ddp_model.register_comm_hook(dist.group.WORLD, counting_allreduce)
+        data, target, _ = next(trainer.tr_iter.iter_from(0))
+        trainer.train_step(data, target)
+        if rank == 0:
+            grads = {name: p.grad for name, p in trainer.model.named_parameters() if p.grad is not None}
+            torch.save({'grads': grads, 'reduces': len(reduces),
+                        'broadcast_buffers': trainer.ddp_model.broadcast_buffers},
+                       os.path.join(folder, f'chunks{batch_chunk}.pt'))
     ddp.barrier()                       # neither process leaves the group while the other still uses it
     ddp.close()
 
@@ -334,9 +336,8 @@ def free_port():
 
 
 def test_ddp_all_reduces_once_per_step_across_batch_chunks_with_the_same_gradients(tmp_path):
-    for batch_chunk in (1, 2):
-        os.makedirs(tmp_path / 'rank0', exist_ok=True)
-        torch.multiprocessing.spawn(ddp_step, args=(2, free_port(), batch_chunk, str(tmp_path)), nprocs=2)
+    os.makedirs(tmp_path / 'rank0', exist_ok=True)
+    torch.multiprocessing.spawn(ddp_steps, args=(2, free_port(), str(tmp_path)), nprocs=2)
     one, two = (torch.load(tmp_path / f'chunks{n}.pt', weights_only=True) for n in (1, 2))
     assert one['reduces'] >= 1 and two['reduces'] == one['reduces']      # no all-reduce for the first chunk
     assert one['grads'].keys() == two['grads'].keys() and not one['broadcast_buffers']
