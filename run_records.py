@@ -1,5 +1,6 @@
 """What a training run checks and records around its training: that the data fits, that a resume continues its
-checkpoint's run, and the run's records (config.json, resumes.jsonl, TensorBoard's HParams row and Text tab).
+checkpoint's run, and the run's records (config.json, resumes.jsonl, results.json, TensorBoard's HParams row and
+Text tab).
 """
 import functools
 import hashlib
@@ -117,3 +118,22 @@ def resume_command(command, run_dir):
         if name not in ('__restart', '__restart_dir'):
             kept.append(word)
     return shlex.join([*kept, '--restart', '--restart_dir', run_dir])
+
+
+def record_final_test(trainer, args):
+    """Test every kept checkpoint at k in --eval_ks, print the Table-1-shaped result, write results.json; the
+    test of the checkpoint the HParams row names goes to its columns (test/<metric>/k<k>, at that checkpoint's
+    step), which closes the row."""
+    log = trainer.log
+    log('=' * 100)
+    ks = evaluation.parse_ks(args.eval_ks)
+    entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', ks, args.max_eval_steps,
+                                          trainer.ddp.device, log=log)
+    evaluation.write_json(os.path.join(trainer.run_dir, 'results.json'), entries)
+    entry = evaluation.table_entry({'args': vars(args), 'model_config': trainer.config}, entries)
+    if entry is not None:
+        log.record(entry['step'], 'test', **evaluation.result_scalars(entry, evaluation.table_ks(trainer.config, ks)))
+        log(evaluation.column_note(entry))
+    log.end_hparams()
+    log('=' * 100)
+    log(f'results: {os.path.join(trainer.run_dir, "results.json")}')

@@ -31,8 +31,8 @@ from mem_transformer import MemTransformerLM, ThorObjective
 from moe import (AUX_LOSSES, describe_engine, learned_temperatures, record_router_stats, record_routing, set_capacity,
                  uses_thor)
 from optimization import NonFiniteLoss, learning_rate, make_optimizer
-from run_records import (check_data_fits, check_resume, data_signature, record_resume, record_start, resume_hint,
-                         write_config)
+from run_records import (check_data_fits, check_resume, data_signature, record_final_test, record_resume, record_start,
+                         resume_hint, write_config)
 from run_utils import (Distributed, RunError, RunLock, RunLog, StopRequest, describe_os_error, keep_freed_memory,
                        make_progress, make_run_dir, rng_state, save_atomic, set_rng_state)
 from train_args import aux_weights, model_config
@@ -418,25 +418,6 @@ def load_corpus(args, ddp):
     return corpus
 
 
-def final_test(trainer, args):
-    """Test every kept checkpoint at k in --eval_ks, print the Table-1-shaped result, write results.json; the
-    test of the checkpoint the HParams row names goes to its columns (test/<metric>/k<k>, at that checkpoint's
-    step), which closes the row."""
-    log = trainer.log
-    log('=' * 100)
-    ks = evaluation.parse_ks(args.eval_ks)
-    entries = evaluation.test_checkpoints(trainer.run_dir, trainer.corpus, 'test', ks, args.max_eval_steps,
-                                          trainer.ddp.device, log=log)
-    evaluation.write_json(os.path.join(trainer.run_dir, 'results.json'), entries)
-    entry = evaluation.table_entry({'args': vars(args), 'model_config': trainer.config}, entries)
-    if entry is not None:
-        log.record(entry['step'], 'test', **evaluation.result_scalars(entry, evaluation.table_ks(trainer.config, ks)))
-        log(evaluation.column_note(entry))
-    log.end_hparams()
-    log('=' * 100)
-    log(f'results: {os.path.join(trainer.run_dir, "results.json")}')
-
-
 def train_in(run_dir, args, ddp, corpus, ckpt, command):
     """Train in `run_dir` (None off the main rank); returns the exit status."""
     torch.manual_seed(args.seed)
@@ -466,7 +447,7 @@ def train_in(run_dir, args, ddp, corpus, ckpt, command):
     if status == 'stopped':
         log(f'stopped at step {trainer.step}; {resume_hint(command, run_dir)}')
     elif ddp.is_main:
-        final_test(trainer, args)
+        record_final_test(trainer, args)
     log.close()
     return 128 + trainer.stop_signal if trainer.stop_signal else 0
 

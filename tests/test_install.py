@@ -22,8 +22,9 @@ def test_pip_install_gives_commands_that_run_from_any_folder_and_no_top_level_mo
     for name in [*MODULES, 'setup.py', 'requirements.txt', 'pyproject.toml']:
         shutil.copy(os.path.join(REPO, name), clone)
     site = tmp_path / 'site'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation', '--no-index',
-                    '--target', str(site), str(clone)], check=True, capture_output=True, timeout=300)
+    built = subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
+                            '--no-index', '--target', str(site), str(clone)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     assert sorted(p for p in os.listdir(site) if not p.endswith('.dist-info')) == ['bin', 'hyperrouter']
     assert sorted(p for p in os.listdir(site / 'hyperrouter') if p.endswith('.py')) == sorted(MODULES + ['__init__.py'])
 
