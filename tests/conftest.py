@@ -45,30 +45,45 @@ TINY_MOE_ARGS = ['--dataset', 'synthetic', '--n_layer', '2', '--d_model', '16', 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# a stand-in for python, given to a script as PYTHON: says no GPU to launch.sh's question and records the command
-# line of the run the script starts (NUL-separated, after `python -u`) instead of running it
-RECORDING_PYTHON = '''#!/bin/sh
-case "$2" in *cuda.is_available*) exit 1 ;; esac
+# a stand-in for python, given to a script as PYTHON: answers launch.sh's question whether torch sees a GPU from
+# $STAND_IN_GPU (1: yes) and records the command line of each run the script starts (one line a run, its words
+# NUL-separated, after `python -u`) instead of running it
+STAND_IN_PYTHON = '''#!/bin/sh
+case "$2" in *cuda.is_available*) [ "$STAND_IN_GPU" = 1 ]; exit ;; esac
 [ "$1" = -u ] && shift
-printf '%s\\0' "$@" > "$RUN_COMMAND"
+printf '%s\\0' "$@" >> "$RUN_COMMANDS"
+echo >> "$RUN_COMMANDS"
 '''
 
 
 @pytest.fixture
-def script_command(tmp_path):
+def launch_script(tmp_path):
+    """launch_script(script, *flags, gpu=False, **env) -> (the bash run, [the command line of each run it started,
+    as ['train.py', ...]]): `bash script *flags` with a stand-in python that starts nothing; an env value None
+    unsets the variable."""
+    python, record = tmp_path / 'stand_in_python', tmp_path / 'run_commands'
+    python.write_text(STAND_IN_PYTHON)
+    python.chmod(0o755)
+
+    def launch(script, *flags, gpu=False, **env):
+        env = dict(os.environ, PYTHON=str(python), RUN_COMMANDS=str(record), STAND_IN_GPU='1' if gpu else '0', **env)
+        record.unlink(missing_ok=True)
+        result = subprocess.run(['bash', script, *flags], cwd=REPO, capture_output=True, text=True, timeout=60,
+                                env={name: value for name, value in env.items() if value is not None})
+        runs = record.read_text().splitlines() if record.exists() else []
+        return result, [run.split('\0')[:-1] for run in runs]
+    return launch
+
+
+@pytest.fixture
+def script_command(launch_script):
     """script_command(script, *flags, **env) -> the command line (['train.py', ...]) that `bash script *flags`
     starts through launch.sh, found without running it. The test runs that command in the test's process,
     which saves the seconds a second process takes to import torch, per script."""
-    python, record = tmp_path / 'recording_python', tmp_path / 'run_command'
-    python.write_text(RECORDING_PYTHON)
-    python.chmod(0o755)
-
     def command(script, *flags, **env):
-        env = dict(os.environ, PYTHON=str(python), RUN_COMMAND=str(record), **env)
-        result = subprocess.run(['bash', script, *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=60)
-        assert result.returncode == 0, result.stderr
-        return record.read_text().split('\0')[:-1]
+        result, runs = launch_script(script, *flags, **env)
+        assert result.returncode == 0 and len(runs) == 1, result.stderr
+        return runs[0]
     return command
 
 

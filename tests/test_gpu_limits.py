@@ -4,9 +4,7 @@ grouped_mm's group limit for HyperMoE's adapters, fp32 sums of the chunked softm
 THOR's loss in chunks, no host read nor synchronous host-to-device copy per step, one compiled graph per router,
 routing in full fp32, the engine per GPU generation.
 """
-import os
 import signal
-import subprocess
 import types
 
 import pytest
@@ -27,7 +25,6 @@ from sim_device import SimulatedCuda
 from tests.conftest import tiny_model
 
 aten = torch.ops.aten
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class GroupedMMCalls(TorchDispatchMode):
@@ -313,32 +310,18 @@ def test_an_empty_groups_weight_gradient_is_zero_whatever_the_kernel_leaves_ther
 
 # ----------------------------------------------------------------------------- 8. one precision switch
 
-RECORDING_PYTHON = '''#!/bin/sh
-[ "$1" = -c ] && exit 0                  # launch.sh asks whether torch sees a GPU: yes
-echo "$@" >> "$STUB_LOG"
-'''
-
-
 @pytest.mark.parametrize('precision, flags, status', [(None, [], 0), ('fp32', [], 0), ('bf16', ['--amp'], 0),
                                                       ('fp16', None, 2)])
-def test_the_scripts_take_one_precision_switch(precision, flags, status, tmp_path):
+def test_the_scripts_take_one_precision_switch(precision, flags, status, launch_script):
     """PRECISION=fp32 (the default, the paper's) or bf16 (--amp) on every script, as DEVICE and SEEDS; anything
     else is one error line and exit 2."""
-    python = tmp_path / 'python'
-    python.write_text(RECORDING_PYTHON)
-    python.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(python), STUB_LOG=str(tmp_path / 'argv.log'), DEVICE='auto')
-    env.pop('PRECISION', None)
-    if precision:
-        env['PRECISION'] = precision
-    result = subprocess.run(['bash', 'script/table1/hyper_router_enwik8.sh'], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result, runs = launch_script('script/table1/hyper_router_enwik8.sh', gpu=True, DEVICE='auto', PRECISION=precision)
     assert result.returncode == status, result.stderr
     if status:
         assert result.stderr.strip() == "error: PRECISION must be fp32 or bf16; got 'fp16'"
         return
-    argv = (tmp_path / 'argv.log').read_text().split()
-    assert argv[0] == '-u' and argv[1] == 'train.py' and '--cuda' in argv
+    [argv] = runs
+    assert argv[0] == 'train.py' and '--cuda' in argv
     assert [flag for flag in argv if flag == '--amp'] == flags
 
 

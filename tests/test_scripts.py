@@ -314,26 +314,12 @@ def test_a_shortened_script_shortens_its_k_schedule_and_its_hparams_row_says_so(
         '8-12 linear_increase'
 
 
-STAND_IN_PYTHON = '''#!/bin/sh
-[ "$1" = -c ] && exit 1                   # launch.sh asks whether torch sees a GPU: no
-echo "$@" >> "$RUN_LOG"
-'''
-
-
 @pytest.mark.parametrize('device, flags, runs', [(None, [], False), (None, ['--max_step', '10000'], True),
                                                  (None, ['--max_step=20000'], False), ('auto', [], False),
                                                  ('cpu', [], True)])
-def test_a_paper_size_run_goes_on_the_cpu_only_when_asked(device, flags, runs, tmp_path):
-    python = tmp_path / 'python'
-    python.write_text(STAND_IN_PYTHON)
-    python.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(python), RUN_LOG=str(tmp_path / 'runs.log'))
-    env.pop('DEVICE', None)
-    if device:
-        env['DEVICE'] = device
-    result = subprocess.run(['bash', 'script/table1/hyper_router_enwik8.sh', *flags], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert (tmp_path / 'runs.log').exists() == runs
+def test_a_paper_size_run_goes_on_the_cpu_only_when_asked(device, flags, runs, launch_script):
+    result, started = launch_script('script/table1/hyper_router_enwik8.sh', *flags, DEVICE=device)
+    assert bool(started) == runs
     if runs:
         assert result.returncode == 0, result.stderr
     else:
